@@ -1,0 +1,257 @@
+//! `/v1/batches`: create (then the intake runs in the background), list, retrieve, cancel.
+
+use super::{ApiError, AppState};
+use crate::domain::{BatchId, BatchRecord, BatchStatus, Endpoint, RequestCounts, Usage, unix_now};
+use crate::store::TransitionError;
+use crate::supervisor::{Command, spawn_intake};
+use crate::wire::{batch_object, list_page};
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+fn render(st: &AppState, b: &BatchRecord) -> Value {
+    let live = if b.status.is_terminal() {
+        None
+    } else {
+        st.supervisor.live.batch(b.id)
+    };
+    batch_object(b, live)
+}
+
+fn metadata(v: Option<&Value>) -> Result<Option<BTreeMap<String, String>>, ApiError> {
+    let bad = |m: String| ApiError::bad(Some("metadata"), m);
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => {
+            if map.len() > 16 {
+                return Err(bad("metadata may have at most 16 pairs".into()));
+            }
+            let mut out = BTreeMap::new();
+            for (k, v) in map {
+                if k.chars().count() > 64 {
+                    return Err(bad(format!(
+                        "metadata key '{k}' is longer than 64 characters"
+                    )));
+                }
+                let Value::String(s) = v else {
+                    return Err(bad(format!("metadata value of '{k}' must be a string")));
+                };
+                if s.chars().count() > 512 {
+                    return Err(bad(format!(
+                        "metadata value of '{k}' is longer than 512 characters"
+                    )));
+                }
+                out.insert(k.clone(), s.clone());
+            }
+            Ok(Some(out))
+        }
+        Some(_) => Err(bad("metadata must be an object of strings".into())),
+    }
+}
+
+/// `POST /v1/batches`
+pub async fn create(
+    State(st): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the request body is too large")
+        } else {
+            ApiError::bad(None, format!("cannot read the request body: {e}"))
+        }
+    })?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
+    let Value::Object(obj) = v else {
+        return Err(ApiError::bad(
+            None,
+            "the request body must be a JSON object",
+        ));
+    };
+    let input = obj
+        .get("input_file_id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::bad(
+                Some("input_file_id"),
+                "missing required parameter: 'input_file_id'",
+            )
+        })?;
+    let endpoint_raw = obj
+        .get("endpoint")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad(Some("endpoint"), "missing required parameter: 'endpoint'"))?;
+    let endpoint = Endpoint::parse(endpoint_raw).ok_or_else(|| {
+        ApiError::bad(
+            Some("endpoint"),
+            format!(
+                "unsupported endpoint '{endpoint_raw}': this server runs /v1/chat/completions, /v1/embeddings and /v1/completions"
+            ),
+        )
+    })?;
+    let window = obj
+        .get("completion_window")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            ApiError::bad(
+                Some("completion_window"),
+                "missing required parameter: 'completion_window'",
+            )
+        })?;
+    if window != "24h" {
+        return Err(ApiError::bad(
+            Some("completion_window"),
+            format!("completion_window must be '24h', got '{window}'"),
+        ));
+    }
+    let metadata = metadata(obj.get("metadata"))?;
+    let file_id = crate::domain::FileId::parse(input)
+        .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
+    let file = st
+        .store
+        .get_file(file_id)?
+        .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
+    if file.purpose != "batch" {
+        return Err(ApiError::bad(
+            Some("input_file_id"),
+            format!(
+                "file {input} has purpose '{}'; a batch input needs purpose 'batch'",
+                file.purpose
+            ),
+        ));
+    }
+    let now = unix_now();
+    let rec = BatchRecord {
+        id: BatchId::new(),
+        endpoint,
+        input_file_id: file_id,
+        completion_window: window.to_string(),
+        status: BatchStatus::Validating,
+        errors: Vec::new(),
+        output_file_id: None,
+        error_file_id: None,
+        created_at: now,
+        expires_at: st.cfg.expire.then_some(now + 24 * 3600),
+        in_progress_at: None,
+        finalizing_at: None,
+        completed_at: None,
+        failed_at: None,
+        expired_at: None,
+        cancelling_at: None,
+        cancelled_at: None,
+        request_counts: RequestCounts::default(),
+        metadata,
+        model: None,
+        usage: Usage::default(),
+    };
+    st.store.put_batch(&rec)?;
+    st.store.flush_async().await?;
+    tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
+    spawn_intake(
+        st.store.clone(),
+        st.cfg.clone(),
+        st.supervisor.clone(),
+        &st.tracker,
+        rec.id,
+    );
+    Ok(Json(batch_object(&rec, None)))
+}
+
+fn batch_id(path: Result<Path<String>, PathRejection>) -> Result<BatchId, ApiError> {
+    let raw = path.map(|Path(s)| s).unwrap_or_default();
+    BatchId::parse(&raw).ok_or_else(|| ApiError::not_found("Batch", &raw, "batch_id"))
+}
+
+/// `GET /v1/batches/{id}`
+pub async fn retrieve(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = batch_id(path)?;
+    let b = st
+        .store
+        .get_batch(id)?
+        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    Ok(Json(render(&st, &b)))
+}
+
+/// `POST /v1/batches/{id}/cancel`. Cancelling a batch that is already cancelling or
+/// cancelled answers the batch as it is; a finished batch is a 409.
+pub async fn cancel(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = batch_id(path)?;
+    let moved = st.store.update_batch(
+        id,
+        &[BatchStatus::Validating, BatchStatus::InProgress],
+        |b| {
+            b.status = BatchStatus::Cancelling;
+            b.cancelling_at = Some(unix_now());
+        },
+    );
+    match moved {
+        Ok(b) => {
+            st.store.flush_async().await?;
+            st.supervisor.send(Command::Cancel(id)).await;
+            tracing::info!(batch = %id, "cancel requested");
+            Ok(Json(render(&st, &b)))
+        }
+        Err(TransitionError::NotFound) => {
+            Err(ApiError::not_found("Batch", &id.to_string(), "batch_id"))
+        }
+        Err(TransitionError::Conflict(state)) => {
+            if state == "cancelling" || state == "cancelled" {
+                let b = st
+                    .store
+                    .get_batch(id)?
+                    .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+                return Ok(Json(render(&st, &b)));
+            }
+            Err(ApiError::conflict(format!(
+                "Cannot cancel a batch with status '{state}'."
+            )))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Query of `GET /v1/batches`.
+#[derive(Deserialize)]
+pub struct ListQuery {
+    limit: Option<i64>,
+    after: Option<String>,
+}
+
+/// `GET /v1/batches`: newest first; the page after the last is an empty list.
+pub async fn list(
+    State(st): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad(None, format!("invalid query: {e}")))?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=100).contains(&limit) {
+        return Err(ApiError::bad(
+            Some("limit"),
+            "limit must be between 1 and 100",
+        ));
+    }
+    let after = match q.after.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(
+            BatchId::parse(a)
+                .ok_or_else(|| ApiError::bad(Some("after"), format!("invalid cursor '{a}'")))?,
+        ),
+    };
+    let (batches, more) = st.store.list_batches(after, limit as usize)?;
+    Ok(Json(list_page(
+        batches.iter().map(|b| render(&st, b)).collect(),
+        more,
+    )))
+}

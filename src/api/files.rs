@@ -1,0 +1,253 @@
+//! `/v1/files`: upload (streamed to disk), list, retrieve, delete, content.
+
+use super::{ApiError, AppState};
+use crate::domain::{BatchStatus, FileId, unix_now};
+use crate::store::FileRecord;
+use crate::wire::{file_object, list_page};
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Multipart, Path, Query, State, multipart::MultipartRejection};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use tokio::io::AsyncWriteExt;
+
+/// Purposes accepted at upload.
+const PURPOSES: &[&str] = &[
+    "batch",
+    "assistants",
+    "fine-tune",
+    "vision",
+    "user_data",
+    "evals",
+];
+
+/// Removes a scratch file unless the upload succeeded.
+struct Scratch(Option<PathBuf>);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::too_large(format!("the upload is too large: {}", e.body_text()))
+    } else {
+        ApiError::bad(None, format!("malformed multipart body: {}", e.body_text()))
+    }
+}
+
+/// Reads a small text field (at most 1 KiB).
+async fn small_text(
+    field: &mut axum::extract::multipart::Field<'_>,
+    name: &'static str,
+) -> Result<String, ApiError> {
+    let mut buf = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        buf.extend_from_slice(&chunk);
+        if buf.len() > 1024 {
+            return Err(ApiError::bad(Some(name), format!("'{name}' is too long")));
+        }
+    }
+    String::from_utf8(buf).map_err(|_| ApiError::bad(Some(name), format!("'{name}' is not UTF-8")))
+}
+
+/// `POST /v1/files`
+pub async fn upload(
+    State(st): State<AppState>,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let mut mp = mp.map_err(|e| {
+        ApiError::bad(
+            None,
+            format!("expected a multipart/form-data body with 'file' and 'purpose': {e}"),
+        )
+    })?;
+    let id = FileId::new();
+    let scratch_path = st.store.scratch_path(id);
+    let mut scratch = Scratch(None);
+    let mut purpose: Option<String> = None;
+    let mut file: Option<(String, u64)> = None;
+    while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
+        match field.name() {
+            Some("purpose") => purpose = Some(small_text(&mut field, "purpose").await?),
+            Some("file") if file.is_none() => {
+                let filename = field
+                    .file_name()
+                    .map(|n| n.chars().filter(|c| !c.is_control()).take(255).collect())
+                    .unwrap_or_else(|| "upload.jsonl".to_string());
+                let mut out = tokio::fs::File::create(&scratch_path)
+                    .await
+                    .map_err(ApiError::internal)?;
+                scratch.0 = Some(scratch_path.clone());
+                let mut written: u64 = 0;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    written += chunk.len() as u64;
+                    if written > st.cfg.max_file_size {
+                        return Err(ApiError::too_large(format!(
+                            "the file is larger than the limit of {} bytes (--max-file-size)",
+                            st.cfg.max_file_size
+                        )));
+                    }
+                    out.write_all(&chunk).await.map_err(ApiError::internal)?;
+                }
+                out.sync_all().await.map_err(ApiError::internal)?;
+                file = Some((filename, written));
+            }
+            _ => {
+                // Unknown fields are drained and ignored.
+                while field.chunk().await.map_err(multipart_error)?.is_some() {}
+            }
+        }
+    }
+    let purpose = purpose
+        .ok_or_else(|| ApiError::bad(Some("purpose"), "missing required parameter: 'purpose'"))?;
+    if !PURPOSES.contains(&purpose.as_str()) {
+        return Err(ApiError::bad(
+            Some("purpose"),
+            format!(
+                "invalid purpose '{purpose}': expected one of {}",
+                PURPOSES.join(", ")
+            ),
+        ));
+    }
+    let (filename, bytes) =
+        file.ok_or_else(|| ApiError::bad(Some("file"), "missing required parameter: 'file'"))?;
+    tokio::fs::rename(&scratch_path, st.store.file_path(id))
+        .await
+        .map_err(ApiError::internal)?;
+    scratch.0 = None;
+    let rec = FileRecord {
+        id,
+        bytes,
+        created_at: unix_now(),
+        filename,
+        purpose,
+        expires_at: None,
+    };
+    st.store.put_file(&rec)?;
+    st.store.flush_async().await?;
+    tracing::info!(file = %id, bytes, "file uploaded");
+    Ok(Json(file_object(&rec)))
+}
+
+/// Parses a file id from the path; anything malformed is simply not found.
+fn file_id(path: Result<Path<String>, PathRejection>) -> Result<FileId, ApiError> {
+    let raw = path.map(|Path(s)| s).unwrap_or_default();
+    FileId::parse(&raw).ok_or_else(|| ApiError::not_found("File", &raw, "file_id"))
+}
+
+async fn load(st: &AppState, id: FileId) -> Result<FileRecord, ApiError> {
+    st.store
+        .get_file(id)?
+        .ok_or_else(|| ApiError::not_found("File", &id.to_string(), "file_id"))
+}
+
+/// `GET /v1/files/{id}`
+pub async fn retrieve(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = file_id(path)?;
+    Ok(Json(file_object(&load(&st, id).await?)))
+}
+
+/// `DELETE /v1/files/{id}`. A file that a batch is still validating from cannot be deleted.
+pub async fn delete(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = file_id(path)?;
+    load(&st, id).await?;
+    let in_use = st
+        .store
+        .unfinished_batches()?
+        .into_iter()
+        .any(|b| b.input_file_id == id && b.status == BatchStatus::Validating);
+    if in_use {
+        return Err(ApiError::conflict(format!(
+            "file {id} is being validated by a batch; delete it after validation"
+        )));
+    }
+    st.store.delete_file(id)?;
+    st.store.flush_async().await?;
+    Ok(Json(
+        json!({"id": id.to_string(), "object": "file", "deleted": true}),
+    ))
+}
+
+/// `GET /v1/files/{id}/content`: the bytes, streamed from disk.
+pub async fn content(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = file_id(path)?;
+    let rec = load(&st, id).await?;
+    let f = tokio::fs::File::open(st.store.file_path(id))
+        .await
+        .map_err(|_| ApiError::not_found("File", &id.to_string(), "file_id"))?;
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 << 10));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, rec.bytes.to_string()),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// Query of `GET /v1/files`.
+#[derive(Deserialize)]
+pub struct ListQuery {
+    purpose: Option<String>,
+    limit: Option<i64>,
+    after: Option<String>,
+    order: Option<String>,
+}
+
+/// `GET /v1/files`
+pub async fn list(
+    State(st): State<AppState>,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(|e| ApiError::bad(None, format!("invalid query: {e}")))?;
+    let limit = q.limit.unwrap_or(10_000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad(
+            Some("limit"),
+            "limit must be between 1 and 10000",
+        ));
+    }
+    let desc = match q.order.as_deref() {
+        None | Some("desc") => true,
+        Some("asc") => false,
+        Some(_) => {
+            return Err(ApiError::bad(
+                Some("order"),
+                "order must be 'asc' or 'desc'",
+            ));
+        }
+    };
+    let after = match q.after.as_deref() {
+        None | Some("") => None,
+        Some(a) => Some(
+            FileId::parse(a)
+                .ok_or_else(|| ApiError::bad(Some("after"), format!("invalid cursor '{a}'")))?,
+        ),
+    };
+    let (files, more) = st
+        .store
+        .list_files(q.purpose.as_deref(), after, limit as usize, desc)?;
+    Ok(Json(list_page(
+        files.iter().map(file_object).collect(),
+        more,
+    )))
+}

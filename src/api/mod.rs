@@ -1,0 +1,161 @@
+//! The HTTP API (axum): OpenAI's Files and Batches endpoints, `/health` and `/status`.
+//!
+//! Handlers validate input and call the store; the only other thing they may do is tell the
+//! supervisor about a new or cancelled batch. They never call the worker or the backend.
+//! Every non-2xx answer is OpenAI's error object, including the framework's own rejections
+//! (unknown route, wrong method, malformed multipart, body too large).
+
+mod batches;
+mod files;
+pub mod status;
+
+use crate::config::Config;
+use crate::store::{Store, StoreError, TransitionError};
+use crate::supervisor::SupervisorHandle;
+use crate::wire::error_body;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio_util::task::TaskTracker;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// The supervisor.
+    pub supervisor: SupervisorHandle,
+    /// Tracks intake tasks so that shutdown waits for them.
+    pub tracker: TaskTracker,
+    /// When the server started.
+    pub started: Instant,
+    /// The worker's concurrency limiter (read for `/status`).
+    pub limiter: Arc<crate::worker::Limiter>,
+    /// GPU telemetry, when NVML is available.
+    pub gpu: Option<Arc<status::Gpu>>,
+}
+
+/// An error answered as OpenAI's error object.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    kind: &'static str,
+    param: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 naming the parameter.
+    pub fn bad(param: Option<&'static str>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param,
+        }
+    }
+    /// 404 for an object that does not exist.
+    pub fn not_found(what: &str, id: &str, param: &'static str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("No such {what} object: {id}"),
+            kind: "invalid_request_error",
+            param: Some(param),
+        }
+    }
+    /// 409 for a request the object's state does not allow.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+    /// 413.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+    /// 500: a bug or a failing disk; logged.
+    pub fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %e, "internal error answering a request");
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            message: format!("internal error: {e}"),
+            kind: "server_error",
+            param: None,
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl From<TransitionError> for ApiError {
+    fn from(e: TransitionError) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = error_body(&self.message, self.kind, self.param, None);
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        message: "Unknown request URL. See the OpenAI Batch API for the supported routes.".into(),
+        kind: "invalid_request_error",
+        param: None,
+    }
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError {
+        status: StatusCode::METHOD_NOT_ALLOWED,
+        message: "Method not allowed on this URL.".into(),
+        kind: "invalid_request_error",
+        param: None,
+    }
+}
+
+/// The router. The upload route gets a body limit of `--max-file-size` plus room for the
+/// multipart framing; every other route keeps axum's 2 MB.
+pub fn router(state: AppState) -> Router {
+    let upload_limit =
+        usize::try_from(state.cfg.max_file_size.saturating_add(1 << 20)).unwrap_or(usize::MAX);
+    Router::new()
+        .route(
+            "/v1/files",
+            post(files::upload)
+                .layer(DefaultBodyLimit::max(upload_limit))
+                .get(files::list),
+        )
+        .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{id}/content", get(files::content))
+        .route("/v1/batches", post(batches::create).get(batches::list))
+        .route("/v1/batches/{id}", get(batches::retrieve))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel))
+        .route("/health", get(status::health))
+        .route("/status", get(status::status))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}

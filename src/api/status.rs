@@ -1,0 +1,118 @@
+//! `/health` and `/status`: the operator's view.
+
+use super::AppState;
+use axum::Json;
+use axum::extract::State;
+use serde_json::{Value, json};
+
+/// NVML handle for VRAM telemetry; absent on machines without the NVIDIA driver.
+pub struct Gpu(nvml_wrapper::Nvml);
+
+impl Gpu {
+    /// `None` when NVML cannot be loaded (no driver): no telemetry, no error.
+    pub fn init() -> Option<Gpu> {
+        match nvml_wrapper::Nvml::init() {
+            Ok(n) => Some(Gpu(n)),
+            Err(e) => {
+                tracing::debug!(error = %e, "no NVML: no VRAM telemetry on this machine");
+                None
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Value {
+        let count = self.0.device_count().unwrap_or(0);
+        let devices: Vec<Value> = (0..count)
+            .filter_map(|i| {
+                let d = self.0.device_by_index(i).ok()?;
+                let m = d.memory_info().ok()?;
+                Some(json!({
+                    "index": i,
+                    "name": d.name().unwrap_or_default(),
+                    "memory_used_bytes": m.used,
+                    "memory_total_bytes": m.total,
+                }))
+            })
+            .collect();
+        json!(devices)
+    }
+}
+
+/// `GET /health`: 200 once the server is up (it only listens after recovery).
+pub async fn health() -> Json<Value> {
+    Json(json!({"status": "ok"}))
+}
+
+/// `GET /status`
+pub async fn status(State(st): State<AppState>) -> Json<Value> {
+    let live = st.supervisor.live.with(|l| l.clone());
+    let (limit, in_flight) = st.limiter.snapshot();
+    let mut totals = json!({"queued": 0u64, "retry_wait": 0u64, "in_flight": 0u64, "succeeded": 0u64, "failed": 0u64, "remaining": 0u64});
+    let mut batches: Vec<Value> = live
+        .batches
+        .iter()
+        .map(|(id, b)| {
+            for (k, v) in [
+                ("queued", b.queued),
+                ("retry_wait", b.retry_wait),
+                ("in_flight", b.in_flight),
+                ("succeeded", b.counts.completed),
+                ("failed", b.counts.failed),
+                (
+                    "remaining",
+                    b.counts
+                        .total
+                        .saturating_sub(b.counts.completed + b.counts.failed),
+                ),
+            ] {
+                totals[k] = json!(totals[k].as_u64().unwrap_or(0) + v);
+            }
+            json!({
+                "id": id.to_string(),
+                "status": b.status.map(|s| s.as_str()),
+                "total": b.counts.total,
+                "completed": b.counts.completed,
+                "failed": b.counts.failed,
+                "queued": b.queued,
+                "retry_wait": b.retry_wait,
+                "in_flight": b.in_flight,
+            })
+        })
+        .collect();
+    batches.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let c = &live.counters;
+    let store = st.store.clone();
+    let size = tokio::task::spawn_blocking(move || store.size_on_disk())
+        .await
+        .unwrap_or(0);
+    Json(json!({
+        "uptime_s": st.started.elapsed().as_secs(),
+        "state_dir": st.store.dir().display().to_string(),
+        "store_size_bytes": size,
+        "requests": totals,
+        "batches": batches,
+        "in_flight": in_flight,
+        "concurrency": {"max": st.cfg.concurrency, "current": limit},
+        "backend": {
+            "kind": st.cfg.backend.as_str(),
+            "url": st.cfg.backend_url,
+            "reachable": live.backend.reachable,
+            "last_probe_at": live.backend.last_probe_at,
+            "down_since": live.backend.down_since,
+            "next_probe_at": live.backend.next_probe_at,
+            "last_error": live.backend.last_error,
+        },
+        "counters": {
+            "rescued": c.rescued,
+            "requeued_at_start": c.requeued_at_start,
+            "retries": c.retries,
+            "oom": c.oom,
+            "timeouts": c.timeouts,
+            "backend_outages": c.backend_outages,
+            "stale_outcomes": c.stale_outcomes,
+            "flushes": c.flushes,
+            "results": c.results,
+        },
+        "gpu": st.gpu.as_ref().map(|g| g.snapshot()),
+    }))
+}

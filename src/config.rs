@@ -1,0 +1,333 @@
+//! Command-line flags (each also readable from `OLLAMA_BATCH_<FLAG>`) and the validated
+//! configuration built from them. Cross-field rules are checked here, once, at start-up.
+
+use crate::domain::RetryPolicy;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A durable, OpenAI-compatible Batch API server for a local model server.
+#[derive(Parser, Debug)]
+#[command(name = "ollama-batch", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve the Batch API and run queued work (recovers unfinished batches first).
+    Serve(ServeArgs),
+    /// Print a recovery report for each unfinished batch, then serve as `serve` does.
+    Resume(ServeArgs),
+}
+
+/// Which kind of model server runs the requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// Ollama's native API (`/api/chat`, `/api/embed`, `/api/generate`).
+    Ollama,
+    /// Any OpenAI-compatible server (llama.cpp, vLLM, LM Studio, SGLang).
+    Openai,
+}
+
+impl BackendKind {
+    /// Its name on the command line.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BackendKind::Ollama => "ollama",
+            BackendKind::Openai => "openai",
+        }
+    }
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Flags of `serve` and `resume`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is logged).
+    #[arg(long, env = "OLLAMA_BATCH_LISTEN", default_value = "127.0.0.1:4080")]
+    pub listen: SocketAddr,
+    /// State directory (database and files).
+    #[arg(long, env = "OLLAMA_BATCH_STATE", default_value = "./state")]
+    pub state: PathBuf,
+    /// Kind of model server.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_BACKEND",
+        value_enum,
+        default_value = "ollama"
+    )]
+    pub backend: BackendKind,
+    /// Base URL of the model server.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_BACKEND_URL",
+        default_value = "http://127.0.0.1:11434"
+    )]
+    pub backend_url: String,
+    /// Run every request on this model, whatever its line says.
+    #[arg(long, env = "OLLAMA_BATCH_MODEL")]
+    pub model: Option<String>,
+    /// Run lines that name model FROM on model TO (repeatable; comma-separated in the env var).
+    #[arg(
+        long = "model-map",
+        env = "OLLAMA_BATCH_MODEL_MAP",
+        value_delimiter = ',',
+        value_name = "FROM=TO"
+    )]
+    pub model_map: Vec<String>,
+    /// Requests in flight to the backend at most.
+    #[arg(long, env = "OLLAMA_BATCH_CONCURRENCY", default_value_t = 4)]
+    pub concurrency: usize,
+    /// Deadline of one backend call (humantime: 500ms, 30s, 10m).
+    #[arg(long, env = "OLLAMA_BATCH_REQUEST_TIMEOUT", default_value = "10m")]
+    pub request_timeout: humantime::Duration,
+    /// Ollama: `options.num_ctx` sent on every call (identical on every call, so no reloads).
+    #[arg(long, env = "OLLAMA_BATCH_NUM_CTX")]
+    pub num_ctx: Option<u32>,
+    /// Ollama: `keep_alive` sent on every call (-1 keeps the model loaded).
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_KEEP_ALIVE",
+        default_value = "-1",
+        allow_hyphen_values = true
+    )]
+    pub keep_alive: String,
+    /// Largest accepted upload (e.g. 2GiB, 500MB, 1048576); larger uploads get 413.
+    #[arg(long, env = "OLLAMA_BATCH_MAX_FILE_SIZE", default_value = "2GiB")]
+    pub max_file_size: String,
+    /// Enforce the 24h completion window as OpenAI does (off: a local GPU finishes what it started).
+    #[arg(long, env = "OLLAMA_BATCH_EXPIRE")]
+    pub expire: bool,
+    /// Ceiling of the first retry delay (full jitter below it).
+    #[arg(long, env = "OLLAMA_BATCH_RETRY_INITIAL", default_value = "1s")]
+    pub retry_initial: humantime::Duration,
+    /// Ceiling of any retry delay.
+    #[arg(long, env = "OLLAMA_BATCH_RETRY_MAX", default_value = "5m")]
+    pub retry_max: humantime::Duration,
+    /// Tries per line in all, the first included.
+    #[arg(long, env = "OLLAMA_BATCH_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: u32,
+    /// On SIGTERM/SIGINT, how long in-flight requests may finish before they are requeued.
+    #[arg(long, env = "OLLAMA_BATCH_SHUTDOWN_GRACE", default_value = "30s")]
+    pub shutdown_grace: humantime::Duration,
+    /// Group commit: flush after this many finished lines at the latest.
+    #[arg(long, env = "OLLAMA_BATCH_FLUSH_EVERY", default_value_t = 512)]
+    pub flush_every: usize,
+    /// Group commit: flush this long after the first unflushed result at the latest.
+    #[arg(long, env = "OLLAMA_BATCH_FLUSH_INTERVAL", default_value = "20ms")]
+    pub flush_interval: humantime::Duration,
+    /// A lease older than request-timeout plus this margin is rescued (requeued).
+    #[arg(long, env = "OLLAMA_BATCH_LEASE_MARGIN", default_value = "60s")]
+    pub lease_margin: humantime::Duration,
+    /// sled page cache.
+    #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = "64MiB")]
+    pub cache_size: String,
+    /// Log format.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// The validated configuration every component is built from.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listen address.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Backend kind.
+    pub backend: BackendKind,
+    /// Backend base URL, without a trailing slash.
+    pub backend_url: String,
+    /// Forced model.
+    pub model: Option<String>,
+    /// FROM → TO.
+    pub model_map: HashMap<String, String>,
+    /// Max requests in flight.
+    pub concurrency: usize,
+    /// Deadline of one call.
+    pub request_timeout: Duration,
+    /// Ollama num_ctx.
+    pub num_ctx: Option<u32>,
+    /// Ollama keep_alive (a number of seconds or a duration string).
+    pub keep_alive: serde_json::Value,
+    /// Upload cap in bytes.
+    pub max_file_size: u64,
+    /// Enforce the completion window.
+    pub expire: bool,
+    /// Retry policy.
+    pub retry: RetryPolicy,
+    /// Shutdown grace.
+    pub shutdown_grace: Duration,
+    /// Group commit size.
+    pub flush_every: usize,
+    /// Group commit delay.
+    pub flush_interval: Duration,
+    /// Lease rescue deadline = request_timeout + lease_margin.
+    pub lease_margin: Duration,
+    /// sled cache bytes.
+    pub cache_bytes: u64,
+    /// Longest accepted input line.
+    pub max_line_bytes: usize,
+    /// Validation errors listed at most (the rest are counted).
+    pub max_listed_errors: usize,
+}
+
+/// Parses `2GiB`, `500MB`, `64k`, `1048576`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size '{s}': expected e.g. 2GiB, 500MB or 1048576"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("invalid size unit '{other}' in '{s}'")),
+    };
+    Ok((n * mult as f64) as u64)
+}
+
+impl Config {
+    /// Checks the flags and builds the configuration.
+    pub fn from_args(a: &ServeArgs) -> Result<Config, String> {
+        if a.concurrency == 0 {
+            return Err("--concurrency must be at least 1".into());
+        }
+        if a.max_attempts == 0 {
+            return Err("--max-attempts must be at least 1".into());
+        }
+        if a.flush_every == 0 {
+            return Err("--flush-every must be at least 1".into());
+        }
+        let retry = RetryPolicy {
+            initial: a.retry_initial.into(),
+            max: a.retry_max.into(),
+            max_attempts: a.max_attempts,
+        };
+        if retry.initial > retry.max {
+            return Err("--retry-initial must not exceed --retry-max".into());
+        }
+        let request_timeout: Duration = a.request_timeout.into();
+        if request_timeout.is_zero() {
+            return Err("--request-timeout must be positive".into());
+        }
+        let url = a.backend_url.trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "--backend-url must start with http:// or https://, got '{}'",
+                a.backend_url
+            ));
+        }
+        let mut model_map = HashMap::new();
+        for pair in &a.model_map {
+            let (from, to) = pair
+                .split_once('=')
+                .filter(|(f, t)| !f.is_empty() && !t.is_empty())
+                .ok_or_else(|| format!("--model-map expects FROM=TO, got '{pair}'"))?;
+            model_map.insert(from.to_string(), to.to_string());
+        }
+        let keep_alive = match a.keep_alive.parse::<i64>() {
+            Ok(n) => serde_json::Value::from(n),
+            Err(_) => serde_json::Value::from(a.keep_alive.clone()),
+        };
+        let max_file_size =
+            parse_size(&a.max_file_size).map_err(|e| format!("--max-file-size: {e}"))?;
+        Ok(Config {
+            listen: a.listen,
+            state_dir: a.state.clone(),
+            backend: a.backend,
+            backend_url: url,
+            model: a.model.clone(),
+            model_map,
+            concurrency: a.concurrency,
+            request_timeout,
+            num_ctx: a.num_ctx,
+            keep_alive,
+            max_file_size,
+            expire: a.expire,
+            retry,
+            shutdown_grace: a.shutdown_grace.into(),
+            flush_every: a.flush_every,
+            flush_interval: a.flush_interval.into(),
+            lease_margin: a.lease_margin.into(),
+            cache_bytes: parse_size(&a.cache_size).map_err(|e| format!("--cache-size: {e}"))?,
+            max_line_bytes: 32 << 20,
+            max_listed_errors: 1000,
+        })
+    }
+
+    /// The model a line naming `model` runs on.
+    pub fn map_model(&self, model: &str) -> String {
+        if let Some(m) = &self.model {
+            return m.clone();
+        }
+        self.model_map
+            .get(model)
+            .cloned()
+            .unwrap_or_else(|| model.to_string())
+    }
+
+    /// A configuration for tests and embedding: the defaults of `serve` with this state
+    /// directory and backend.
+    pub fn for_tests(state_dir: PathBuf, backend: BackendKind, backend_url: &str) -> Config {
+        let cli = Cli::parse_from([
+            "ollama-batch",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--backend-url",
+            backend_url,
+            "--backend",
+            backend.as_str(),
+        ]);
+        let Command::Serve(mut args) = cli.command else {
+            unreachable!("parsed serve")
+        };
+        args.state = state_dir;
+        Config::from_args(&args).expect("default flags are valid")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("64KiB"), Ok(65536));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("3 parsecs").is_err());
+    }
+}

@@ -1,0 +1,32 @@
+//! The vocabulary of the queue: typed ids, the batch and request records with their state
+//! machines, and the pure functions that classify a backend outcome and pick the next state.
+//!
+//! Nothing in here does I/O. The store persists these records; the supervisor decides
+//! transitions with the functions below; the API renders them through `wire`.
+
+pub mod batch;
+pub mod ids;
+pub mod outcome;
+pub mod request;
+
+pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, RequestCounts};
+pub use ids::{BatchId, FileId, RequestKey};
+pub use outcome::{CallResult, RetryPolicy, Step, Verdict};
+pub use request::{RequestRecord, RequestState, ResultRecord, Usage};
+
+/// Seconds since the Unix epoch, the unit of every timestamp in the OpenAI objects.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch: retry times are stored in this unit so that a restart
+/// neither resets nor skips a backoff.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

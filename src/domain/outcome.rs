@@ -1,0 +1,218 @@
+//! What a backend call came to, what that means, and what happens next: pure functions, so the
+//! retry policy is tested without a clock or a network. The worker produces a [`CallResult`];
+//! [`classify`] turns it into a [`Verdict`]; [`RetryPolicy::next_step`] turns (verdict, attempt)
+//! into the [`Step`] the supervisor applies.
+
+use super::request::Usage;
+use std::time::Duration;
+
+/// The raw result of one call to the backend.
+#[derive(Clone, Debug, PartialEq)]
+pub enum CallResult {
+    /// The backend answered with this status and (OpenAI-shaped JSON) body.
+    Answered {
+        /// HTTP status.
+        status: u16,
+        /// JSON text.
+        body: String,
+        /// Usage parsed from a 2xx body.
+        usage: Option<Usage>,
+    },
+    /// No answer within `--request-timeout`.
+    Timeout,
+    /// The connection could not be made (refused, no route): the backend is down.
+    Unreachable(String),
+    /// The connection broke (reset, incomplete message, unreadable body).
+    Transport(String),
+}
+
+/// What a call result means for the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Keep the answer as a success.
+    Success,
+    /// The request itself is wrong (400, 404 model not found, 422, context overflow): record the
+    /// answer as failed at once.
+    Permanent,
+    /// Worth another try after a delay (timeout, reset, 5xx, 429, busy).
+    Transient,
+    /// The backend ran out of memory: retry later, and with fewer requests in flight.
+    OutOfMemory,
+    /// The backend is not there: retry without burning an attempt once it is back.
+    BackendDown,
+}
+
+/// Substrings by which Ollama and llama.cpp report out-of-memory (Ollama's own list).
+const OOM_MARKERS: &[&str] = &[
+    "out of memory",
+    "cudamalloc failed",
+    "failed to allocate",
+    "insufficient memory",
+    "cuda error: out of memory",
+];
+
+/// True when an error text says out-of-memory.
+pub fn is_oom_text(text: &str) -> bool {
+    let lower = text.to_ascii_lowercase();
+    OOM_MARKERS.iter().any(|m| lower.contains(m))
+}
+
+/// Classifies one call result.
+pub fn classify(result: &CallResult) -> Verdict {
+    match result {
+        CallResult::Answered { status, body, .. } => match *status {
+            200..=299 => Verdict::Success,
+            _ if is_oom_text(body) => Verdict::OutOfMemory,
+            408 | 409 | 425 | 429 => Verdict::Transient,
+            // 499 is Ollama's "client canceled": not the request's fault.
+            499 => Verdict::Transient,
+            500..=599 => Verdict::Transient,
+            _ => Verdict::Permanent,
+        },
+        CallResult::Timeout | CallResult::Transport(_) => Verdict::Transient,
+        CallResult::Unreachable(_) => Verdict::BackendDown,
+    }
+}
+
+/// The next state of a request whose call ended with a verdict.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Step {
+    /// Store the answer as a success.
+    Succeed,
+    /// Store as failed: permanent, or attempts exhausted.
+    Fail,
+    /// Queue again, not before `delay` from now; the attempt stays counted.
+    RetryAfter(Duration),
+    /// Queue again at once and give the attempt back (the backend was down).
+    RequeueFree,
+}
+
+/// Retry settings (`--retry-initial`, `--retry-max`, `--max-attempts`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RetryPolicy {
+    /// The ceiling of the first retry's delay.
+    pub initial: Duration,
+    /// The ceiling of any delay.
+    pub max: Duration,
+    /// Tries in all, the first one included.
+    pub max_attempts: u32,
+}
+
+impl RetryPolicy {
+    /// The ceiling of the delay after `attempts` tries: `initial · 2^(attempts-1)`, capped.
+    pub fn ceiling(&self, attempts: u32) -> Duration {
+        let exp = attempts.saturating_sub(1).min(30);
+        self.initial.saturating_mul(1u32 << exp).min(self.max)
+    }
+
+    /// Full jitter: a delay drawn uniformly from `[0, ceiling]`; `unit` is a random number in
+    /// `[0, 1)` supplied by the caller so that this stays pure.
+    pub fn delay(&self, attempts: u32, unit: f64) -> Duration {
+        self.ceiling(attempts).mul_f64(unit.clamp(0.0, 1.0))
+    }
+
+    /// What to do after a call made on try number `attempts` (1-based) ended with `verdict`.
+    pub fn next_step(&self, verdict: Verdict, attempts: u32, unit: f64) -> Step {
+        match verdict {
+            Verdict::Success => Step::Succeed,
+            Verdict::Permanent => Step::Fail,
+            Verdict::BackendDown => Step::RequeueFree,
+            Verdict::Transient | Verdict::OutOfMemory => {
+                if attempts >= self.max_attempts {
+                    Step::Fail
+                } else {
+                    Step::RetryAfter(self.delay(attempts, unit))
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16, body: &str) -> CallResult {
+        CallResult::Answered {
+            status,
+            body: body.into(),
+            usage: None,
+        }
+    }
+
+    #[test]
+    fn classifies_backend_answers() {
+        assert_eq!(classify(&answered(200, "{}")), Verdict::Success);
+        assert_eq!(classify(&answered(400, "{}")), Verdict::Permanent);
+        assert_eq!(
+            classify(&answered(
+                404,
+                r#"{"error":"model \"x\" not found, try pulling it first"}"#
+            )),
+            Verdict::Permanent
+        );
+        assert_eq!(classify(&answered(422, "{}")), Verdict::Permanent);
+        assert_eq!(classify(&answered(429, "{}")), Verdict::Transient);
+        assert_eq!(
+            classify(&answered(
+                503,
+                r#"{"error":"server busy, please try again."}"#
+            )),
+            Verdict::Transient
+        );
+        assert_eq!(
+            classify(&answered(
+                500,
+                r#"{"error":"llama runner process has terminated: CUDA error: out of memory"}"#
+            )),
+            Verdict::OutOfMemory
+        );
+        assert_eq!(classify(&CallResult::Timeout), Verdict::Transient);
+        assert_eq!(
+            classify(&CallResult::Transport("reset".into())),
+            Verdict::Transient
+        );
+        assert_eq!(
+            classify(&CallResult::Unreachable("refused".into())),
+            Verdict::BackendDown
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_full_jitter() {
+        let p = RetryPolicy {
+            initial: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+            max_attempts: 8,
+        };
+        assert_eq!(p.ceiling(1), Duration::from_secs(1));
+        assert_eq!(p.ceiling(2), Duration::from_secs(2));
+        assert_eq!(p.ceiling(4), Duration::from_secs(8));
+        assert_eq!(p.ceiling(20), Duration::from_secs(300));
+        assert_eq!(p.ceiling(u32::MAX), Duration::from_secs(300));
+        assert_eq!(p.delay(3, 0.0), Duration::ZERO);
+        assert_eq!(p.delay(3, 0.5), Duration::from_secs(2));
+        assert!(p.delay(3, 0.999) < Duration::from_secs(4));
+    }
+
+    #[test]
+    fn exhausted_attempts_fail_and_outages_cost_nothing() {
+        let p = RetryPolicy {
+            initial: Duration::from_millis(10),
+            max: Duration::from_secs(1),
+            max_attempts: 3,
+        };
+        assert!(matches!(
+            p.next_step(Verdict::Transient, 2, 0.5),
+            Step::RetryAfter(_)
+        ));
+        assert_eq!(p.next_step(Verdict::Transient, 3, 0.5), Step::Fail);
+        assert_eq!(p.next_step(Verdict::OutOfMemory, 3, 0.5), Step::Fail);
+        assert_eq!(
+            p.next_step(Verdict::BackendDown, 99, 0.5),
+            Step::RequeueFree
+        );
+        assert_eq!(p.next_step(Verdict::Permanent, 1, 0.5), Step::Fail);
+        assert_eq!(p.next_step(Verdict::Success, 1, 0.5), Step::Succeed);
+    }
+}

@@ -1,0 +1,496 @@
+//! Intake: turns an uploaded JSONL file into queued requests.
+//!
+//! Owns the transitions `validating → in_progress` and `validating → failed`. One streaming
+//! pass over the file validates every line (all of OpenAI's rules, every bad line reported
+//! with its 1-based number) and, while no error has been seen, writes each line as a queued
+//! [`RequestRecord`] plus its body. Long message contents that many lines share (a system
+//! prompt, a rubric) are stored once in the `blobs` tree under their SHA-256 and referenced.
+//! After this, nothing reads the uploaded file again.
+//!
+//! Re-running the intake of a batch (after a crash during validation) starts from a clean
+//! slate: it first deletes whatever requests an earlier run wrote.
+
+use crate::config::Config;
+use crate::domain::{
+    BatchId, BatchRecord, BatchStatus, LineError, RequestKey, RequestRecord, unix_now,
+};
+use crate::store::{Store, StoreError, StoredBody, TransitionError};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+
+/// Message contents at least this long are stored once, by hash.
+pub const SHARED_CONTENT_MIN: usize = 256;
+/// Records written to sled per write batch.
+const WRITE_CHUNK: usize = 1024;
+
+/// How an intake ended.
+#[derive(Debug, PartialEq)]
+pub enum IntakeOutcome {
+    /// The batch is `in_progress` with this many lines queued.
+    Ready(u64),
+    /// The file was invalid; the batch is `failed`.
+    Invalid(usize),
+    /// The batch was cancelled while validating (the supervisor finishes it).
+    Cancelled,
+    /// The batch was no longer `validating` for another reason (nothing done).
+    Skipped,
+}
+
+/// Reads one line of at most `max` bytes into `buf` (without the newline). Returns `None` at
+/// end of file, else whether the line was too long (then `buf` is empty and the rest of the
+/// line was skipped without being kept in memory).
+fn read_line_bounded(
+    r: &mut impl BufRead,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<bool>> {
+    buf.clear();
+    let mut too_long = false;
+    let mut any = false;
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(any.then_some(too_long));
+        }
+        any = true;
+        let (chunk, consumed, done) = match avail.iter().position(|&b| b == b'\n') {
+            Some(i) => (&avail[..i], i + 1, true),
+            None => (avail, avail.len(), false),
+        };
+        if !too_long {
+            if buf.len() + chunk.len() > max {
+                too_long = true;
+                buf.clear();
+                buf.shrink_to(64 << 10);
+            } else {
+                buf.extend_from_slice(chunk);
+            }
+        }
+        r.consume(consumed);
+        if done {
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+            return Ok(Some(too_long));
+        }
+    }
+}
+
+/// A validation error for line `line`.
+fn err(line: u32, code: &str, param: Option<&str>, message: String) -> LineError {
+    LineError {
+        code: code.into(),
+        message,
+        param: param.map(str::to_string),
+        line: Some(line),
+    }
+}
+
+/// The rules of one line that need no other line. Returns the line's custom_id, model and body.
+fn check_line(
+    line_no: u32,
+    bytes: &[u8],
+    endpoint: &str,
+) -> Result<(String, String, Value), LineError> {
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| {
+        err(
+            line_no,
+            "invalid_json_line",
+            None,
+            format!("line {line_no} is not valid JSON: {e}"),
+        )
+    })?;
+    let Value::Object(mut obj) = v else {
+        return Err(err(
+            line_no,
+            "invalid_request",
+            None,
+            format!("line {line_no} must be a JSON object"),
+        ));
+    };
+    let custom_id = match obj.get("custom_id") {
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        _ => {
+            return Err(err(
+                line_no,
+                "missing_required_parameter",
+                Some("custom_id"),
+                format!("line {line_no}: custom_id must be a non-empty string"),
+            ));
+        }
+    };
+    if obj.get("method").and_then(Value::as_str) != Some("POST") {
+        return Err(err(
+            line_no,
+            "invalid_method",
+            Some("method"),
+            format!("line {line_no}: method must be \"POST\""),
+        ));
+    }
+    let url = obj.get("url").and_then(Value::as_str).unwrap_or_default();
+    if url != endpoint {
+        return Err(err(
+            line_no,
+            "invalid_url",
+            Some("url"),
+            format!("line {line_no}: url '{url}' does not match the batch endpoint '{endpoint}'"),
+        ));
+    }
+    let body = match obj.remove("body") {
+        Some(b @ Value::Object(_)) => b,
+        _ => {
+            return Err(err(
+                line_no,
+                "invalid_body",
+                Some("body"),
+                format!("line {line_no}: body must be a JSON object"),
+            ));
+        }
+    };
+    let model = match body.get("model") {
+        Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        _ => {
+            return Err(err(
+                line_no,
+                "missing_required_parameter",
+                Some("body.model"),
+                format!("line {line_no}: body.model must be a non-empty string"),
+            ));
+        }
+    };
+    if body.get("stream") == Some(&Value::Bool(true)) {
+        return Err(err(
+            line_no,
+            "invalid_value",
+            Some("body.stream"),
+            format!("line {line_no}: stream: true is not supported in a batch"),
+        ));
+    }
+    Ok((custom_id, model, body))
+}
+
+/// Remembers the last few shared contents so a repeated system prompt is compared, not hashed
+/// and written again, on every line.
+#[derive(Default)]
+struct SharedContents {
+    recent: Vec<(String, [u8; 32])>,
+}
+
+impl SharedContents {
+    fn hash_of(&mut self, store: &Store, content: String) -> Result<[u8; 32], StoreError> {
+        if let Some((_, h)) = self.recent.iter().find(|(c, _)| *c == content) {
+            return Ok(*h);
+        }
+        let h: [u8; 32] = Sha256::digest(content.as_bytes()).into();
+        store.put_blob(&h, content.as_bytes())?;
+        if self.recent.len() == 8 {
+            self.recent.remove(0);
+        }
+        self.recent.push((content, h));
+        Ok(h)
+    }
+}
+
+/// Takes long message contents out of a chat body and into `blobs`.
+fn store_body(
+    store: &Store,
+    shared: &mut SharedContents,
+    mut body: Value,
+) -> Result<StoredBody, StoreError> {
+    let mut refs = Vec::new();
+    if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
+        for (i, m) in messages.iter_mut().enumerate() {
+            if let Some(content) = m.get_mut("content")
+                && content
+                    .as_str()
+                    .is_some_and(|s| s.len() >= SHARED_CONTENT_MIN)
+            {
+                let Value::String(text) = content.take() else {
+                    continue;
+                };
+                *content = Value::String(String::new());
+                refs.push((i as u32, shared.hash_of(store, text)?));
+            }
+        }
+    }
+    Ok(StoredBody {
+        json: body.to_string(),
+        refs,
+    })
+}
+
+/// Rebuilds a line's body for dispatch: shared contents put back, the model mapped.
+pub fn materialize(
+    store: &Store,
+    stored: &StoredBody,
+    model: Option<&str>,
+) -> Result<Value, String> {
+    let mut body: Value =
+        serde_json::from_str(&stored.json).map_err(|e| format!("stored body is not JSON: {e}"))?;
+    for (idx, hash) in &stored.refs {
+        let blob = store
+            .get_blob(hash)
+            .map_err(|e| e.to_string())?
+            .ok_or("a shared content is missing from the store")?;
+        let text = String::from_utf8(blob).map_err(|_| "a shared content is not UTF-8")?;
+        if let Some(m) = body
+            .get_mut("messages")
+            .and_then(|ms| ms.get_mut(*idx as usize))
+        {
+            m["content"] = Value::String(text);
+        }
+    }
+    if let Some(model) = model {
+        body["model"] = Value::String(model.to_string());
+    }
+    Ok(body)
+}
+
+/// Validates and expands the input file of `batch_id`, then moves the batch on.
+pub fn run(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<IntakeOutcome, StoreError> {
+    let Some(batch) = store.get_batch(batch_id)? else {
+        return Ok(IntakeOutcome::Skipped);
+    };
+    if batch.status != BatchStatus::Validating {
+        return Ok(IntakeOutcome::Skipped);
+    }
+    store.delete_requests(batch_id)?;
+    let (errors, total, model) = match expand(store, cfg, &batch) {
+        Ok(r) => r,
+        Err(ExpandError::Store(e)) => return Err(e),
+        Err(ExpandError::File(message)) => (
+            vec![LineError {
+                code: "invalid_file".into(),
+                message,
+                param: Some("input_file_id".into()),
+                line: None,
+            }],
+            0,
+            None,
+        ),
+    };
+    let mut errors = errors;
+    if errors.is_empty() && total == 0 {
+        errors.push(LineError {
+            code: "empty_file".into(),
+            message: "the input file has no requests".into(),
+            param: Some("input_file_id".into()),
+            line: None,
+        });
+    }
+    if !errors.is_empty() {
+        store.delete_requests(batch_id)?;
+        let n = errors.len();
+        let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
+            b.status = BatchStatus::Failed;
+            b.failed_at = Some(unix_now());
+            b.errors = errors.clone();
+        });
+        store.flush()?;
+        return finish(result, IntakeOutcome::Invalid(n));
+    }
+    store.flush()?;
+    let mapped = model.map(|m| cfg.map_model(&m));
+    let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
+        b.status = BatchStatus::InProgress;
+        b.in_progress_at = Some(unix_now());
+        b.request_counts.total = total;
+        b.model = mapped.clone();
+    });
+    store.flush()?;
+    finish(result, IntakeOutcome::Ready(total))
+}
+
+fn finish(
+    result: Result<BatchRecord, TransitionError>,
+    ok: IntakeOutcome,
+) -> Result<IntakeOutcome, StoreError> {
+    match result {
+        Ok(_) => Ok(ok),
+        Err(TransitionError::Conflict(state)) if state == "cancelling" => {
+            Ok(IntakeOutcome::Cancelled)
+        }
+        Err(TransitionError::Conflict(_)) | Err(TransitionError::NotFound) => {
+            Ok(IntakeOutcome::Skipped)
+        }
+        Err(TransitionError::Store(e)) => Err(e),
+    }
+}
+
+enum ExpandError {
+    Store(StoreError),
+    File(String),
+}
+
+impl From<StoreError> for ExpandError {
+    fn from(e: StoreError) -> Self {
+        ExpandError::Store(e)
+    }
+}
+
+/// The streaming pass. Returns (errors, lines queued, the file's model).
+fn expand(
+    store: &Store,
+    cfg: &Config,
+    batch: &BatchRecord,
+) -> Result<(Vec<LineError>, u64, Option<String>), ExpandError> {
+    let path = store.file_path(batch.input_file_id);
+    let file = std::fs::File::open(&path).map_err(|e| {
+        ExpandError::File(format!(
+            "cannot read input file {}: {e}",
+            batch.input_file_id
+        ))
+    })?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let endpoint = batch.endpoint.as_str();
+    let mut errors: Vec<LineError> = Vec::new();
+    let mut unlisted = 0usize;
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut model: Option<(String, u32)> = None;
+    let mut shared = SharedContents::default();
+    let mut pending = Vec::with_capacity(WRITE_CHUNK);
+    let mut buf = Vec::new();
+    let mut line_no: u32 = 0;
+    let mut total = 0u64;
+    let mut push_err = |errors: &mut Vec<LineError>, e: LineError| {
+        if errors.len() < cfg.max_listed_errors {
+            errors.push(e);
+        } else {
+            unlisted += 1;
+        }
+    };
+    while let Some(too_long) = read_line_bounded(&mut reader, &mut buf, cfg.max_line_bytes)
+        .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?
+    {
+        line_no = line_no.saturating_add(1);
+        if too_long {
+            push_err(
+                &mut errors,
+                err(
+                    line_no,
+                    "line_too_long",
+                    None,
+                    format!("line {line_no} is longer than {} bytes", cfg.max_line_bytes),
+                ),
+            );
+            continue;
+        }
+        if buf.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let (custom_id, line_model, body) = match check_line(line_no, &buf, endpoint) {
+            Ok(parts) => parts,
+            Err(e) => {
+                push_err(&mut errors, e);
+                continue;
+            }
+        };
+        match &model {
+            None => model = Some((line_model, line_no)),
+            Some((m, first)) if *m != line_model => {
+                push_err(
+                    &mut errors,
+                    err(
+                        line_no,
+                        "mismatched_model",
+                        Some("body.model"),
+                        format!(
+                            "line {line_no}: model '{line_model}' differs from '{m}' on line {first}; a batch runs one model"
+                        ),
+                    ),
+                );
+                continue;
+            }
+            Some(_) => {}
+        }
+        if !seen.insert(custom_id.clone()) {
+            push_err(
+                &mut errors,
+                err(
+                    line_no,
+                    "duplicate_custom_id",
+                    Some("custom_id"),
+                    format!("line {line_no}: custom_id '{custom_id}' is used more than once"),
+                ),
+            );
+            continue;
+        }
+        total += 1;
+        if !errors.is_empty() {
+            continue; // keep validating, stop writing
+        }
+        let stored = store_body(store, &mut shared, body)?;
+        let key = RequestKey {
+            batch: batch.id,
+            line: line_no,
+        };
+        pending.push((key, RequestRecord::queued(custom_id), stored));
+        if pending.len() == WRITE_CHUNK {
+            store.put_requests(&pending)?;
+            pending.clear();
+        }
+    }
+    if !pending.is_empty() && errors.is_empty() {
+        store.put_requests(&pending)?;
+    }
+    if unlisted > 0 {
+        errors.push(LineError {
+            code: "too_many_errors".into(),
+            message: format!("{unlisted} more invalid lines are not listed"),
+            param: None,
+            line: None,
+        });
+    }
+    Ok((errors, total, model.map(|(m, _)| m)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_reader_skips_long_lines_and_keeps_numbers() {
+        let data = b"short\r\n0123456789ABC\nlast";
+        let mut r = BufReader::with_capacity(4, &data[..]);
+        let mut buf = Vec::new();
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 8).expect("io"),
+            Some(false)
+        );
+        assert_eq!(buf, b"short");
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 8).expect("io"),
+            Some(true)
+        );
+        assert!(buf.is_empty());
+        assert_eq!(
+            read_line_bounded(&mut r, &mut buf, 8).expect("io"),
+            Some(false)
+        );
+        assert_eq!(buf, b"last");
+        assert_eq!(read_line_bounded(&mut r, &mut buf, 8).expect("io"), None);
+    }
+
+    #[test]
+    fn line_rules() {
+        let ok = br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#;
+        assert!(check_line(1, ok, "/v1/chat/completions").is_ok());
+        let cases: &[(&[u8], &str)] = &[
+            (b"not json", "invalid_json_line"),
+            (b"[1,2]", "invalid_request"),
+            (br#"{"method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#, "missing_required_parameter"),
+            (br#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{"model":"m"}}"#, "invalid_method"),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m"}}"#, "invalid_url"),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":"x"}"#, "invalid_body"),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","stream":true}}"#, "invalid_value"),
+            (b"\xff\xfe{}", "invalid_json_line"),
+        ];
+        for (line, code) in cases {
+            let e = check_line(7, line, "/v1/chat/completions").expect_err("must fail");
+            assert_eq!(e.code, *code, "{}", String::from_utf8_lossy(line));
+            assert_eq!(e.line, Some(7));
+        }
+    }
+}

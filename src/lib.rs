@@ -1,0 +1,22 @@
+//! ollama-batch: a durable, OpenAI-compatible Batch API server for one local model server.
+//!
+//! ```text
+//!  client ──HTTP──▶ api (axum) ──▶ store (sled) ◀── supervisor ──leases──▶ worker ──HTTP──▶ backend
+//!                      │  upload, create,    ▲          │  single writer of     │  up to N calls
+//!                      │  cancel, status     │          │  request state        │  in flight
+//!                      └──── intake ─────────┘          └──◀── outcomes ────────┘
+//! ```
+//! See `docs/architecture.md` for the data flow and state machines and `docs/guarantees.md`
+//! for what is durable when.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod config;
+pub mod domain;
+pub mod intake;
+pub mod server;
+pub mod store;
+pub mod supervisor;
+pub mod wire;
+pub mod worker;

@@ -1,0 +1,216 @@
+//! The composition root: opens the store, recovers, wires worker, supervisor and API
+//! together, and shuts them down in order.
+//!
+//! `start` takes an already-bound listener (port 0 in tests) and returns a [`Running`]
+//! server that can be stopped at will.
+
+use crate::api::{self, AppState, status::Gpu};
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::domain::unix_now;
+use crate::store::{Store, StoreError};
+use crate::supervisor::{self, Parts, RecoveredBatch, Supervisor};
+use crate::worker::{self, Limiter};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The store could not be opened or recovered.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The configuration cannot work (e.g. the backend URL).
+    #[error("{0}")]
+    Config(String),
+    /// Listening or serving failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A started server.
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    /// What recovery found at start.
+    pub report: Vec<RecoveredBatch>,
+    /// Batches whose validation restarts.
+    pub revalidating: usize,
+    stop: CancellationToken,
+    done: JoinHandle<Result<(), ServerError>>,
+}
+
+impl Running {
+    /// Asks for a graceful stop (idempotent).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Waits until the server has stopped and flushed.
+    pub async fn wait(self) -> Result<(), ServerError> {
+        match self.done.await {
+            Ok(r) => r,
+            Err(e) => Err(ServerError::Io(std::io::Error::other(e.to_string()))),
+        }
+    }
+}
+
+/// Opens the store, recovers, and starts everything.
+pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, ServerError> {
+    let addr = listener.local_addr()?;
+    let cfg = Arc::new(cfg);
+    let store = {
+        let dir = cfg.state_dir.clone();
+        let cache = cfg.cache_bytes;
+        tokio::task::spawn_blocking(move || Store::open(&dir, cache))
+            .await
+            .map_err(|e| ServerError::Config(e.to_string()))??
+    };
+    let store = Arc::new(store);
+    let recovery = {
+        let (s, c) = (store.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || supervisor::recover(&s, &c))
+            .await
+            .map_err(|e| ServerError::Config(e.to_string()))??
+    };
+    let report = recovery.report.clone();
+    let to_validate = recovery.to_validate.clone();
+    for line in &report {
+        tracing::info!(report = %line, "recovered batch");
+    }
+
+    let backend = Backend::new(&cfg).map_err(ServerError::Config)?;
+    let limiter = Arc::new(Limiter::new(cfg.concurrency));
+    let window = cfg.concurrency * 2;
+    let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
+    let (outcomes_tx, outcomes_rx) = mpsc::channel(window * 2 + 16);
+    let tracker = TaskTracker::new();
+    let stop = CancellationToken::new();
+
+    worker::spawn(
+        backend.clone(),
+        limiter.clone(),
+        jobs_rx,
+        outcomes_tx,
+        &tracker,
+        stop.clone(),
+    );
+    let (sup, handle) = Supervisor::new(
+        Parts {
+            store: store.clone(),
+            cfg: cfg.clone(),
+            backend: backend.clone(),
+            jobs: jobs_tx,
+            outcomes: outcomes_rx,
+            tracker: tracker.clone(),
+            stop: stop.clone(),
+        },
+        recovery,
+    );
+    let sup_task = tokio::spawn(sup.run());
+    for id in &to_validate {
+        tracing::info!(batch = %id, "validation restarts");
+        supervisor::spawn_intake(store.clone(), cfg.clone(), handle.clone(), &tracker, *id);
+    }
+    spawn_health_probe(backend.clone(), handle.live.clone(), &tracker, stop.clone());
+
+    let state = AppState {
+        store: store.clone(),
+        cfg: cfg.clone(),
+        supervisor: handle,
+        tracker: tracker.clone(),
+        started: Instant::now(),
+        limiter,
+        gpu: Gpu::init().map(Arc::new),
+    };
+    let app = api::router(state);
+    tracing::info!(
+        listen = %addr,
+        backend = cfg.backend.as_str(),
+        backend_url = %cfg.backend_url,
+        state = %cfg.state_dir.display(),
+        "ollama-batch listening"
+    );
+    let serve_stop = stop.clone();
+    let http = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(serve_stop.cancelled_owned())
+            .await
+    });
+    let grace = cfg.shutdown_grace;
+    let done_stop = stop.clone();
+    let done = tokio::spawn(async move {
+        done_stop.cancelled().await;
+        // HTTP first (bounded: a stuck client must not hold the stop), then the supervisor,
+        // which lets in-flight calls finish within the grace and requeues the rest.
+        let http_abort = http.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), http)
+            .await
+            .is_err()
+        {
+            http_abort.abort();
+        }
+        let _ = sup_task.await;
+        tracker.close();
+        if tokio::time::timeout(grace + Duration::from_secs(5), tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop in time; their work resumes at the next start");
+        }
+        store.flush_async().await?;
+        tracing::info!("stopped");
+        Ok(())
+    });
+    Ok(Running {
+        addr,
+        report,
+        revalidating: to_validate.len(),
+        stop,
+        done,
+    })
+}
+
+/// Probes the backend every 30 s so `/status` says whether it answers, even when idle.
+fn spawn_health_probe(
+    backend: Backend,
+    live: Arc<supervisor::live::LiveView>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) {
+    tracker.spawn(async move {
+        loop {
+            let ok = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = backend.probe() => r,
+            };
+            live.with(|l| {
+                l.backend.last_probe_at = Some(unix_now());
+                if l.backend.down_since.is_none() {
+                    l.backend.reachable = Some(ok.is_ok());
+                }
+                if let Err(e) = &ok {
+                    l.backend.last_error = Some(e.clone());
+                }
+            });
+            if let Err(e) = ok {
+                tracing::warn!(url = backend.url(), error = %e, "backend probe failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+            }
+        }
+    });
+}

@@ -1,0 +1,534 @@
+//! The only code that touches sled. It owns the trees, the key and value encodings and the
+//! fenced transitions; it never decides anything (retries, order, states are the supervisor's).
+//!
+//! Trees (keys are big-endian so that key order is creation order / input order):
+//!
+//! | tree       | key                          | value                                  |
+//! |------------|------------------------------|----------------------------------------|
+//! | `files`    | file uuid (16 B)             | [`FileRecord`]                         |
+//! | `batches`  | batch uuid (16 B)            | [`BatchRecord`]                        |
+//! | `requests` | batch uuid + line u32 (20 B) | [`RequestRecord`] (state, attempts, result) |
+//! | `bodies`   | same as `requests`           | [`StoredBody`] (the line's body, shared parts by hash) |
+//! | `blobs`    | sha-256 (32 B)               | shared content (a system prompt), stored once |
+//!
+//! File bytes live beside the database under `files/`, named by the file's uuid.
+//!
+//! Durability: a write is durable after [`Store::flush`] / [`Store::flush_async`] returns (sled
+//! also flushes in the background every 500 ms). Callers decide when to flush; see
+//! `docs/guarantees.md`.
+
+use crate::domain::{BatchId, BatchRecord, BatchStatus, FileId, RequestKey, RequestRecord};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::path::{Path, PathBuf};
+
+/// A stored file's metadata (the bytes are on disk at [`Store::file_path`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileRecord {
+    /// Its id.
+    pub id: FileId,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// The uploaded name, or `batch_…_output.jsonl` for ours.
+    pub filename: String,
+    /// `batch`, `batch_output`, …
+    pub purpose: String,
+    /// Unix seconds, or `None`.
+    pub expires_at: Option<i64>,
+}
+
+/// A line's body with its large shared strings taken out and stored once in `blobs`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StoredBody {
+    /// The body as JSON text, with each referenced message content replaced by `""`.
+    pub json: String,
+    /// (index into `messages`, sha-256 of the content stored in `blobs`).
+    pub refs: Vec<(u32, [u8; 32])>,
+}
+
+/// What can go wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process holds the state directory.
+    #[error(
+        "another ollama-batch is using {0} (sled holds a lock on it); stop it or pass a different --state"
+    )]
+    InUse(PathBuf),
+    /// sled failed.
+    #[error("store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A stored value did not decode: a bug or a corrupted store.
+    #[error("store: cannot decode a stored {what}: {detail}")]
+    Codec {
+        /// Which kind of record.
+        what: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// File I/O under the state directory failed.
+    #[error("store: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Why a fenced transition did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum TransitionError {
+    /// No such record.
+    #[error("not found")]
+    NotFound,
+    /// The record is not in the state the caller expected (the fence held).
+    #[error("conflict: the record is {0}")]
+    Conflict(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for TransitionError {
+    fn from(e: sled::Error) -> Self {
+        TransitionError::Store(StoreError::Sled(e))
+    }
+}
+
+/// What a request transition expects to find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// Queued (a lease may be taken).
+    Queued,
+    /// Leased under exactly this lease number.
+    Leased(u32),
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    // Encoding plain structs into a Vec cannot fail; an error here would be a bug in a type.
+    bincode::serde::encode_to_vec(value, bincode::config::standard())
+        .expect("records encode infallibly")
+}
+
+fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(v, _)| v)
+        .map_err(|e| StoreError::Codec {
+            what,
+            detail: e.to_string(),
+        })
+}
+
+/// The durable queue and file catalogue.
+pub struct Store {
+    db: sled::Db,
+    files: sled::Tree,
+    batches: sled::Tree,
+    requests: sled::Tree,
+    bodies: sled::Tree,
+    blobs: sled::Tree,
+    dir: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
+    pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
+        std::fs::create_dir_all(dir.join("files"))?;
+        let db = sled::Config::new()
+            .path(dir.join("db"))
+            .cache_capacity(cache_bytes)
+            .flush_every_ms(Some(500))
+            .open()
+            .map_err(|e| {
+                let text = e.to_string();
+                if text.contains("WouldBlock") || text.contains("could not acquire lock") {
+                    StoreError::InUse(dir.to_path_buf())
+                } else {
+                    StoreError::Sled(e)
+                }
+            })?;
+        Ok(Store {
+            files: db.open_tree("files")?,
+            batches: db.open_tree("batches")?,
+            requests: db.open_tree("requests")?,
+            bodies: db.open_tree("bodies")?,
+            blobs: db.open_tree("blobs")?,
+            dir: dir.to_path_buf(),
+            db,
+        })
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Makes every write so far durable against a process crash.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// [`Store::flush`] without blocking the runtime.
+    pub async fn flush_async(&self) -> Result<(), StoreError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Bytes the database and the stored files take on disk.
+    pub fn size_on_disk(&self) -> u64 {
+        let db = self.db.size_on_disk().unwrap_or(0);
+        let files = std::fs::read_dir(self.dir.join("files"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
+        db + files
+    }
+
+    // ---- files ----------------------------------------------------------------------------
+
+    /// Where a file's bytes live.
+    pub fn file_path(&self, id: FileId) -> PathBuf {
+        self.dir.join("files").join(id.0.simple().to_string())
+    }
+
+    /// A scratch path in the same directory (so that a rename publishes it atomically).
+    pub fn scratch_path(&self, id: FileId) -> PathBuf {
+        self.dir
+            .join("files")
+            .join(format!("{}.part", id.0.simple()))
+    }
+
+    /// Records a file whose bytes are already at [`Store::file_path`].
+    pub fn put_file(&self, rec: &FileRecord) -> Result<(), StoreError> {
+        self.files.insert(rec.id.0.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// A file's record.
+    pub fn get_file(&self, id: FileId) -> Result<Option<FileRecord>, StoreError> {
+        match self.files.get(id.0.as_bytes())? {
+            Some(v) => Ok(Some(decode("file", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Files in id (= creation) order, `desc` newest first, strictly after the cursor
+    /// `after`, filtered by purpose; at most `limit`. Returns the page and whether more follow.
+    pub fn list_files(
+        &self,
+        purpose: Option<&str>,
+        after: Option<FileId>,
+        limit: usize,
+        desc: bool,
+    ) -> Result<(Vec<FileRecord>, bool), StoreError> {
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> =
+            match (after, desc) {
+                (Some(a), true) => Box::new(self.files.range(..a.0.as_bytes().to_vec()).rev()),
+                (Some(a), false) => {
+                    let start = a.0.as_bytes().to_vec();
+                    Box::new(
+                        self.files
+                            .range(start.clone()..)
+                            .skip_while(move |r| matches!(r, Ok((k, _)) if k.as_ref() == start)),
+                    )
+                }
+                (None, true) => Box::new(self.files.iter().rev()),
+                (None, false) => Box::new(self.files.iter()),
+            };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item?;
+            let rec: FileRecord = decode("file", &v)?;
+            if purpose.is_some_and(|p| p != rec.purpose) {
+                continue;
+            }
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(rec);
+        }
+        Ok((out, false))
+    }
+
+    /// Removes a file's record and bytes. Returns false if there was no such file.
+    pub fn delete_file(&self, id: FileId) -> Result<bool, StoreError> {
+        let existed = self.files.remove(id.0.as_bytes())?.is_some();
+        if existed {
+            match std::fs::remove_file(self.file_path(id)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(existed)
+    }
+
+    // ---- batches --------------------------------------------------------------------------
+
+    /// Stores a new batch.
+    pub fn put_batch(&self, rec: &BatchRecord) -> Result<(), StoreError> {
+        self.batches.insert(rec.id.0.as_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// A batch's record.
+    pub fn get_batch(&self, id: BatchId) -> Result<Option<BatchRecord>, StoreError> {
+        match self.batches.get(id.0.as_bytes())? {
+            Some(v) => Ok(Some(decode("batch", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Batches newest first, strictly older than `after`; at most `limit`, and whether more follow.
+    pub fn list_batches(
+        &self,
+        after: Option<BatchId>,
+        limit: usize,
+    ) -> Result<(Vec<BatchRecord>, bool), StoreError> {
+        let iter: Box<dyn Iterator<Item = sled::Result<(sled::IVec, sled::IVec)>>> = match after {
+            Some(a) => Box::new(self.batches.range(..a.0.as_bytes().to_vec()).rev()),
+            None => Box::new(self.batches.iter().rev()),
+        };
+        let mut out = Vec::new();
+        for item in iter {
+            let (_, v) = item?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(decode("batch", &v)?);
+        }
+        Ok((out, false))
+    }
+
+    /// Every batch not in a terminal state, oldest first (start-up recovery).
+    pub fn unfinished_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.batches.iter() {
+            let (_, v) = item?;
+            let rec: BatchRecord = decode("batch", &v)?;
+            if !rec.status.is_terminal() {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fenced batch transition: applies `change` only if the batch's status is one of `expect`,
+    /// as one compare-and-swap. Returns the new record.
+    pub fn update_batch(
+        &self,
+        id: BatchId,
+        expect: &[BatchStatus],
+        mut change: impl FnMut(&mut BatchRecord),
+    ) -> Result<BatchRecord, TransitionError> {
+        let key = id.0.as_bytes();
+        loop {
+            let old = self.batches.get(key)?.ok_or(TransitionError::NotFound)?;
+            let mut rec: BatchRecord = decode("batch", &old)?;
+            if !expect.contains(&rec.status) {
+                return Err(TransitionError::Conflict(rec.status.as_str().to_string()));
+            }
+            change(&mut rec);
+            if self
+                .batches
+                .compare_and_swap(key, Some(&old), Some(encode(&rec)))?
+                .is_ok()
+            {
+                return Ok(rec);
+            }
+        }
+    }
+
+    // ---- requests -------------------------------------------------------------------------
+
+    /// Writes a batch of intake records and bodies in one sled batch per tree.
+    pub fn put_requests(
+        &self,
+        items: &[(RequestKey, RequestRecord, StoredBody)],
+    ) -> Result<(), StoreError> {
+        let mut reqs = sled::Batch::default();
+        let mut bodies = sled::Batch::default();
+        for (key, rec, body) in items {
+            let k = key.to_bytes();
+            reqs.insert(&k, encode(rec));
+            bodies.insert(&k, encode(body));
+        }
+        // Bodies first: a request record never exists without its body.
+        self.bodies.apply_batch(bodies)?;
+        self.requests.apply_batch(reqs)?;
+        Ok(())
+    }
+
+    /// Removes every request and body of a batch (a failed validation, or a re-run intake).
+    pub fn delete_requests(&self, batch: BatchId) -> Result<(), StoreError> {
+        for tree in [&self.requests, &self.bodies] {
+            let mut b = sled::Batch::default();
+            for item in tree.scan_prefix(batch.0.as_bytes()) {
+                let (k, _) = item?;
+                b.remove(k);
+            }
+            tree.apply_batch(b)?;
+        }
+        Ok(())
+    }
+
+    /// One request's record.
+    pub fn get_request(&self, key: RequestKey) -> Result<Option<RequestRecord>, StoreError> {
+        match self.requests.get(key.to_bytes())? {
+            Some(v) => Ok(Some(decode("request", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every request of a batch in line order.
+    pub fn batch_requests(
+        &self,
+        batch: BatchId,
+    ) -> impl Iterator<Item = Result<(RequestKey, RequestRecord), StoreError>> + '_ {
+        self.requests.scan_prefix(batch.0.as_bytes()).map(|item| {
+            let (k, v) = item?;
+            let key = RequestKey::from_bytes(&k).ok_or_else(|| StoreError::Codec {
+                what: "request key",
+                detail: format!("{} bytes", k.len()),
+            })?;
+            Ok((key, decode("request", &v)?))
+        })
+    }
+
+    /// Fenced request transition: applies `change` only if the record is as `expect` says
+    /// (`Queued`, or `Leased` under that exact lease), as one compare-and-swap. A stale lease
+    /// gets `Conflict` and changes nothing.
+    pub fn transition_request(
+        &self,
+        key: RequestKey,
+        expect: Expect,
+        mut change: impl FnMut(&mut RequestRecord),
+    ) -> Result<RequestRecord, TransitionError> {
+        let k = key.to_bytes();
+        loop {
+            let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
+            let mut rec: RequestRecord = decode("request", &old)?;
+            let ok = match expect {
+                Expect::Queued => rec.state == crate::domain::RequestState::Queued,
+                Expect::Leased(lease) => {
+                    rec.state == crate::domain::RequestState::Leased && rec.lease == lease
+                }
+            };
+            if !ok {
+                return Err(TransitionError::Conflict(format!(
+                    "{:?} under lease {}",
+                    rec.state, rec.lease
+                )));
+            }
+            change(&mut rec);
+            if self
+                .requests
+                .compare_and_swap(k, Some(&old), Some(encode(&rec)))?
+                .is_ok()
+            {
+                return Ok(rec);
+            }
+        }
+    }
+
+    /// Overwrites a request's record unconditionally. Only start-up recovery uses this, before
+    /// any lease exists.
+    pub fn put_request(&self, key: RequestKey, rec: &RequestRecord) -> Result<(), StoreError> {
+        self.requests.insert(key.to_bytes(), encode(rec))?;
+        Ok(())
+    }
+
+    /// A line's stored body.
+    pub fn get_body(&self, key: RequestKey) -> Result<Option<StoredBody>, StoreError> {
+        match self.bodies.get(key.to_bytes())? {
+            Some(v) => Ok(Some(decode("body", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    // ---- blobs ----------------------------------------------------------------------------
+
+    /// Stores shared content under its hash unless it is already there.
+    pub fn put_blob(&self, hash: &[u8; 32], content: &[u8]) -> Result<(), StoreError> {
+        if !self.blobs.contains_key(hash)? {
+            self.blobs.insert(hash, content)?;
+        }
+        Ok(())
+    }
+
+    /// Shared content by hash.
+    pub fn get_blob(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.blobs.get(hash)?.map(|v| v.to_vec()))
+    }
+
+    /// How many shared contents are stored (operators and tests).
+    pub fn blob_count(&self) -> usize {
+        self.blobs.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::RequestState;
+
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = Store::open(dir.path(), 8 << 20).expect("open");
+        (dir, s)
+    }
+
+    #[test]
+    fn stale_lease_cannot_complete_a_rescued_request() {
+        let (_d, s) = store();
+        let key = RequestKey {
+            batch: BatchId::new(),
+            line: 1,
+        };
+        let body = StoredBody {
+            json: "{}".into(),
+            refs: vec![],
+        };
+        s.put_requests(&[(key, RequestRecord::queued("a".into()), body)])
+            .expect("put");
+        let leased = s
+            .transition_request(key, Expect::Queued, |r| {
+                r.state = RequestState::Leased;
+                r.lease += 1;
+                r.attempts += 1;
+            })
+            .expect("lease");
+        assert_eq!(leased.lease, 1);
+        // Rescue: back to the queue, then leased again under lease 2.
+        s.transition_request(key, Expect::Leased(1), |r| r.state = RequestState::Queued)
+            .expect("rescue");
+        s.transition_request(key, Expect::Queued, |r| {
+            r.state = RequestState::Leased;
+            r.lease += 1;
+        })
+        .expect("re-lease");
+        // The late answer of lease 1 is fenced off.
+        let late = s.transition_request(key, Expect::Leased(1), |r| {
+            r.state = RequestState::Succeeded
+        });
+        assert!(
+            matches!(late, Err(TransitionError::Conflict(_))),
+            "{late:?}"
+        );
+        assert_eq!(
+            s.get_request(key).expect("get").expect("some").state,
+            RequestState::Leased
+        );
+    }
+
+    #[test]
+    fn second_opener_is_told_the_directory_is_in_use() {
+        let (dir, _s) = store();
+        match Store::open(dir.path(), 8 << 20) {
+            Err(StoreError::InUse(_)) => {}
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("second open succeeded"),
+        }
+    }
+}

@@ -1,0 +1,177 @@
+//! The finalizer: writes a batch's output and error files in input order and moves the batch
+//! to its terminal state. It owns `finalizing → completed`, `cancelling → cancelled` and
+//! `in_progress → expired`.
+//!
+//! Idempotent: file ids are derived from the batch id, files are written to a scratch name,
+//! fsynced and renamed into place, and the terminal transition is a compare-and-swap on the
+//! status it expects, so a finalization interrupted by a crash is simply run again.
+
+use crate::domain::{BatchId, BatchStatus, RequestState, ResultRecord, Usage, unix_now};
+use crate::store::{FileRecord, Store, StoreError, TransitionError};
+use crate::wire::output_line;
+use std::io::Write;
+
+/// Which terminal state to reach.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// From `finalizing`.
+    Completed,
+    /// From `cancelling`; unrun lines get `batch_cancelled`.
+    Cancelled,
+    /// From `in_progress`; unrun lines get `batch_expired`.
+    Expired,
+}
+
+struct Sink {
+    path: std::path::PathBuf,
+    scratch: std::path::PathBuf,
+    out: Option<std::io::BufWriter<std::fs::File>>,
+    lines: u64,
+    bytes: u64,
+}
+
+impl Sink {
+    fn new(store: &Store, id: crate::domain::FileId) -> Sink {
+        Sink {
+            path: store.file_path(id),
+            scratch: store.scratch_path(id),
+            out: None,
+            lines: 0,
+            bytes: 0,
+        }
+    }
+    fn write(&mut self, line: &str) -> std::io::Result<()> {
+        if self.out.is_none() {
+            let f = std::fs::File::create(&self.scratch)?;
+            self.out = Some(std::io::BufWriter::with_capacity(1 << 20, f));
+        }
+        if let Some(out) = self.out.as_mut() {
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+        }
+        self.lines += 1;
+        self.bytes += line.len() as u64 + 1;
+        Ok(())
+    }
+    /// Publishes the file atomically; false if nothing was written.
+    fn publish(self) -> std::io::Result<bool> {
+        let Some(out) = self.out else {
+            return Ok(false);
+        };
+        let f = out.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        std::fs::rename(&self.scratch, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(true)
+    }
+}
+
+/// Writes the files and the terminal state. Returns `Ok(false)` when the batch was not in
+/// the expected state (someone else finished it).
+pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool, StoreError> {
+    let expect = match target {
+        Target::Completed => BatchStatus::Finalizing,
+        Target::Cancelled => BatchStatus::Cancelling,
+        Target::Expired => BatchStatus::InProgress,
+    };
+    let Some(batch) = store.get_batch(batch_id)? else {
+        return Ok(false);
+    };
+    if batch.status != expect {
+        return Ok(false);
+    }
+    let (unrun_code, unrun_message) = match target {
+        Target::Completed => ("internal_error", "the request was never run"),
+        Target::Cancelled => (
+            "batch_cancelled",
+            "the batch was cancelled before this request ran",
+        ),
+        Target::Expired => ("batch_expired", "the batch expired before this request ran"),
+    };
+    let out_id = batch_id.output_file();
+    let err_id = batch_id.error_file();
+    let mut out = Sink::new(store, out_id);
+    let mut errs = Sink::new(store, err_id);
+    let (mut total, mut completed, mut failed) = (0u64, 0u64, 0u64);
+    let mut usage = Usage::default();
+    for item in store.batch_requests(batch_id) {
+        let (key, rec) = item?;
+        total += 1;
+        match (rec.state, &rec.result) {
+            (RequestState::Succeeded, Some(result)) => {
+                completed += 1;
+                if let Some(u) = &result.usage {
+                    usage.add(u);
+                }
+                out.write(&output_line(key, &rec.custom_id, result))?;
+            }
+            (RequestState::Failed, Some(result)) => {
+                failed += 1;
+                if let Some(u) = &result.usage {
+                    usage.add(u);
+                }
+                errs.write(&output_line(key, &rec.custom_id, result))?;
+            }
+            _ => {
+                let result = ResultRecord {
+                    status_code: None,
+                    body: None,
+                    error_code: Some(unrun_code.into()),
+                    error_message: Some(unrun_message.into()),
+                    usage: None,
+                };
+                errs.write(&output_line(key, &rec.custom_id, &result))?;
+            }
+        }
+    }
+    let now = unix_now();
+    let mut published = [None, None];
+    for (slot, (sink, id, kind)) in [(out, out_id, "output"), (errs, err_id, "error")]
+        .into_iter()
+        .enumerate()
+    {
+        let (lines, bytes) = (sink.lines, sink.bytes);
+        if sink.publish()? {
+            store.put_file(&FileRecord {
+                id,
+                bytes,
+                created_at: now,
+                filename: format!("{batch_id}_{kind}.jsonl"),
+                purpose: "batch_output".into(),
+                expires_at: None,
+            })?;
+            published[slot] = Some(id);
+            tracing::debug!(batch = %batch_id, kind, lines, "file published");
+        }
+    }
+    store.flush()?;
+    let result = store.update_batch(batch_id, &[expect], |b| {
+        b.status = match target {
+            Target::Completed => BatchStatus::Completed,
+            Target::Cancelled => BatchStatus::Cancelled,
+            Target::Expired => BatchStatus::Expired,
+        };
+        match target {
+            Target::Completed => b.completed_at = Some(now),
+            Target::Cancelled => b.cancelled_at = Some(now),
+            Target::Expired => b.expired_at = Some(now),
+        }
+        b.output_file_id = published[0];
+        b.error_file_id = published[1];
+        b.request_counts.total = b.request_counts.total.max(total);
+        b.request_counts.completed = completed;
+        b.request_counts.failed = failed;
+        b.usage = usage;
+    });
+    store.flush()?;
+    match result {
+        Ok(b) => {
+            tracing::info!(batch = %batch_id, status = b.status.as_str(), completed, failed, "batch finished");
+            Ok(true)
+        }
+        Err(TransitionError::Conflict(_)) | Err(TransitionError::NotFound) => Ok(false),
+        Err(TransitionError::Store(e)) => Err(e),
+    }
+}

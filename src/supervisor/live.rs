@@ -1,0 +1,90 @@
+//! What the supervisor publishes for readers (the API's batch counts and `/status`): a
+//! snapshot behind a std mutex, replaced wholesale by the supervisor after each commit and
+//! never held across an await.
+
+use crate::domain::{BatchId, BatchStatus, RequestCounts, Usage};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+/// Progress of one unfinished batch, counting only durable results.
+#[derive(Clone, Debug, Default)]
+pub struct BatchLive {
+    /// Status as the supervisor knows it.
+    pub status: Option<BatchStatus>,
+    /// Durable counts.
+    pub counts: RequestCounts,
+    /// Durable usage.
+    pub usage: Usage,
+    /// Lines waiting to be sent now.
+    pub queued: u64,
+    /// Lines waiting for a retry time.
+    pub retry_wait: u64,
+    /// Lines leased to the worker.
+    pub in_flight: u64,
+}
+
+/// Event counters since start.
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Leases rescued after outliving request timeout + margin.
+    pub rescued: u64,
+    /// Requests found leased at start-up and put back in the queue.
+    pub requeued_at_start: u64,
+    /// Transient failures scheduled for another try.
+    pub retries: u64,
+    /// Out-of-memory answers.
+    pub oom: u64,
+    /// Calls that timed out.
+    pub timeouts: u64,
+    /// Times the backend was found unreachable.
+    pub backend_outages: u64,
+    /// Answers dropped because their lease was no longer current.
+    pub stale_outcomes: u64,
+    /// Group commits (flushes).
+    pub flushes: u64,
+    /// Results made durable.
+    pub results: u64,
+}
+
+/// Backend health as last seen.
+#[derive(Clone, Debug, Default)]
+pub struct BackendHealth {
+    /// Whether the last probe or call reached it.
+    pub reachable: Option<bool>,
+    /// Unix seconds of the last probe.
+    pub last_probe_at: Option<i64>,
+    /// Unix seconds since which dispatch is paused because it is down.
+    pub down_since: Option<i64>,
+    /// Unix seconds of the next probe while down.
+    pub next_probe_at: Option<i64>,
+    /// The last connection error.
+    pub last_error: Option<String>,
+}
+
+/// The published snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct Live {
+    /// Unfinished batches the supervisor runs.
+    pub batches: HashMap<BatchId, BatchLive>,
+    /// Counters.
+    pub counters: Counters,
+    /// Backend health.
+    pub backend: BackendHealth,
+}
+
+/// Shared handle on the snapshot.
+#[derive(Debug, Default)]
+pub struct LiveView(Mutex<Live>);
+
+impl LiveView {
+    /// Runs `f` on the snapshot.
+    pub fn with<R>(&self, f: impl FnOnce(&mut Live) -> R) -> R {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    /// Live (counts, usage) of a running batch, if the supervisor has it.
+    pub fn batch(&self, id: BatchId) -> Option<(RequestCounts, Usage)> {
+        self.with(|l| l.batches.get(&id).map(|b| (b.counts, b.usage)))
+    }
+}

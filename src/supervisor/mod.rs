@@ -1,0 +1,961 @@
+//! The supervisor: the single writer of request state.
+//!
+//! It keeps the run's schedule in memory (per-batch ready queues in first-come first-served
+//! order, a heap of retries by due time, the table of live leases) and the truth in the store.
+//! Each turn of its loop:
+//!
+//! 1. applies the outcomes the worker handed back (each a compare-and-swap on
+//!    (`Leased`, lease); a stale lease's answer is dropped),
+//! 2. moves due retries to the ready queues and rescues leases that outlived
+//!    `request_timeout + lease_margin`,
+//! 3. leases ready requests up to the window (`2 × concurrency`): `Queued → Leased`,
+//!    attempt counted,
+//! 4. group-commits: one flush makes the new leases and all results since the last flush
+//!    durable; only then are results counted (`request_counts`, `/status`) and leased
+//!    requests handed to the worker,
+//! 5. starts the finalizer for batches whose every line is durably done.
+//!
+//! Start-up recovery ([`recover`]) puts every request that was leased when the process died
+//! back in the queue (its attempt stays counted) before anything is dispatched.
+
+pub mod finalize;
+pub mod live;
+
+use crate::backend::Backend;
+use crate::config::Config;
+use crate::domain::{
+    BatchId, BatchStatus, CallResult, Endpoint, RequestKey, RequestState, ResultRecord, Step,
+    Usage, Verdict, unix_millis, unix_now,
+};
+use crate::intake;
+use crate::store::{Expect, Store, StoreError, TransitionError};
+use crate::worker::{Job, Outcome};
+use finalize::Target;
+use live::{BatchLive, LiveView};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Messages to the supervisor from the API, the intake, probes and the finalizer.
+#[derive(Debug)]
+pub enum Command {
+    /// The intake finished with this batch (it is `in_progress`, or `cancelling`).
+    BatchReady(BatchId),
+    /// The API moved this batch to `cancelling`.
+    Cancel(BatchId),
+    /// A probe reached the backend again.
+    BackendUp,
+    /// The finalizer finished (or gave up on) this batch.
+    Finalized(BatchId),
+}
+
+/// How the API and the intake reach the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    cmds: mpsc::Sender<Command>,
+    /// The published snapshot.
+    pub live: Arc<LiveView>,
+}
+
+impl SupervisorHandle {
+    /// Sends a command; a closed supervisor (shutting down) is not an error for the caller:
+    /// whatever the command was about is recovered from the store at the next start.
+    pub async fn send(&self, cmd: Command) {
+        if self.cmds.send(cmd).await.is_err() {
+            tracing::debug!("supervisor is gone; the store keeps the state for the next start");
+        }
+    }
+}
+
+/// Per-batch line of the recovery report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredBatch {
+    /// Which batch.
+    pub id: BatchId,
+    /// Its status.
+    pub status: BatchStatus,
+    /// Lines.
+    pub total: u64,
+    /// Durably succeeded.
+    pub done: u64,
+    /// Durably failed.
+    pub failed: u64,
+    /// Still to run.
+    pub remaining: u64,
+    /// Were leased when the process stopped; back in the queue.
+    pub requeued_from_in_flight: u64,
+    /// Of those, failed because they used up their attempts.
+    pub exhausted: u64,
+}
+
+impl std::fmt::Display for RecoveredBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {} lines, {} done, {} failed, {} remaining, {} requeued from in-flight, {} rescued",
+            self.id,
+            self.status.as_str(),
+            self.total,
+            self.done,
+            self.failed,
+            self.remaining,
+            self.requeued_from_in_flight,
+            self.exhausted,
+        )
+    }
+}
+
+/// What recovery found: the report, and the schedule to start from.
+pub struct Recovery {
+    /// One line per unfinished batch.
+    pub report: Vec<RecoveredBatch>,
+    /// Batches still `validating`: their intake must run again.
+    pub to_validate: Vec<BatchId>,
+    batches: Vec<(BatchId, Active)>,
+    delayed: Vec<(u64, RequestKey)>,
+}
+
+/// A batch the supervisor is running.
+#[derive(Debug)]
+struct Active {
+    status: BatchStatus,
+    endpoint: Endpoint,
+    model: Option<String>,
+    expires_at: Option<i64>,
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+    usage: Usage,
+    ready: VecDeque<u32>,
+    retry_wait: u64,
+    in_flight: u64,
+    /// Set when the finalizer has been started (once per batch).
+    finalizing: bool,
+    /// The completion window passed: no more dispatch, finalize as expired.
+    expiring: bool,
+}
+
+impl Active {
+    fn from_record(rec: &crate::domain::BatchRecord) -> Active {
+        Active {
+            status: rec.status,
+            endpoint: rec.endpoint,
+            model: rec.model.clone(),
+            expires_at: rec.expires_at,
+            total: rec.request_counts.total,
+            succeeded: 0,
+            failed: 0,
+            usage: Usage::default(),
+            ready: VecDeque::new(),
+            retry_wait: 0,
+            in_flight: 0,
+            finalizing: false,
+            expiring: false,
+        }
+    }
+}
+
+/// Scans one batch's requests into an `Active`, putting leased requests back in the queue.
+fn load_batch(
+    store: &Store,
+    cfg: &Config,
+    rec: &crate::domain::BatchRecord,
+    delayed: &mut Vec<(u64, RequestKey)>,
+) -> Result<(Active, RecoveredBatch), StoreError> {
+    let mut a = Active::from_record(rec);
+    let mut report = RecoveredBatch {
+        id: rec.id,
+        status: rec.status,
+        total: 0,
+        done: 0,
+        failed: 0,
+        remaining: 0,
+        requeued_from_in_flight: 0,
+        exhausted: 0,
+    };
+    let now_ms = unix_millis();
+    let mut lines = 0u64;
+    let mut fixes = Vec::new();
+    for item in store.batch_requests(rec.id) {
+        let (key, mut r) = item?;
+        lines += 1;
+        if r.state == RequestState::Leased {
+            report.requeued_from_in_flight += 1;
+            if r.attempts >= cfg.retry.max_attempts {
+                report.exhausted += 1;
+                r.state = RequestState::Failed;
+                r.result = Some(ResultRecord {
+                    status_code: None,
+                    body: None,
+                    error_code: Some("request_interrupted".into()),
+                    error_message: Some(format!(
+                        "the server stopped while this request was in flight, {} times (last error: {})",
+                        r.attempts,
+                        r.last_error.as_deref().unwrap_or("none")
+                    )),
+                    usage: None,
+                });
+            } else {
+                r.state = RequestState::Queued;
+            }
+            fixes.push((key, r.clone()));
+        }
+        match r.state {
+            RequestState::Succeeded => {
+                a.succeeded += 1;
+                if let Some(u) = r.result.as_ref().and_then(|x| x.usage.as_ref()) {
+                    a.usage.add(u);
+                }
+            }
+            RequestState::Failed => {
+                a.failed += 1;
+                if let Some(u) = r.result.as_ref().and_then(|x| x.usage.as_ref()) {
+                    a.usage.add(u);
+                }
+            }
+            RequestState::Queued if r.not_before_ms > now_ms => {
+                a.retry_wait += 1;
+                delayed.push((r.not_before_ms, key));
+            }
+            RequestState::Queued | RequestState::Leased => a.ready.push_back(key.line),
+        }
+    }
+    for (key, r) in fixes {
+        store.put_request(key, &r)?;
+    }
+    a.total = a.total.max(lines);
+    report.total = a.total;
+    report.done = a.succeeded;
+    report.failed = a.failed;
+    report.remaining = a.total - a.succeeded - a.failed;
+    Ok((a, report))
+}
+
+/// Start-up recovery: reads every unfinished batch, returns leased requests to the queue and
+/// builds the schedule. Runs before the API or the worker start.
+pub fn recover(store: &Store, cfg: &Config) -> Result<Recovery, StoreError> {
+    let mut rec = Recovery {
+        report: Vec::new(),
+        to_validate: Vec::new(),
+        batches: Vec::new(),
+        delayed: Vec::new(),
+    };
+    for b in store.unfinished_batches()? {
+        match b.status {
+            BatchStatus::Validating => rec.to_validate.push(b.id),
+            _ => {
+                let (a, report) = load_batch(store, cfg, &b, &mut rec.delayed)?;
+                rec.report.push(report);
+                rec.batches.push((b.id, a));
+            }
+        }
+    }
+    store.flush()?;
+    Ok(rec)
+}
+
+struct Lease {
+    lease: u32,
+    deadline: Instant,
+}
+
+/// Everything the supervisor task owns.
+pub struct Supervisor {
+    store: Arc<Store>,
+    cfg: Arc<Config>,
+    backend: Backend,
+    live: Arc<LiveView>,
+    jobs: mpsc::Sender<Job>,
+    outcomes: mpsc::Receiver<Outcome>,
+    cmds: mpsc::Receiver<Command>,
+    /// For probes and the finalizer to report back.
+    cmds_tx: mpsc::Sender<Command>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+    /// Ordered by id = creation time: iteration order is first-come first-served.
+    batches: BTreeMap<BatchId, Active>,
+    delayed: BinaryHeap<Reverse<(u64, RequestKey)>>,
+    leased: HashMap<RequestKey, Lease>,
+    /// Results written since the last flush: (batch, succeeded, usage).
+    pending: Vec<(BatchId, bool, Option<Usage>)>,
+    first_pending: Option<Instant>,
+    backend_down: bool,
+    last_rescue_scan: Instant,
+    counters: live::Counters,
+}
+
+/// Channels and parts the supervisor is built from.
+pub struct Parts {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// For probes.
+    pub backend: Backend,
+    /// To the worker.
+    pub jobs: mpsc::Sender<Job>,
+    /// From the worker.
+    pub outcomes: mpsc::Receiver<Outcome>,
+    /// Tracks the tasks the supervisor starts.
+    pub tracker: TaskTracker,
+    /// Fires on shutdown.
+    pub stop: CancellationToken,
+}
+
+impl Supervisor {
+    /// Builds the supervisor from the recovered schedule; returns it and the handle for others.
+    pub fn new(parts: Parts, recovery: Recovery) -> (Supervisor, SupervisorHandle) {
+        let (cmds_tx, cmds) = mpsc::channel(1024);
+        let live = Arc::new(LiveView::default());
+        let requeued: u64 = recovery
+            .report
+            .iter()
+            .map(|r| r.requeued_from_in_flight)
+            .sum();
+        let s = Supervisor {
+            store: parts.store,
+            cfg: parts.cfg,
+            backend: parts.backend,
+            live: live.clone(),
+            jobs: parts.jobs,
+            outcomes: parts.outcomes,
+            cmds,
+            cmds_tx: cmds_tx.clone(),
+            tracker: parts.tracker,
+            stop: parts.stop,
+            batches: recovery.batches.into_iter().collect(),
+            delayed: recovery.delayed.into_iter().map(Reverse).collect(),
+            leased: HashMap::new(),
+            pending: Vec::new(),
+            first_pending: None,
+            backend_down: false,
+            last_rescue_scan: Instant::now(),
+            counters: live::Counters {
+                requeued_at_start: requeued,
+                ..Default::default()
+            },
+        };
+        s.publish();
+        (
+            s,
+            SupervisorHandle {
+                cmds: cmds_tx,
+                live,
+            },
+        )
+    }
+
+    /// The loop. Returns after shutdown, with every acknowledged result durable and every
+    /// still-leased request back in the queue.
+    pub async fn run(mut self) {
+        let window = self.cfg.concurrency * 2;
+        loop {
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                Some(o) = self.outcomes.recv() => self.on_outcome(o),
+                Some(c) = self.cmds.recv() => self.on_command(c),
+                _ = tokio::time::sleep_until(wake.into()) => {}
+            }
+            for _ in 0..4096 {
+                match self.outcomes.try_recv() {
+                    Ok(o) => self.on_outcome(o),
+                    Err(_) => break,
+                }
+            }
+            while let Ok(c) = self.cmds.try_recv() {
+                self.on_command(c);
+            }
+            self.promote_due();
+            self.rescue_stale_leases();
+            self.check_expiry();
+            let jobs = if self.backend_down {
+                Vec::new()
+            } else {
+                self.lease(window.saturating_sub(self.leased.len()))
+            };
+            let due = self
+                .first_pending
+                .is_some_and(|t| t.elapsed() >= self.cfg.flush_interval)
+                || self.pending.len() >= self.cfg.flush_every;
+            if !jobs.is_empty() || due {
+                self.commit().await;
+            }
+            for job in jobs {
+                if self.jobs.send(job).await.is_err() {
+                    break; // worker gone: shutting down
+                }
+            }
+            self.start_finalizers();
+            self.publish();
+        }
+        self.shutdown().await;
+    }
+
+    fn next_wake(&self) -> Instant {
+        let now = Instant::now();
+        let mut wake = now + Duration::from_secs(1);
+        if let Some(t) = self.first_pending {
+            wake = wake.min(t + self.cfg.flush_interval);
+        }
+        if let Some(Reverse((due, _))) = self.delayed.peek() {
+            let ms = due.saturating_sub(unix_millis());
+            wake = wake.min(now + Duration::from_millis(ms));
+        }
+        wake.max(now)
+    }
+
+    fn on_command(&mut self, c: Command) {
+        match c {
+            Command::BatchReady(id) => self.adopt(id),
+            Command::Cancel(id) => {
+                if let Some(a) = self.batches.get_mut(&id) {
+                    a.status = BatchStatus::Cancelling;
+                    a.ready.clear();
+                    a.retry_wait = 0;
+                    tracing::info!(batch = %id, in_flight = a.in_flight, "cancelling");
+                }
+            }
+            Command::BackendUp => {
+                if self.backend_down {
+                    tracing::info!("backend reachable again: dispatch resumes");
+                }
+                self.backend_down = false;
+                self.live.with(|l| {
+                    l.backend.reachable = Some(true);
+                    l.backend.down_since = None;
+                    l.backend.next_probe_at = None;
+                    l.backend.last_probe_at = Some(unix_now());
+                });
+            }
+            Command::Finalized(id) => {
+                self.batches.remove(&id);
+                self.live.with(|l| l.batches.remove(&id));
+            }
+        }
+    }
+
+    /// Takes on a batch the intake finished.
+    fn adopt(&mut self, id: BatchId) {
+        if self.batches.contains_key(&id) {
+            return;
+        }
+        let rec = match self.store.get_batch(id) {
+            Ok(Some(r)) if !r.status.is_terminal() && r.status != BatchStatus::Validating => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(batch = %id, error = %e, "cannot read batch; it resumes at the next start");
+                return;
+            }
+        };
+        let mut delayed = Vec::new();
+        match load_batch(&self.store, &self.cfg, &rec, &mut delayed) {
+            Ok((a, _)) => {
+                tracing::info!(batch = %id, lines = a.total, status = a.status.as_str(), "batch queued");
+                self.delayed.extend(delayed.into_iter().map(Reverse));
+                self.batches.insert(id, a);
+            }
+            Err(e) => {
+                tracing::error!(batch = %id, error = %e, "cannot load batch; it resumes at the next start")
+            }
+        }
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        let current = self.leased.get(&o.key).map(|l| l.lease);
+        if current != Some(o.lease) {
+            self.counters.stale_outcomes += 1;
+            tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
+            return;
+        }
+        self.leased.remove(&o.key);
+        let Some(active) = self.batches.get_mut(&o.key.batch) else {
+            return;
+        };
+        active.in_flight = active.in_flight.saturating_sub(1);
+        match o.verdict {
+            Verdict::OutOfMemory => self.counters.oom += 1,
+            _ if o.result == CallResult::Timeout => self.counters.timeouts += 1,
+            _ => {}
+        }
+        let step = self
+            .cfg
+            .retry
+            .next_step(o.verdict, o.attempts, fastrand::f64());
+        let expect = Expect::Leased(o.lease);
+        let key = o.key;
+        let applied = match step {
+            Step::Succeed | Step::Fail => {
+                let succeeded = step == Step::Succeed;
+                let result = result_record(&o, &self.cfg);
+                let usage = result.usage;
+                let r = self.store.transition_request(key, expect, |r| {
+                    r.state = if succeeded {
+                        RequestState::Succeeded
+                    } else {
+                        RequestState::Failed
+                    };
+                    r.result = Some(result.clone());
+                });
+                if r.is_ok() {
+                    if self.pending.is_empty() {
+                        self.first_pending = Some(Instant::now());
+                    }
+                    self.pending.push((key.batch, succeeded, usage));
+                }
+                r
+            }
+            Step::RetryAfter(delay) => {
+                let due = unix_millis() + delay.as_millis() as u64;
+                let err = describe(&o.result);
+                let r = self.store.transition_request(key, expect, |r| {
+                    r.state = RequestState::Queued;
+                    r.not_before_ms = due;
+                    r.last_error = Some(err.clone());
+                });
+                if r.is_ok() {
+                    self.counters.retries += 1;
+                    tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
+                    if active.status == BatchStatus::InProgress && !active.expiring {
+                        active.retry_wait += 1;
+                        self.delayed.push(Reverse((due, key)));
+                    }
+                }
+                r
+            }
+            Step::RequeueFree => {
+                let err = describe(&o.result);
+                let r = self.store.transition_request(key, expect, |r| {
+                    r.state = RequestState::Queued;
+                    r.attempts = r.attempts.saturating_sub(1);
+                    r.not_before_ms = 0;
+                    r.last_error = Some(err.clone());
+                });
+                if r.is_ok() && active.status == BatchStatus::InProgress && !active.expiring {
+                    active.ready.push_front(key.line);
+                }
+                self.backend_gone(err);
+                r
+            }
+        };
+        match applied {
+            Ok(_) => {}
+            Err(TransitionError::Conflict(state)) => {
+                self.counters.stale_outcomes += 1;
+                tracing::warn!(request = %key, %state, "outcome fenced off by the store");
+            }
+            Err(e) => {
+                tracing::error!(request = %key, error = %e, "cannot store an outcome; the request reruns after restart")
+            }
+        }
+    }
+
+    /// Pauses dispatch and starts probing (once per outage).
+    fn backend_gone(&mut self, err: String) {
+        if self.backend_down {
+            return;
+        }
+        self.backend_down = true;
+        self.counters.backend_outages += 1;
+        tracing::warn!(error = %err, url = self.backend.url(), "backend unreachable: dispatch paused, probing");
+        self.live.with(|l| {
+            l.backend.reachable = Some(false);
+            l.backend.down_since = Some(unix_now());
+            l.backend.last_error = Some(err);
+        });
+        let backend = self.backend.clone();
+        let live = self.live.clone();
+        let tx = self.cmds_tx.clone();
+        let stop = self.stop.clone();
+        self.tracker.spawn(async move {
+            use backon::{ExponentialBuilder, Retryable};
+            let policy = ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(250))
+                .with_max_delay(Duration::from_secs(15))
+                .with_jitter()
+                .without_max_times();
+            let probe = (|| async { backend.probe().await }).retry(policy).notify(
+                |e: &String, next: Duration| {
+                    live.with(|l| {
+                        l.backend.last_probe_at = Some(unix_now());
+                        l.backend.next_probe_at = Some(unix_now() + next.as_secs() as i64);
+                        l.backend.last_error = Some(e.clone());
+                    });
+                },
+            );
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = probe => if r.is_ok() { let _ = tx.send(Command::BackendUp).await; },
+            }
+        });
+    }
+
+    fn promote_due(&mut self) {
+        let now = unix_millis();
+        while let Some(Reverse((due, key))) = self.delayed.peek().copied() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop();
+            if let Some(a) = self.batches.get_mut(&key.batch)
+                && a.status == BatchStatus::InProgress
+                && !a.expiring
+            {
+                a.retry_wait = a.retry_wait.saturating_sub(1);
+                a.ready.push_back(key.line);
+            }
+        }
+    }
+
+    fn rescue_stale_leases(&mut self) {
+        if self.last_rescue_scan.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        self.last_rescue_scan = Instant::now();
+        let now = Instant::now();
+        let stale: Vec<(RequestKey, u32)> = self
+            .leased
+            .iter()
+            .filter(|(_, l)| l.deadline <= now)
+            .map(|(k, l)| (*k, l.lease))
+            .collect();
+        for (key, lease) in stale {
+            self.leased.remove(&key);
+            let r = self
+                .store
+                .transition_request(key, Expect::Leased(lease), |r| {
+                    r.state = RequestState::Queued;
+                    r.last_error =
+                        Some("lease rescued: no answer within request timeout + margin".into());
+                });
+            self.counters.rescued += 1;
+            tracing::warn!(request = %key, lease, "lease outlived its deadline: rescued");
+            if let Some(a) = self.batches.get_mut(&key.batch) {
+                a.in_flight = a.in_flight.saturating_sub(1);
+                if r.is_ok() && a.status == BatchStatus::InProgress && !a.expiring {
+                    a.ready.push_back(key.line);
+                }
+            }
+        }
+    }
+
+    fn check_expiry(&mut self) {
+        if !self.cfg.expire {
+            return;
+        }
+        let now = unix_now();
+        for (id, a) in self.batches.iter_mut() {
+            if a.status == BatchStatus::InProgress
+                && !a.expiring
+                && a.expires_at.is_some_and(|t| t <= now)
+            {
+                tracing::warn!(batch = %id, "completion window passed: expiring");
+                a.expiring = true;
+                a.ready.clear();
+                a.retry_wait = 0;
+            }
+        }
+    }
+
+    /// Leases up to `n` ready requests, oldest batch first.
+    fn lease(&mut self, mut n: usize) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        let deadline = Instant::now() + self.cfg.request_timeout + self.cfg.lease_margin;
+        for (id, a) in self.batches.iter_mut() {
+            if a.status != BatchStatus::InProgress || a.expiring {
+                continue;
+            }
+            while n > 0 {
+                let Some(line) = a.ready.pop_front() else {
+                    break;
+                };
+                let key = RequestKey { batch: *id, line };
+                let rec = match self.store.transition_request(key, Expect::Queued, |r| {
+                    r.state = RequestState::Leased;
+                    r.lease = r.lease.wrapping_add(1);
+                    r.attempts += 1;
+                    r.not_before_ms = 0;
+                }) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(request = %key, error = %e, "cannot lease; skipped");
+                        continue;
+                    }
+                };
+                let body = self
+                    .store
+                    .get_body(key)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
+                    .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
+                match body {
+                    Ok(body) => {
+                        self.leased.insert(
+                            key,
+                            Lease {
+                                lease: rec.lease,
+                                deadline,
+                            },
+                        );
+                        a.in_flight += 1;
+                        n -= 1;
+                        jobs.push(Job {
+                            key,
+                            lease: rec.lease,
+                            attempts: rec.attempts,
+                            endpoint: a.endpoint,
+                            body,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(request = %key, error = %e, "stored body unusable: line failed");
+                        let failed =
+                            self.store
+                                .transition_request(key, Expect::Leased(rec.lease), |r| {
+                                    r.state = RequestState::Failed;
+                                    r.result = Some(ResultRecord {
+                                        status_code: None,
+                                        body: None,
+                                        error_code: Some("internal_error".into()),
+                                        error_message: Some(format!(
+                                            "the stored request is unusable: {e}"
+                                        )),
+                                        usage: None,
+                                    });
+                                });
+                        if failed.is_ok() {
+                            self.pending.push((key.batch, false, None));
+                            self.first_pending.get_or_insert_with(Instant::now);
+                        }
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+        }
+        jobs
+    }
+
+    /// One flush for everything written since the last; then the results count.
+    async fn commit(&mut self) {
+        if let Err(e) = self.store.flush_async().await {
+            // Nothing is acknowledged; the next commit tries again.
+            tracing::error!(error = %e, "flush failed");
+            return;
+        }
+        self.counters.flushes += 1;
+        self.counters.results += self.pending.len() as u64;
+        for (batch, ok, usage) in self.pending.drain(..) {
+            if let Some(a) = self.batches.get_mut(&batch) {
+                if ok {
+                    a.succeeded += 1;
+                } else {
+                    a.failed += 1;
+                }
+                if let Some(u) = usage {
+                    a.usage.add(&u);
+                }
+            }
+        }
+        self.first_pending = None;
+    }
+
+    fn start_finalizers(&mut self) {
+        for (id, a) in self.batches.iter_mut() {
+            if a.finalizing || a.in_flight > 0 {
+                continue;
+            }
+            let target = match a.status {
+                BatchStatus::Cancelling => Target::Cancelled,
+                BatchStatus::Finalizing => Target::Completed,
+                BatchStatus::InProgress if a.expiring => Target::Expired,
+                BatchStatus::InProgress if a.succeeded + a.failed >= a.total => {
+                    let counts = crate::domain::RequestCounts {
+                        total: a.total,
+                        completed: a.succeeded,
+                        failed: a.failed,
+                    };
+                    let moved = self
+                        .store
+                        .update_batch(*id, &[BatchStatus::InProgress], |b| {
+                            b.status = BatchStatus::Finalizing;
+                            b.finalizing_at = Some(unix_now());
+                            b.request_counts = counts;
+                        });
+                    match moved {
+                        Ok(_) => a.status = BatchStatus::Finalizing,
+                        Err(TransitionError::Conflict(s)) if s == "cancelling" => {
+                            a.status = BatchStatus::Cancelling;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(batch = %id, error = %e, "cannot start finalizing");
+                            continue;
+                        }
+                    }
+                    Target::Completed
+                }
+                _ => continue,
+            };
+            a.finalizing = true;
+            let store = self.store.clone();
+            let tx = self.cmds_tx.clone();
+            let id = *id;
+            self.tracker.spawn(async move {
+                let s = store.clone();
+                let r = tokio::task::spawn_blocking(move || finalize::finalize(&s, id, target)).await;
+                match r {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::error!(batch = %id, error = %e, "finalization failed; it runs again at the next start"),
+                    Err(e) => tracing::error!(batch = %id, error = %e, "finalizer panicked"),
+                }
+                let _ = tx.send(Command::Finalized(id)).await;
+            });
+        }
+    }
+
+    fn publish(&self) {
+        let batches: HashMap<BatchId, BatchLive> = self
+            .batches
+            .iter()
+            .map(|(id, a)| {
+                (
+                    *id,
+                    BatchLive {
+                        status: Some(a.status),
+                        counts: crate::domain::RequestCounts {
+                            total: a.total,
+                            completed: a.succeeded,
+                            failed: a.failed,
+                        },
+                        usage: a.usage,
+                        queued: a.ready.len() as u64,
+                        retry_wait: a.retry_wait,
+                        in_flight: a.in_flight,
+                    },
+                )
+            })
+            .collect();
+        let counters = self.counters.clone();
+        self.live.with(|l| {
+            l.batches = batches;
+            l.counters = counters;
+        });
+    }
+
+    /// Graceful stop: no new leases; in-flight calls may finish within the grace period;
+    /// the rest go back to the queue with their attempt given back; everything is flushed.
+    async fn shutdown(mut self) {
+        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_grace;
+        tracing::info!(in_flight = self.leased.len(), grace = ?self.cfg.shutdown_grace, "stopping: waiting for in-flight requests");
+        while !self.leased.is_empty() {
+            tokio::select! {
+                o = self.outcomes.recv() => match o {
+                    Some(o) => self.on_outcome(o),
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => break,
+            }
+        }
+        let left: Vec<(RequestKey, u32)> = self.leased.drain().map(|(k, l)| (k, l.lease)).collect();
+        for (key, lease) in &left {
+            let r = self
+                .store
+                .transition_request(*key, Expect::Leased(*lease), |r| {
+                    r.state = RequestState::Queued;
+                    r.attempts = r.attempts.saturating_sub(1);
+                });
+            if let Err(e) = r {
+                tracing::warn!(request = %key, error = %e, "cannot requeue at shutdown; recovery requeues it");
+            }
+        }
+        self.commit().await;
+        self.publish();
+        tracing::info!(requeued = left.len(), "supervisor stopped; state flushed");
+    }
+}
+
+/// The stored result of a finished call.
+fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
+    match &o.result {
+        CallResult::Answered {
+            status,
+            body,
+            usage,
+        } => ResultRecord {
+            status_code: Some(*status),
+            body: Some(body.clone()),
+            error_code: None,
+            error_message: None,
+            usage: *usage,
+        },
+        CallResult::Timeout => ResultRecord {
+            status_code: None,
+            body: None,
+            error_code: Some("request_timeout".into()),
+            error_message: Some(format!(
+                "no answer within {} (attempt {} of {})",
+                humantime::format_duration(cfg.request_timeout),
+                o.attempts,
+                cfg.retry.max_attempts
+            )),
+            usage: None,
+        },
+        CallResult::Transport(e) | CallResult::Unreachable(e) => ResultRecord {
+            status_code: None,
+            body: None,
+            error_code: Some("backend_connection_error".into()),
+            error_message: Some(format!(
+                "{e} (attempt {} of {})",
+                o.attempts, cfg.retry.max_attempts
+            )),
+            usage: None,
+        },
+    }
+}
+
+/// A one-line description of a failed call, for logs and `last_error`.
+fn describe(r: &CallResult) -> String {
+    match r {
+        CallResult::Answered { status, body, .. } => {
+            let snippet: String = body.chars().take(200).collect();
+            format!("HTTP {status}: {snippet}")
+        }
+        CallResult::Timeout => "timed out".into(),
+        CallResult::Unreachable(e) => format!("unreachable: {e}"),
+        CallResult::Transport(e) => format!("connection error: {e}"),
+    }
+}
+
+/// Exposed for the API: who may ask the supervisor to adopt a batch after its intake.
+pub fn spawn_intake(
+    store: Arc<Store>,
+    cfg: Arc<Config>,
+    handle: SupervisorHandle,
+    tracker: &TaskTracker,
+    id: BatchId,
+) {
+    tracker.spawn(async move {
+        let s = store.clone();
+        let outcome = tokio::task::spawn_blocking(move || intake::run(&s, &cfg, id)).await;
+        match outcome {
+            Ok(Ok(intake::IntakeOutcome::Ready(n))) => {
+                tracing::info!(batch = %id, lines = n, "validated");
+                handle.send(Command::BatchReady(id)).await;
+            }
+            Ok(Ok(intake::IntakeOutcome::Cancelled)) => handle.send(Command::BatchReady(id)).await,
+            Ok(Ok(intake::IntakeOutcome::Invalid(n))) => {
+                tracing::info!(batch = %id, errors = n, "validation failed")
+            }
+            Ok(Ok(intake::IntakeOutcome::Skipped)) => {}
+            Ok(Err(e)) => tracing::error!(batch = %id, error = %e, "intake failed; it runs again at the next start"),
+            Err(e) => tracing::error!(batch = %id, error = %e, "intake panicked"),
+        }
+    });
+}

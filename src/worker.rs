@@ -1,0 +1,208 @@
+//! The one GPU worker: runs leased requests against the backend, at most `limit` at a time,
+//! and hands back classified outcomes. It never touches the store and never decides a
+//! request's next state (that is the supervisor's), with one exception that is about load,
+//! not about requests: an out-of-memory answer halves its own concurrency limit, and a run
+//! of successes raises it again by one toward `--concurrency`.
+
+use crate::backend::Backend;
+use crate::domain::outcome::classify;
+use crate::domain::{CallResult, Endpoint, RequestKey, Verdict};
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Consecutive successes after which the limit grows by one.
+pub const RECOVERY_STREAK: u32 = 16;
+
+/// A leased request to run.
+#[derive(Debug)]
+pub struct Job {
+    /// Which line.
+    pub key: RequestKey,
+    /// The lease it runs under (echoed back so the supervisor can fence).
+    pub lease: u32,
+    /// The try number this call is (1-based).
+    pub attempts: u32,
+    /// Which API.
+    pub endpoint: Endpoint,
+    /// The body, model mapped, shared contents restored.
+    pub body: Value,
+}
+
+/// What came of a job.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Which line.
+    pub key: RequestKey,
+    /// The lease it ran under.
+    pub lease: u32,
+    /// The try number it was.
+    pub attempts: u32,
+    /// What the backend did.
+    pub result: CallResult,
+    /// What that means.
+    pub verdict: Verdict,
+}
+
+#[derive(Debug)]
+struct LimiterState {
+    limit: usize,
+    in_flight: usize,
+    streak: u32,
+    /// Bumped on every decrease: out-of-memory answers of calls started before the last
+    /// decrease do not halve again (one burst of OOMs halves once).
+    generation: u64,
+}
+
+/// Adaptive concurrency limit (AIMD on out-of-memory answers).
+#[derive(Debug)]
+pub struct Limiter {
+    max: usize,
+    state: Mutex<LimiterState>,
+    /// Wakes the dispatch loop when a slot frees. Only that loop waits on it.
+    freed: Notify,
+}
+
+impl Limiter {
+    /// A limiter starting at `max`.
+    pub fn new(max: usize) -> Self {
+        Limiter {
+            max,
+            state: Mutex::new(LimiterState {
+                limit: max,
+                in_flight: 0,
+                streak: 0,
+                generation: 0,
+            }),
+            freed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a free slot; returns the generation the call starts in.
+    pub async fn acquire(&self) -> u64 {
+        loop {
+            let notified = self.freed.notified();
+            {
+                let mut s = self.lock();
+                if s.in_flight < s.limit {
+                    s.in_flight += 1;
+                    return s.generation;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Frees a slot and adapts the limit to the verdict of the call started in `generation`.
+    pub fn release(&self, generation: u64, verdict: Verdict) {
+        {
+            let mut s = self.lock();
+            s.in_flight = s.in_flight.saturating_sub(1);
+            match verdict {
+                Verdict::OutOfMemory if generation == s.generation => {
+                    s.limit = (s.limit / 2).max(1);
+                    s.generation += 1;
+                    s.streak = 0;
+                    tracing::warn!(limit = s.limit, "backend out of memory: concurrency halved");
+                }
+                Verdict::OutOfMemory => s.streak = 0,
+                Verdict::Success => {
+                    s.streak += 1;
+                    if s.streak >= RECOVERY_STREAK && s.limit < self.max {
+                        s.limit += 1;
+                        s.streak = 0;
+                        tracing::info!(limit = s.limit, "concurrency raised after successes");
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.freed.notify_one();
+    }
+
+    /// (current limit, calls in flight).
+    pub fn snapshot(&self) -> (usize, usize) {
+        let s = self.lock();
+        (s.limit, s.in_flight)
+    }
+}
+
+/// Starts the worker. It takes jobs from `jobs` until `stop` fires or the channel closes; calls
+/// already running finish (their outcomes still go to `outcomes`).
+pub fn spawn(
+    backend: Backend,
+    limiter: Arc<Limiter>,
+    mut jobs: mpsc::Receiver<Job>,
+    outcomes: mpsc::Sender<Outcome>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) {
+    let calls = tracker.clone();
+    tracker.spawn(async move {
+        loop {
+            let job = tokio::select! {
+                _ = stop.cancelled() => break,
+                job = jobs.recv() => match job { Some(j) => j, None => break },
+            };
+            let generation = tokio::select! {
+                _ = stop.cancelled() => break,
+                g = limiter.acquire() => g,
+            };
+            let backend = backend.clone();
+            let limiter = limiter.clone();
+            let outcomes = outcomes.clone();
+            calls.spawn(async move {
+                let result = backend.call(job.endpoint, job.body).await;
+                let verdict = classify(&result);
+                limiter.release(generation, verdict);
+                // The supervisor may already be gone at shutdown: nothing to do then.
+                let _ = outcomes
+                    .send(Outcome {
+                        key: job.key,
+                        lease: job.lease,
+                        attempts: job.attempts,
+                        result,
+                        verdict,
+                    })
+                    .await;
+            });
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn one_oom_burst_halves_once_and_successes_recover() {
+        let l = Limiter::new(8);
+        let mut gens = Vec::new();
+        for _ in 0..8 {
+            gens.push(l.acquire().await);
+        }
+        for g in gens {
+            l.release(g, Verdict::OutOfMemory);
+        }
+        assert_eq!(l.snapshot(), (4, 0));
+        for _ in 0..3 {
+            let g = l.acquire().await;
+            l.release(g, Verdict::OutOfMemory);
+        }
+        assert_eq!(l.snapshot().0, 1, "never below 1, halves per generation");
+        let g = l.acquire().await;
+        l.release(g, Verdict::OutOfMemory);
+        assert_eq!(l.snapshot().0, 1);
+        for _ in 0..RECOVERY_STREAK {
+            let g = l.acquire().await;
+            l.release(g, Verdict::Success);
+        }
+        assert_eq!(l.snapshot().0, 2);
+    }
+}
