@@ -1,1 +1,10 @@
+//! The one integration-test binary: black-box tests against a real server on a loopback
+//! port and fake model servers over real HTTP.
 
+mod support;
+
+mod api;
+mod crash;
+mod faults;
+mod lifecycle;
+mod sdk;

@@ -89,6 +89,7 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
         "uptime_s": st.started.elapsed().as_secs(),
         "state_dir": st.store.dir().display().to_string(),
         "store_size_bytes": size,
+        "shared_contents": st.store.blob_count(),
         "requests": totals,
         "batches": batches,
         "in_flight": in_flight,

@@ -1,0 +1,250 @@
+//! The whole lifecycle, run as one conformance suite against an Ollama-shaped and an
+//! OpenAI-shaped backend.
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::{Api, TestServer, chat_file, config};
+use ollama_batch::config::BackendKind;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn kind(shape: Shape) -> BackendKind {
+    match shape {
+        Shape::Ollama => BackendKind::Ollama,
+        Shape::OpenAi => BackendKind::Openai,
+    }
+}
+
+const BATCH_FIELDS: &[&str] = &[
+    "id",
+    "object",
+    "endpoint",
+    "errors",
+    "input_file_id",
+    "completion_window",
+    "status",
+    "output_file_id",
+    "error_file_id",
+    "created_at",
+    "in_progress_at",
+    "expires_at",
+    "finalizing_at",
+    "completed_at",
+    "failed_at",
+    "expired_at",
+    "cancelling_at",
+    "cancelled_at",
+    "request_counts",
+    "metadata",
+    "model",
+    "usage",
+];
+
+async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
+    let fake = Fake::start(shape).await;
+    fake.keep_bodies.store(true, Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), kind(shape), &fake.url());
+    cfg.model_map
+        .insert("gpt-4o-mini".into(), "gemma3:12b".into());
+    cfg.num_ctx = Some(8192);
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+
+    let system = "Score the candidate against this rubric. ".repeat(30);
+    let n = 60;
+    let (status, file) = api
+        .upload("in.jsonl", chat_file(n, "gpt-4o-mini", &system), "batch")
+        .await;
+    assert_eq!(status, 200, "{file}");
+    assert_eq!(file["object"], "file");
+    assert_eq!(file["purpose"], "batch");
+    assert_eq!(file["status"], "processed");
+    let file_id = file["id"].as_str().expect("file id");
+
+    let created = api.create_batch(file_id, "/v1/chat/completions").await;
+    for f in BATCH_FIELDS {
+        assert!(created.get(*f).is_some(), "field {f} missing: {created}");
+    }
+    assert_eq!(created["status"], "validating");
+    assert_eq!(created["expires_at"], Value::Null, "no --expire: no expiry");
+
+    let done = api
+        .wait_terminal(created["id"].as_str().expect("id"), Duration::from_secs(30))
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": n, "completed": n, "failed": 0})
+    );
+    assert_eq!(done["error_file_id"], Value::Null);
+    assert_eq!(done["model"], "gemma3:12b");
+    assert!(
+        done["usage"]["input_tokens"].as_u64().unwrap_or(0) > 0,
+        "{done}"
+    );
+    assert_eq!(done["usage"]["output_tokens"], 3 * n as u64);
+    for ts in ["in_progress_at", "finalizing_at", "completed_at"] {
+        assert!(done[ts].as_i64().is_some(), "{ts} unset: {done}");
+    }
+
+    let lines = api.lines(&done["output_file_id"]).await;
+    assert_eq!(lines.len(), n);
+    let mut seen = BTreeSet::new();
+    for (i, line) in lines.iter().enumerate() {
+        let cid = line["custom_id"].as_str().expect("custom_id");
+        assert_eq!(cid, format!("c-{}", i + 1), "written in input order");
+        assert!(seen.insert(cid.to_string()), "custom_id {cid} twice");
+        assert_eq!(line["response"]["status_code"], 200);
+        assert_eq!(line["error"], Value::Null);
+        assert!(line["id"].as_str().expect("id").starts_with("batch_req_"));
+        assert!(
+            line["response"]["request_id"]
+                .as_str()
+                .expect("rid")
+                .starts_with("req_")
+        );
+        let body = &line["response"]["body"];
+        assert_eq!(body["object"], "chat.completion");
+        assert_eq!(
+            body["choices"][0]["message"]["content"],
+            format!("echo:score {cid}"),
+            "answer belongs to its own request"
+        );
+    }
+    let (_, out_file) = api
+        .get(&format!(
+            "/v1/files/{}",
+            done["output_file_id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(out_file["purpose"], "batch_output");
+
+    // What the backend received: the mapped model, the shared system prompt restored whole,
+    // and for Ollama the native options that keep the model loaded and never truncate.
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), n);
+    for b in &bodies {
+        assert_eq!(b["model"], "gemma3:12b");
+        assert_eq!(b["messages"][0]["content"], system);
+        if shape == Shape::Ollama {
+            assert_eq!(b["stream"], false);
+            assert_eq!(b["truncate"], false);
+            assert_eq!(b["keep_alive"], -1);
+            assert_eq!(b["options"]["num_ctx"], 8192);
+            assert_eq!(b["options"]["num_predict"], 8);
+        } else {
+            assert_eq!(b["max_tokens"], 8);
+        }
+    }
+    // The shared system prompt is stored once.
+    let (_, status) = api.get("/status").await;
+    assert_eq!(status["shared_contents"], 1, "{status}");
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_chat_batch_completes_with_each_answer_on_its_own_line() {
+    chat_batch_completes_with_each_answer_on_its_own_line(Shape::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_batch_completes_with_each_answer_on_its_own_line() {
+    chat_batch_completes_with_each_answer_on_its_own_line(Shape::OpenAi).await;
+}
+
+async fn embeddings_batch_completes(shape: Shape) {
+    let fake = Fake::start(shape).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
+    let api = Api::new(&server.base);
+    let mut jsonl = String::new();
+    for i in 1..=5 {
+        jsonl.push_str(
+            &json!({"custom_id": format!("e-{i}"), "method": "POST", "url": "/v1/embeddings",
+                    "body": {"model": "nomic-embed-text", "input": format!("text {i}")}})
+            .to_string(),
+        );
+        jsonl.push('\n');
+    }
+    let (_, file) = api.upload("e.jsonl", jsonl.into_bytes(), "batch").await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/embeddings")
+        .await;
+    let done = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let lines = api.lines(&done["output_file_id"]).await;
+    assert_eq!(lines.len(), 5);
+    for l in &lines {
+        assert_eq!(l["response"]["body"]["object"], "list");
+        assert_eq!(l["response"]["body"]["data"][0]["object"], "embedding");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_embeddings_batch_completes() {
+    embeddings_batch_completes(Shape::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_embeddings_batch_completes() {
+    embeddings_batch_completes(Shape::OpenAi).await;
+}
+
+async fn backend_errors_land_in_the_error_file(shape: Shape) {
+    let fake = Fake::start(shape).await;
+    fake.set(|b| b.fail_all = Some((404, "model \"nope\" not found, try pulling it first".into())));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
+    let api = Api::new(&server.base);
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(4, "nope", "s"), "batch")
+        .await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let done = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        done["status"], "completed",
+        "an all-failed batch still completes"
+    );
+    assert_eq!(done["output_file_id"], Value::Null);
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": 4, "completed": 0, "failed": 4})
+    );
+    let errs = api.lines(&done["error_file_id"]).await;
+    assert_eq!(errs.len(), 4);
+    for e in &errs {
+        assert_eq!(e["response"]["status_code"], 404);
+        assert!(
+            e["response"]["body"]["error"]["message"]
+                .as_str()
+                .expect("message")
+                .contains("not found")
+        );
+        assert_eq!(e["error"], Value::Null);
+    }
+    assert_eq!(
+        fake.total_calls(),
+        4,
+        "a 404 model is permanent: no retries"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_backend_errors_land_in_the_error_file() {
+    backend_errors_land_in_the_error_file(Shape::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_backend_errors_land_in_the_error_file() {
+    backend_errors_land_in_the_error_file(Shape::OpenAi).await;
+}

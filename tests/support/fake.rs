@@ -1,0 +1,360 @@
+//! A fake model server speaking just enough HTTP/1.1 (keep-alive, Content-Length bodies) over
+//! a raw TCP socket. Raw TCP lets a test reset a connection, hang without answering, or stop
+//! listening and come back on the same port, which is what real backends do.
+//!
+//! Every answer echoes the request's last user message, so a test can check that each answer
+//! belongs to its own request. Faults are decided per (user message, attempt), deterministically.
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shape {
+    Ollama,
+    OpenAi,
+}
+
+/// What the fake does; change it while it runs.
+#[derive(Clone, Debug, Default)]
+pub struct Behaviour {
+    /// Delay before each answer.
+    pub delay: Duration,
+    /// The first N attempts of every request answer 500 "CUDA error: out of memory".
+    pub oom_first: u32,
+    /// Per-mille of calls that hang (never answer).
+    pub hang_permille: u32,
+    /// Per-mille of calls whose connection is reset.
+    pub reset_permille: u32,
+    /// Per-mille of calls answered 503 "server busy".
+    pub busy_permille: u32,
+    /// Answer every call with this status and Ollama/OpenAI-shaped error text.
+    pub fail_all: Option<(u16, String)>,
+}
+
+#[derive(Default)]
+pub struct Stats {
+    /// Calls per user message (all attempts, all outcomes).
+    pub calls: Mutex<HashMap<String, u32>>,
+    /// Calls answered 200 per user message.
+    pub successes: Mutex<HashMap<String, u32>>,
+    /// Every request body received (only when `keep_bodies`).
+    pub bodies: Mutex<Vec<Value>>,
+    pub total: AtomicU64,
+}
+
+pub struct Fake {
+    pub shape: Shape,
+    pub addr: std::net::SocketAddr,
+    pub behaviour: Arc<Mutex<Behaviour>>,
+    pub stats: Arc<Stats>,
+    pub keep_bodies: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+    up_again: Arc<Notify>,
+}
+
+fn h(s: &str, attempt: u32, salt: u64) -> u32 {
+    // FNV-1a: deterministic across runs.
+    let mut x: u64 = 0xcbf29ce484222325 ^ salt;
+    for b in s.bytes().chain(attempt.to_le_bytes()) {
+        x ^= b as u64;
+        x = x.wrapping_mul(0x100000001b3);
+    }
+    (x % 1000) as u32
+}
+
+impl Fake {
+    pub async fn start(shape: Shape) -> Fake {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind fake");
+        let addr = listener.local_addr().expect("addr");
+        let fake = Fake {
+            shape,
+            addr,
+            behaviour: Arc::new(Mutex::new(Behaviour::default())),
+            stats: Arc::new(Stats::default()),
+            keep_bodies: Arc::new(AtomicBool::new(false)),
+            down: Arc::new(AtomicBool::new(false)),
+            up_again: Arc::new(Notify::new()),
+        };
+        fake.serve(listener);
+        fake
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Behaviour)) {
+        f(&mut self.behaviour.lock().expect("lock"));
+    }
+
+    /// Stops listening (connections are refused) and drops open connections.
+    pub fn go_down(&self) {
+        self.down.store(true, Ordering::SeqCst);
+    }
+
+    /// Listens again on the same port.
+    pub fn come_up(&self) {
+        self.down.store(false, Ordering::SeqCst);
+        self.up_again.notify_waiters();
+    }
+
+    pub fn calls_of(&self, user: &str) -> u32 {
+        *self
+            .stats
+            .calls
+            .lock()
+            .expect("lock")
+            .get(user)
+            .unwrap_or(&0)
+    }
+
+    pub fn total_calls(&self) -> u64 {
+        self.stats.total.load(Ordering::SeqCst)
+    }
+
+    fn serve(&self, first: TcpListener) {
+        let addr = self.addr;
+        let down = self.down.clone();
+        let up_again = self.up_again.clone();
+        let ctx = Ctx {
+            shape: self.shape,
+            behaviour: self.behaviour.clone(),
+            stats: self.stats.clone(),
+            keep_bodies: self.keep_bodies.clone(),
+            down: self.down.clone(),
+        };
+        tokio::spawn(async move {
+            let mut listener = Some(first);
+            loop {
+                if down.load(Ordering::SeqCst) {
+                    listener = None; // closed: connections are refused
+                    let notified = up_again.notified();
+                    if down.load(Ordering::SeqCst) {
+                        notified.await;
+                    }
+                    continue;
+                }
+                let l = match listener.take() {
+                    Some(l) => l,
+                    None => match TcpListener::bind(addr).await {
+                        Ok(l) => l,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            continue;
+                        }
+                    },
+                };
+                let accepted = tokio::select! {
+                    a = l.accept() => Some(a),
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => None,
+                };
+                listener = Some(l);
+                if let Some(Ok((sock, _))) = accepted {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move { ctx.connection(sock).await });
+                }
+            }
+        });
+    }
+}
+
+#[derive(Clone)]
+struct Ctx {
+    shape: Shape,
+    behaviour: Arc<Mutex<Behaviour>>,
+    stats: Arc<Stats>,
+    keep_bodies: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
+}
+
+enum Reply {
+    Json(u16, Value),
+    Hang,
+    Reset,
+}
+
+impl Ctx {
+    async fn connection(&self, mut sock: TcpStream) {
+        let mut buf: Vec<u8> = Vec::new();
+        loop {
+            // Read the head.
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 8192];
+                let n = tokio::select! {
+                    r = sock.read(&mut chunk) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if self.down.load(Ordering::SeqCst) { return; }
+                        continue;
+                    }
+                };
+                buf.extend_from_slice(&chunk[..n]);
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let mut lines = head.lines();
+            let request_line = lines.next().unwrap_or_default().to_string();
+            let len: usize = lines
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 65536];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = buf[head_end..head_end + len].to_vec();
+            buf.drain(..head_end + len);
+            if self.down.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut parts = request_line.split_whitespace();
+            let method = parts.next().unwrap_or_default().to_string();
+            let path = parts.next().unwrap_or_default().to_string();
+            match self.handle(&method, &path, &body).await {
+                Reply::Json(status, v) => {
+                    let text = v.to_string();
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Reply::Hang => {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                Reply::Reset => {
+                    // Linger 0 makes the close an immediate RST (it never blocks, unlike the
+                    // case the deprecation warns about).
+                    #[allow(deprecated)]
+                    let _ = sock.set_linger(Some(Duration::ZERO));
+                    return; // dropping with linger 0 sends RST
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
+        let b = self.behaviour.lock().expect("lock").clone();
+        if method == "GET" {
+            return match path {
+                "/api/tags" | "/v1/models" => Reply::Json(200, json!({"models": [], "data": []})),
+                _ => Reply::Json(404, json!({"error": "not found"})),
+            };
+        }
+        let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if self.keep_bodies.load(Ordering::SeqCst) {
+            self.stats.bodies.lock().expect("lock").push(req.clone());
+        }
+        let user = req["messages"]
+            .as_array()
+            .and_then(|m| m.last())
+            .and_then(|m| m["content"].as_str())
+            .or_else(|| req["input"].as_str())
+            .or_else(|| req["prompt"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let attempt = {
+            let mut calls = self.stats.calls.lock().expect("lock");
+            let c = calls.entry(user.clone()).or_insert(0);
+            *c += 1;
+            *c
+        };
+        self.stats.total.fetch_add(1, Ordering::SeqCst);
+        if !b.delay.is_zero() {
+            tokio::time::sleep(b.delay).await;
+        }
+        let err = |status: u16, msg: &str| match self.shape {
+            Shape::Ollama => Reply::Json(status, json!({"error": msg})),
+            Shape::OpenAi => Reply::Json(
+                status,
+                json!({"error": {"message": msg, "type": "server_error", "param": null, "code": null}}),
+            ),
+        };
+        if let Some((status, msg)) = &b.fail_all {
+            return err(*status, msg);
+        }
+        if attempt <= b.oom_first {
+            return err(
+                500,
+                "llama runner process has terminated: CUDA error: out of memory",
+            );
+        }
+        if h(&user, attempt, 1) < b.hang_permille {
+            return Reply::Hang;
+        }
+        if h(&user, attempt, 2) < b.reset_permille {
+            return Reply::Reset;
+        }
+        if h(&user, attempt, 3) < b.busy_permille {
+            return err(
+                503,
+                "server busy, please try again. maximum pending requests exceeded",
+            );
+        }
+        *self
+            .stats
+            .successes
+            .lock()
+            .expect("lock")
+            .entry(user.clone())
+            .or_insert(0) += 1;
+        let answer = format!("echo:{user}");
+        let prompt_tokens = req.to_string().len() as u64 / 4;
+        match (self.shape, path) {
+            (Shape::Ollama, "/api/chat") => Reply::Json(
+                200,
+                json!({"model": req["model"], "created_at": "2026-11-27T00:00:00Z",
+                       "message": {"role": "assistant", "content": answer},
+                       "done": true, "done_reason": "stop",
+                       "prompt_eval_count": prompt_tokens, "eval_count": 3}),
+            ),
+            (Shape::Ollama, "/api/embed") => Reply::Json(
+                200,
+                json!({"model": req["model"], "embeddings": [[0.1, 0.2, user.len() as f64]],
+                       "prompt_eval_count": 4}),
+            ),
+            (Shape::Ollama, "/api/generate") => Reply::Json(
+                200,
+                json!({"model": req["model"], "response": answer, "done": true,
+                       "done_reason": "stop", "prompt_eval_count": prompt_tokens, "eval_count": 3}),
+            ),
+            (Shape::OpenAi, "/v1/chat/completions") => Reply::Json(
+                200,
+                json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
+                       "model": req["model"],
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                                    "finish_reason": "stop", "logprobs": null}],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
+                                 "total_tokens": prompt_tokens + 3,
+                                 "prompt_tokens_details": {"cached_tokens": 2}}}),
+            ),
+            (Shape::OpenAi, "/v1/embeddings") => Reply::Json(
+                200,
+                json!({"object": "list", "model": req["model"],
+                       "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+                       "usage": {"prompt_tokens": 4, "total_tokens": 4}}),
+            ),
+            (Shape::OpenAi, "/v1/completions") => Reply::Json(
+                200,
+                json!({"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": req["model"],
+                       "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": null}],
+                       "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3}}),
+            ),
+            _ => err(404, &format!("no route {path}")),
+        }
+    }
+}

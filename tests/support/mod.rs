@@ -1,0 +1,196 @@
+//! Shared test helpers: a fake model server over real HTTP (raw TCP, so that it can reset
+//! connections, hang, and go down and come back), the server under test on port 0, and a small
+//! OpenAI-API client.
+#![allow(dead_code)]
+
+pub mod fake;
+
+use ollama_batch::config::{BackendKind, Config};
+use ollama_batch::server::{self, Running};
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// The server under test, in-process, on a loopback port 0.
+pub struct TestServer {
+    pub base: String,
+    pub running: Option<Running>,
+    pub dir: PathBuf,
+}
+
+impl TestServer {
+    pub async fn start(cfg: Config) -> TestServer {
+        let dir = cfg.state_dir.clone();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let running = server::start(cfg, listener).await.expect("server starts");
+        TestServer {
+            base: format!("http://{}", running.addr),
+            running: Some(running),
+            dir,
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop();
+            r.wait().await.expect("clean stop");
+        }
+    }
+}
+
+/// A configuration with fast retries for tests.
+pub fn config(dir: &Path, kind: BackendKind, backend_url: &str) -> Config {
+    let mut cfg = Config::for_tests(dir.to_path_buf(), kind, backend_url);
+    cfg.retry.initial = Duration::from_millis(10);
+    cfg.retry.max = Duration::from_millis(100);
+    cfg.flush_interval = Duration::from_millis(5);
+    cfg.shutdown_grace = Duration::from_secs(5);
+    cfg.cache_bytes = 16 << 20;
+    cfg
+}
+
+/// A plain HTTP client for the OpenAI API of the server under test.
+pub struct Api {
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.to_string(),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub async fn upload(&self, name: &str, bytes: Vec<u8>, purpose: &str) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", purpose.to_string())
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()),
+            );
+        let r = self
+            .http
+            .post(format!("{}/v1/files", self.base))
+            .multipart(form)
+            .send()
+            .await
+            .expect("upload sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("upload answer is JSON"))
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .expect("get sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("answer is JSON"))
+    }
+
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .expect("get sent");
+        let status = r.status().as_u16();
+        (status, r.text().await.expect("body"))
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .json(&body)
+            .send()
+            .await
+            .expect("post sent");
+        let status = r.status().as_u16();
+        (status, r.json().await.expect("answer is JSON"))
+    }
+
+    pub async fn create_batch(&self, file_id: &str, endpoint: &str) -> Value {
+        let (status, b) = self
+            .post(
+                "/v1/batches",
+                json!({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}),
+            )
+            .await;
+        assert_eq!(status, 200, "create batch: {b}");
+        b
+    }
+
+    /// Polls a batch until it reaches a terminal status.
+    pub async fn wait_terminal(&self, batch_id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, b) = self.get(&format!("/v1/batches/{batch_id}")).await;
+            assert_eq!(status, 200, "{b}");
+            if matches!(
+                b["status"].as_str(),
+                Some("completed" | "failed" | "cancelled" | "expired")
+            ) {
+                return b;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "batch did not finish within {within:?}: {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The lines of a file's content, parsed.
+    pub async fn lines(&self, file_id: &Value) -> Vec<Value> {
+        let Some(id) = file_id.as_str() else {
+            return Vec::new();
+        };
+        let (status, text) = self.get_text(&format!("/v1/files/{id}/content")).await;
+        assert_eq!(status, 200, "{text}");
+        text.lines()
+            .map(|l| serde_json::from_str(l).expect("output line is JSON"))
+            .collect()
+    }
+}
+
+/// A chat line whose user message names its custom_id, so that each answer can be traced back
+/// to its request.
+pub fn chat_line(custom_id: &str, model: &str, system: &str) -> String {
+    json!({
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "system", "content": system},
+                {"role": "user", "content": format!("score {custom_id}")}
+            ],
+            "max_tokens": 8
+        }
+    })
+    .to_string()
+}
+
+/// A JSONL file of `n` chat lines `c-1` … `c-n`.
+pub fn chat_file(n: usize, model: &str, system: &str) -> Vec<u8> {
+    let mut s = String::new();
+    for i in 1..=n {
+        s.push_str(&chat_line(&format!("c-{i}"), model, system));
+        s.push('\n');
+    }
+    s.into_bytes()
+}
+
+/// Path of the binary under test.
+pub fn binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_ollama-batch"))
+}
