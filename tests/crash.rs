@@ -1,1 +1,329 @@
-//! placeholder
+//! Durability by killing a real process: SIGKILL at random moments, SIGTERM, a second signal.
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::{Api, binary, chat_file};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The real binary, started with `resume` so that it prints its recovery report and address.
+struct Proc {
+    child: Child,
+    addr: String,
+    report: Vec<String>,
+}
+
+const CONCURRENCY: usize = 8;
+
+fn spawn(state: &Path, backend: &str, extra: &[&str]) -> Proc {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(state.with_extension("log"))
+        .expect("log file");
+    let mut child = Command::new(binary())
+        .args(["resume", "--listen", "127.0.0.1:0", "--backend", "openai"])
+        .arg("--state")
+        .arg(state)
+        .args(["--backend-url", backend])
+        .args(["--concurrency", &CONCURRENCY.to_string()])
+        .args([
+            "--flush-interval",
+            "5ms",
+            "--retry-initial",
+            "10ms",
+            "--retry-max",
+            "100ms",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("spawn ollama-batch");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut report = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) => {
+                if let Some(addr) = line.strip_prefix("listening on ") {
+                    return Proc {
+                        child,
+                        addr: format!("http://{addr}"),
+                        report,
+                    };
+                }
+                report.push(line);
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
+                panic!("server did not start ({e}); log:\n{log}");
+            }
+        }
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill {sig} failed");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit within {within:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Exactly-once check over the output and error files. Returns (lost, duplicated).
+async fn exactly_once(api: &Api, done: &Value, n: usize) -> (usize, usize) {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for l in api
+        .lines(&done["output_file_id"])
+        .await
+        .into_iter()
+        .chain(api.lines(&done["error_file_id"]).await)
+    {
+        *counts
+            .entry(l["custom_id"].as_str().expect("cid").to_string())
+            .or_default() += 1;
+        if let Some(content) = l["response"]["body"]["choices"][0]["message"]["content"].as_str() {
+            assert_eq!(
+                content,
+                format!("echo:score {}", l["custom_id"].as_str().unwrap_or(""))
+            );
+        }
+    }
+    let lost = (1..=n)
+        .filter(|i| !counts.contains_key(&format!("c-{i}")))
+        .count();
+    let duplicated = counts.values().filter(|&&c| c > 1).count();
+    (lost, duplicated)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
+    let kills: usize = std::env::var("CRASH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(6);
+    let n: usize = std::env::var("CRASH_LINES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1500);
+    let seed = std::env::var("CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| fastrand::u64(..));
+    println!("crash test: {kills} kills, {n} lines, CRASH_SEED={seed}");
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(2));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+
+    // A kill during an upload leaves no partial file visible.
+    let mut p = spawn(&state, &fake.url(), &[]);
+    let api = Api::new(&p.addr);
+    let big = chat_file(20_000, "m", &"rubric ".repeat(100));
+    let big_len = big.len();
+    // The upload may fail (connection reset by the kill) or succeed: both are fine.
+    let upload = tokio::spawn(async move {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", "batch")
+            .part(
+                "file",
+                reqwest::multipart::Part::bytes(big).file_name("big.jsonl"),
+            );
+        api.http
+            .post(format!("{}/v1/files", api.base))
+            .multipart(form)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    tokio::time::sleep(Duration::from_millis(rng.u64(5..60))).await;
+    p.child.kill().expect("kill");
+    p.child.wait().expect("wait");
+    let _ = upload.await; // fails or succeeds depending on the moment
+    let mut p = spawn(&state, &fake.url(), &[]);
+    let mut api = Api::new(&p.addr);
+    let (_, files) = api.get("/v1/files").await;
+    for f in files["data"].as_array().expect("files") {
+        assert_eq!(
+            f["bytes"], big_len as u64,
+            "a partial upload became visible: {f}"
+        );
+    }
+
+    // The batch: killed right after create (validation), then at random moments.
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
+        .await;
+    let created = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let id = created["id"].as_str().expect("id").to_string();
+    for k in 0..kills {
+        if k > 0 {
+            let pause = rng.u64(20..250);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        p.child.kill().expect("kill");
+        p.child.wait().expect("wait");
+        let calls = fake.total_calls();
+        p = spawn(&state, &fake.url(), &[]);
+        api = Api::new(&p.addr);
+        let (status, b) = api.get(&format!("/v1/batches/{id}")).await;
+        assert_eq!(status, 200, "the created batch survived the kill: {b}");
+        println!(
+            "kill {k}: backend calls so far {calls}; after restart {} ({} done); report: {:?}",
+            b["status"], b["request_counts"]["completed"], p.report
+        );
+    }
+    let done = api.wait_terminal(&id, Duration::from_secs(300)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let (lost, duplicated) = exactly_once(&api, &done, n).await;
+    let redone = (fake.total_calls() as usize).saturating_sub(n);
+    // Work sent again after a kill is at most what was leased at the kill: the window of
+    // 2 × concurrency (results not yet flushed are still leased in the store).
+    let bound = kills * 2 * CONCURRENCY;
+    println!(
+        "crash test result: kills={kills} lines={n} lost={lost} duplicated={duplicated} redone={redone} bound={bound}"
+    );
+    assert_eq!(lost, 0);
+    assert_eq!(duplicated, 0);
+    assert_eq!(done["request_counts"]["completed"], n as u64);
+    assert!(redone <= bound, "redone {redone} > bound {bound}");
+    p.child.kill().expect("kill");
+    p.child.wait().expect("wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_and_resume_completes() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(200));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let mut p = spawn(&state, &fake.url(), &[]);
+    let api = Api::new(&p.addr);
+    let n = 60;
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
+        .await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let id = b["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+        if cur["request_counts"]["completed"].as_u64().unwrap_or(0) >= 8 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&p.child, "-TERM");
+    let status = wait_exit(&mut p.child, Duration::from_secs(20));
+    assert!(status.success(), "graceful stop exits 0: {status:?}");
+    let calls_at_stop = fake.total_calls();
+
+    let mut p = spawn(&state, &fake.url(), &[]);
+    let report = p.report.join("\n");
+    assert!(report.contains(&id), "{report}");
+    assert!(report.contains("0 requeued from in-flight"), "{report}");
+    let api = Api::new(&p.addr);
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    let (lost, duplicated) = exactly_once(&api, &done, n).await;
+    assert_eq!((lost, duplicated), (0, 0));
+    assert_eq!(
+        fake.total_calls(),
+        n as u64,
+        "nothing ran twice (calls at stop: {calls_at_stop})"
+    );
+    signal(&p.child, "-INT");
+    assert!(wait_exit(&mut p.child, Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once_and_nothing_is_lost() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_secs(30));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let mut p = spawn(&state, &fake.url(), &["--shutdown-grace", "60s"]);
+    let api = Api::new(&p.addr);
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(10, "m", "s"), "batch")
+        .await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let id = b["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fake.total_calls() == 0 {
+        assert!(Instant::now() < deadline, "nothing dispatched");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(&p.child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "waits for in-flight calls"
+    );
+    signal(&p.child, "-TERM");
+    let status = wait_exit(&mut p.child, Duration::from_secs(5));
+    assert!(!status.success(), "second signal: immediate, non-zero exit");
+
+    fake.set(|b| b.delay = Duration::ZERO);
+    let mut p = spawn(&state, &fake.url(), &[]);
+    assert!(p.report.join("\n").contains(&id));
+    let api = Api::new(&p.addr);
+    let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(exactly_once(&api, &done, 10).await, (0, 0));
+    p.child.kill().expect("kill");
+    p.child.wait().expect("wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_process_on_the_same_state_exits_with_a_clear_message() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let state = tmp.path().join("state");
+    let mut p = spawn(&state, &fake.url(), &[]);
+    let out = Command::new(binary())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .arg("--state")
+        .arg(&state)
+        .output()
+        .expect("second process runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another ollama-batch is using"), "{err}");
+    p.child.kill().expect("kill");
+    p.child.wait().expect("wait");
+}

@@ -1,1 +1,181 @@
-//! placeholder
+//! Faults of the model server: out-of-memory, hangs, resets, busy answers, outages, timeouts.
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::{Api, TestServer, chat_file, config};
+use ollama_batch::config::BackendKind;
+use ollama_batch::domain::{BatchId, RequestState};
+use ollama_batch::store::Store;
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+async fn run_batch(api: &Api, n: usize, within: Duration) -> Value {
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
+        .await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    api.wait_terminal(b["id"].as_str().expect("id"), within)
+        .await
+}
+
+fn assert_all_answered(lines: &[Value], n: usize) {
+    assert_eq!(lines.len(), n);
+    let mut seen = BTreeSet::new();
+    for l in lines {
+        let cid = l["custom_id"].as_str().expect("cid");
+        assert!(seen.insert(cid.to_string()), "{cid} twice");
+        assert_eq!(
+            l["response"]["body"]["choices"][0]["message"]["content"],
+            format!("echo:score {cid}")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oom_hangs_resets_and_busy_answers_still_complete_every_line() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| {
+        b.oom_first = 2;
+        b.hang_permille = 50;
+        b.reset_permille = 50;
+        b.busy_permille = 50;
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Ollama, &fake.url());
+    cfg.concurrency = 8;
+    cfg.request_timeout = Duration::from_millis(150);
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let n = 2000;
+    let done = run_batch(&api, n, Duration::from_secs(240)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": n, "completed": n, "failed": 0})
+    );
+    assert_eq!(done["error_file_id"], Value::Null);
+    assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
+    let (_, status) = api.get("/status").await;
+    let c = &status["counters"];
+    assert_eq!(c["oom"], 2 * n as u64, "{status}");
+    assert!(c["timeouts"].as_u64().unwrap_or(0) > 0, "{status}");
+    assert!(
+        c["retries"].as_u64().unwrap_or(0) >= 2 * n as u64,
+        "{status}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_memory_lowers_concurrency() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| {
+        b.fail_all = Some((500, "CUDA error: out of memory".into()));
+        b.delay = Duration::from_millis(20);
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Ollama, &fake.url());
+    cfg.concurrency = 8;
+    cfg.retry.max_attempts = 3;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let done = run_batch(&api, 20, Duration::from_secs(60)).await;
+    assert_eq!(done["request_counts"]["failed"], 20);
+    let errs = api.lines(&done["error_file_id"]).await;
+    assert_eq!(
+        errs[0]["response"]["status_code"], 500,
+        "the backend's answer is kept"
+    );
+    let (_, status) = api.get("/status").await;
+    assert_eq!(status["concurrency"]["max"], 8);
+    assert_eq!(status["concurrency"]["current"], 1, "{status}");
+    assert_eq!(status["counters"]["oom"], 60);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_timeouts_say_request_timeout_and_the_attempt_count() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.hang_permille = 1000);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.request_timeout = Duration::from_millis(100);
+    cfg.retry.max_attempts = 2;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let done = run_batch(&api, 3, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output_file_id"], Value::Null);
+    let errs = api.lines(&done["error_file_id"]).await;
+    assert_eq!(errs.len(), 3);
+    for e in &errs {
+        assert_eq!(e["response"], Value::Null);
+        assert_eq!(e["error"]["code"], "request_timeout");
+        let msg = e["error"]["message"].as_str().expect("message");
+        assert!(msg.contains("attempt 2 of 2"), "{msg}");
+    }
+    assert_eq!(fake.calls_of("score c-1"), 2);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
+    let outage = Duration::from_secs(
+        std::env::var("OUTAGE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    );
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.go_down();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.retry.max_attempts = 1; // any burned attempt would fail a line
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let n = 50;
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
+        .await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let id = b["id"].as_str().expect("id").to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = api.get("/status").await;
+        if s["backend"]["down_since"].as_i64().is_some() {
+            assert_eq!(s["backend"]["reachable"], false);
+            break;
+        }
+        assert!(Instant::now() < deadline, "outage not noticed: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(outage).await;
+    let (_, s) = api.get("/status").await;
+    assert!(s["backend"]["next_probe_at"].as_i64().is_some(), "{s}");
+    let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(cur["status"], "in_progress");
+    assert_eq!(cur["request_counts"]["failed"], 0);
+    fake.come_up();
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": n, "completed": n, "failed": 0})
+    );
+    let (_, s) = api.get("/status").await;
+    assert_eq!(s["counters"]["backend_outages"], 1, "{s}");
+    assert_eq!(s["counters"]["retries"], 0, "{s}");
+    assert_eq!(s["backend"]["down_since"], Value::Null);
+    server.stop().await;
+    // Every line was tried exactly once, as far as the store counts.
+    let store = Store::open(dir.path(), 8 << 20).expect("open store");
+    let batch = BatchId::parse(&id).expect("id");
+    for item in store.batch_requests(batch) {
+        let (key, rec) = item.expect("record");
+        assert_eq!(rec.state, RequestState::Succeeded);
+        assert_eq!(rec.attempts, 1, "{key} burned an attempt during the outage");
+    }
+}

@@ -399,6 +399,17 @@ impl Supervisor {
 
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
+        let leasable = !self.backend_down
+            && self.leased.len() < self.cfg.concurrency * 2
+            && self
+                .batches
+                .values()
+                .any(|a| a.status == BatchStatus::InProgress && !a.expiring && !a.ready.is_empty());
+        // Work waiting (at start-up, after an outage): no sleep. Finalizers need no wake-up:
+        // every event that can make a batch final is handled in the turn it arrives.
+        if leasable {
+            return now;
+        }
         let mut wake = now + Duration::from_secs(1);
         if let Some(t) = self.first_pending {
             wake = wake.min(t + self.cfg.flush_interval);
