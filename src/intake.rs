@@ -253,8 +253,11 @@ pub fn run(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<IntakeOutco
     let Some(batch) = store.get_batch(batch_id)? else {
         return Ok(IntakeOutcome::Skipped);
     };
-    if batch.status != BatchStatus::Validating {
-        return Ok(IntakeOutcome::Skipped);
+    match batch.status {
+        BatchStatus::Validating => {}
+        // Cancelled before the intake started: the supervisor finalizes it as cancelled.
+        BatchStatus::Cancelling => return Ok(IntakeOutcome::Cancelled),
+        _ => return Ok(IntakeOutcome::Skipped),
     }
     store.delete_requests(batch_id)?;
     let (errors, total, model) = match expand(store, cfg, &batch) {
@@ -449,6 +452,58 @@ fn expand(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::BackendKind;
+    use crate::domain::{Endpoint, FileId, RequestCounts, Usage};
+    use crate::store::FileRecord;
+
+    #[test]
+    fn batch_cancelled_before_its_intake_is_handed_on() {
+        // Regression: the intake skipped a batch cancelled before it started, so nobody
+        // finalized it and it stayed `cancelling` forever.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let cfg = Config::for_tests(dir.path().into(), BackendKind::Openai, "http://127.0.0.1:1");
+        let file = FileId::new();
+        std::fs::write(store.file_path(file), b"{}\n").expect("write");
+        store
+            .put_file(&FileRecord {
+                id: file,
+                bytes: 3,
+                created_at: 0,
+                filename: "in.jsonl".into(),
+                purpose: "batch".into(),
+                expires_at: None,
+            })
+            .expect("file");
+        let batch = BatchRecord {
+            id: BatchId::new(),
+            endpoint: Endpoint::ChatCompletions,
+            input_file_id: file,
+            completion_window: "24h".into(),
+            status: BatchStatus::Cancelling,
+            errors: vec![],
+            output_file_id: None,
+            error_file_id: None,
+            created_at: 0,
+            expires_at: None,
+            in_progress_at: None,
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: Some(0),
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata: None,
+            model: None,
+            usage: Usage::default(),
+        };
+        store.put_batch(&batch).expect("batch");
+        assert_eq!(
+            run(&store, &cfg, batch.id).expect("intake"),
+            IntakeOutcome::Cancelled
+        );
+    }
 
     #[test]
     fn bounded_reader_skips_long_lines_and_keeps_numbers() {

@@ -420,3 +420,28 @@ async fn hostile_input_gets_error_objects_and_the_server_keeps_serving() {
     assert_eq!(s, 200);
     server2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_cancelled_right_after_create_ends_cancelled() {
+    // The race this exercises (cancel before the intake reads the batch) is hit only
+    // sometimes from outside; `intake::tests::batch_cancelled_before_its_intake_is_handed_on`
+    // pins it deterministically.
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(2000, "m", "s"), "batch")
+        .await;
+    let fid = file["id"].as_str().expect("id");
+    for _ in 0..5 {
+        let b = api.create_batch(fid, "/v1/chat/completions").await;
+        let id = b["id"].as_str().expect("id");
+        let (status, c) = api
+            .post(&format!("/v1/batches/{id}/cancel"), json!({}))
+            .await;
+        assert_eq!(status, 200, "{c}");
+        let done = api.wait_terminal(id, Duration::from_secs(20)).await;
+        assert_eq!(done["status"], "cancelled", "{done}");
+    }
+    server.stop().await;
+}

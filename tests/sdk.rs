@@ -1,1 +1,60 @@
-//! placeholder
+//! The official `openai` Python SDK against the server, for both backend shapes. Skipped, with
+//! the reason printed, when no Python with `openai` is found (`.ci/run` installs one and points
+//! `OLLAMA_BATCH_TEST_PYTHON` at it).
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::{TestServer, config};
+use ollama_batch::config::BackendKind;
+use std::process::Command;
+
+fn python() -> Option<String> {
+    let py = std::env::var("OLLAMA_BATCH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    ok.then_some(py)
+}
+
+async fn sdk_round_trip(shape: Shape, kind: BackendKind) {
+    let Some(py) = python() else {
+        println!(
+            "SKIPPED: the openai SDK test needs a Python with the `openai` package \
+             (set OLLAMA_BATCH_TEST_PYTHON; .ci/run installs one)"
+        );
+        return;
+    };
+    let fake = Fake::start(shape).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), kind, &fake.url());
+    cfg.model_map
+        .insert("gpt-4o-mini".into(), "gemma3:12b".into());
+    let mut server = TestServer::start(cfg).await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_e2e.py");
+    let base = server.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(py).arg(script).arg(base).arg("40").output()
+    })
+    .await
+    .expect("join")
+    .expect("python runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "SDK script failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("SDK OK"), "{stdout}");
+    println!("{}", stdout.trim());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_runs_a_batch_against_an_ollama_backend() {
+    sdk_round_trip(Shape::Ollama, BackendKind::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk_runs_a_batch_against_an_openai_compatible_backend() {
+    sdk_round_trip(Shape::OpenAi, BackendKind::Openai).await;
+}
