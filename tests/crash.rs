@@ -68,6 +68,7 @@ fn spawn(state: &Path, backend: &str, extra: &[&str]) -> Proc {
             }
             Err(e) => {
                 let _ = child.kill();
+                let _ = child.wait();
                 let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
                 panic!("server did not start ({e}); log:\n{log}");
             }

@@ -1,0 +1,59 @@
+//! Throughput benchmark (ignored by default; `scripts/bench-throughput.sh` runs it in release
+//! mode): requests per second through the durable queue against a backend that answers at
+//! once, at concurrency 1, 8 and 64, with the number of group commits (flushes).
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::{Api, TestServer, chat_file, config};
+use ollama_batch::config::BackendKind;
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-throughput.sh"]
+async fn bench_throughput() {
+    let n: usize = std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000);
+    let fake = Fake::start(Shape::OpenAi).await;
+    println!();
+    println!("| concurrency | lines | seconds | requests/s | flushes | results per flush |");
+    println!("|---|---|---|---|---|---|");
+    for concurrency in [1usize, 8, 64] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+        cfg.concurrency = concurrency;
+        cfg.flush_interval = Duration::from_millis(20);
+        cfg.cache_bytes = 64 << 20;
+        let mut server = TestServer::start(cfg).await;
+        let api = Api::new(&server.base);
+        let (_, file) = api
+            .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
+            .await;
+        let b = api
+            .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+            .await;
+        let id = b["id"].as_str().expect("id").to_string();
+        // Time the run, not the validation: start once the batch is in progress.
+        loop {
+            let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+            if cur["status"] != "validating" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let (_, before) = api.get("/status").await;
+        let t0 = Instant::now();
+        let done = api.wait_terminal(&id, Duration::from_secs(600)).await;
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+        let (_, after) = api.get("/status").await;
+        let flushes = after["counters"]["flushes"].as_u64().unwrap_or(0)
+            - before["counters"]["flushes"].as_u64().unwrap_or(0);
+        println!(
+            "| {concurrency} | {n} | {secs:.2} | {:.0} | {flushes} | {:.1} |",
+            n as f64 / secs,
+            n as f64 / flushes.max(1) as f64
+        );
+        server.stop().await;
+    }
+}
