@@ -453,7 +453,7 @@ fn expand(
 mod tests {
     use super::*;
     use crate::config::BackendKind;
-    use crate::domain::{Endpoint, FileId, RequestCounts, Usage};
+    use crate::domain::{Endpoint, FileId};
     use crate::store::FileRecord;
 
     #[test]
@@ -475,29 +475,8 @@ mod tests {
                 expires_at: None,
             })
             .expect("file");
-        let batch = BatchRecord {
-            id: BatchId::new(),
-            endpoint: Endpoint::ChatCompletions,
-            input_file_id: file,
-            completion_window: "24h".into(),
-            status: BatchStatus::Cancelling,
-            errors: vec![],
-            output_file_id: None,
-            error_file_id: None,
-            created_at: 0,
-            expires_at: None,
-            in_progress_at: None,
-            finalizing_at: None,
-            completed_at: None,
-            failed_at: None,
-            expired_at: None,
-            cancelling_at: Some(0),
-            cancelled_at: None,
-            request_counts: RequestCounts::default(),
-            metadata: None,
-            model: None,
-            usage: Usage::default(),
-        };
+        let mut batch = BatchRecord::new(Endpoint::ChatCompletions, file, 0, None, None);
+        batch.status = BatchStatus::Cancelling;
         store.put_batch(&batch).expect("batch");
         assert_eq!(
             run(&store, &cfg, batch.id).expect("intake"),

@@ -205,6 +205,25 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
             b["status"], b["request_counts"]["completed"], p.report
         );
     }
+    // One more kill if we can catch the batch while its files are being written.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut caught_finalizing = false;
+    loop {
+        let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+        match cur["status"].as_str() {
+            Some("finalizing") => {
+                p.child.kill().expect("kill");
+                p.child.wait().expect("wait");
+                p = spawn(&state, &fake.url(), &[]);
+                api = Api::new(&p.addr);
+                caught_finalizing = true;
+                break;
+            }
+            Some("in_progress") if Instant::now() < deadline => {}
+            _ => break,
+        }
+    }
+    println!("killed during finalization: {caught_finalizing}");
     let done = api.wait_terminal(&id, Duration::from_secs(300)).await;
     assert_eq!(done["status"], "completed", "{done}");
     let (lost, duplicated) = exactly_once(&api, &done, n).await;
@@ -256,7 +275,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_resume_completes() {
     let mut p = spawn(&state, &fake.url(), &[]);
     let report = p.report.join("\n");
     assert!(report.contains(&id), "{report}");
-    assert!(report.contains("0 requeued from in-flight"), "{report}");
+    assert!(report.contains(", 0 requeued from in-flight"), "{report}");
     let api = Api::new(&p.addr);
     let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
     let (lost, duplicated) = exactly_once(&api, &done, n).await;

@@ -1,7 +1,7 @@
 //! `/v1/batches`: create (then the intake runs in the background), list, retrieve, cancel.
 
 use super::{ApiError, AppState};
-use crate::domain::{BatchId, BatchRecord, BatchStatus, Endpoint, RequestCounts, Usage, unix_now};
+use crate::domain::{BatchId, BatchRecord, BatchStatus, Endpoint, unix_now};
 use crate::store::TransitionError;
 use crate::supervisor::{Command, spawn_intake};
 use crate::wire::{batch_object, list_page};
@@ -127,29 +127,13 @@ pub async fn create(
         ));
     }
     let now = unix_now();
-    let rec = BatchRecord {
-        id: BatchId::new(),
+    let rec = BatchRecord::new(
         endpoint,
-        input_file_id: file_id,
-        completion_window: window.to_string(),
-        status: BatchStatus::Validating,
-        errors: Vec::new(),
-        output_file_id: None,
-        error_file_id: None,
-        created_at: now,
-        expires_at: st.cfg.expire.then_some(now + 24 * 3600),
-        in_progress_at: None,
-        finalizing_at: None,
-        completed_at: None,
-        failed_at: None,
-        expired_at: None,
-        cancelling_at: None,
-        cancelled_at: None,
-        request_counts: RequestCounts::default(),
+        file_id,
+        now,
+        st.cfg.expire.then_some(now + 24 * 3600),
         metadata,
-        model: None,
-        usage: Usage::default(),
-    };
+    );
     st.store.put_batch(&rec)?;
     st.store.flush_async().await?;
     tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");

@@ -163,3 +163,38 @@ pub struct BatchRecord {
     /// Token usage summed over the lines (written at finalization; live from the supervisor).
     pub usage: Usage,
 }
+
+impl BatchRecord {
+    /// A new batch in `validating`, as `POST /v1/batches` creates it.
+    pub fn new(
+        endpoint: Endpoint,
+        input_file_id: FileId,
+        created_at: i64,
+        expires_at: Option<i64>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> BatchRecord {
+        BatchRecord {
+            id: BatchId::new(),
+            endpoint,
+            input_file_id,
+            completion_window: "24h".into(),
+            status: BatchStatus::Validating,
+            errors: Vec::new(),
+            output_file_id: None,
+            error_file_id: None,
+            created_at,
+            expires_at,
+            in_progress_at: None,
+            finalizing_at: None,
+            completed_at: None,
+            failed_at: None,
+            expired_at: None,
+            cancelling_at: None,
+            cancelled_at: None,
+            request_counts: RequestCounts::default(),
+            metadata,
+            model: None,
+            usage: Usage::default(),
+        }
+    }
+}

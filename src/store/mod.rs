@@ -143,6 +143,14 @@ impl Store {
                     StoreError::Sled(e)
                 }
             })?;
+        // Scratch files of uploads or finalizations that a crash interrupted: nothing refers
+        // to them (records are written only after the rename), and nothing writes while the
+        // store is being opened.
+        for entry in std::fs::read_dir(dir.join("files"))?.flatten() {
+            if entry.path().extension().is_some_and(|e| e == "part") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         Ok(Store {
             files: db.open_tree("files")?,
             batches: db.open_tree("batches")?,

@@ -175,3 +175,81 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
         Err(TransitionError::Store(e)) => Err(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{BatchRecord, Endpoint, FileId, RequestKey, RequestRecord};
+    use crate::store::{Expect, StoredBody};
+
+    #[test]
+    fn finalization_interrupted_before_its_last_step_runs_again_to_the_same_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), 8 << 20).expect("open");
+        let mut batch = BatchRecord::new(Endpoint::ChatCompletions, FileId::new(), 0, None, None);
+        batch.status = BatchStatus::Finalizing;
+        batch.request_counts.total = 3;
+        store.put_batch(&batch).expect("batch");
+        let body = StoredBody {
+            json: "{}".into(),
+            refs: vec![],
+        };
+        let keys: Vec<RequestKey> = (1..=3)
+            .map(|line| RequestKey {
+                batch: batch.id,
+                line,
+            })
+            .collect();
+        let items: Vec<_> = keys
+            .iter()
+            .map(|k| {
+                (
+                    *k,
+                    RequestRecord::queued(format!("c-{}", k.line)),
+                    body.clone(),
+                )
+            })
+            .collect();
+        store.put_requests(&items).expect("requests");
+        for (i, k) in keys.iter().enumerate() {
+            store
+                .transition_request(*k, Expect::Queued, |r| {
+                    r.state = if i < 2 {
+                        RequestState::Succeeded
+                    } else {
+                        RequestState::Failed
+                    };
+                    r.result = Some(ResultRecord {
+                        status_code: Some(if i < 2 { 200 } else { 400 }),
+                        body: Some(format!("{{\"n\":{i}}}")),
+                        error_code: None,
+                        error_message: None,
+                        usage: None,
+                    });
+                })
+                .expect("done");
+        }
+        assert!(finalize(&store, batch.id, Target::Completed).expect("first run"));
+        let first = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
+        // A crash after the files but before the terminal state: the batch is still finalizing.
+        store
+            .update_batch(batch.id, &[BatchStatus::Completed], |b| {
+                b.status = BatchStatus::Finalizing
+            })
+            .expect("rewind");
+        assert!(finalize(&store, batch.id, Target::Completed).expect("second run"));
+        let again = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
+        assert_eq!(first, again, "same file, same bytes");
+        let done = store.get_batch(batch.id).expect("get").expect("some");
+        assert_eq!(done.status, BatchStatus::Completed);
+        assert_eq!(done.output_file_id, Some(batch.id.output_file()));
+        assert_eq!(done.error_file_id, Some(batch.id.error_file()));
+        assert_eq!(
+            (done.request_counts.completed, done.request_counts.failed),
+            (2, 1)
+        );
+        assert_eq!(String::from_utf8(first).expect("utf8").lines().count(), 2);
+        // Once completed, it is not finalized again.
+        assert!(!finalize(&store, batch.id, Target::Completed).expect("third run"));
+    }
+}

@@ -96,7 +96,7 @@ impl std::fmt::Display for RecoveredBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} {}: {} lines, {} done, {} failed, {} remaining, {} requeued from in-flight, {} rescued",
+            "{} {}: {} lines, {} done, {} failed, {} remaining, {} requeued from in-flight (rescued at start), {} of them failed after too many interrupted attempts",
             self.id,
             self.status.as_str(),
             self.total,
