@@ -8,4 +8,5 @@ mod bench;
 mod crash;
 mod faults;
 mod lifecycle;
+mod llamacpp;
 mod sdk;

@@ -97,12 +97,14 @@ impl Backend {
     }
 }
 
-/// Sorts a reqwest failure into timeout / backend down / broken connection.
+/// Sorts a reqwest failure into backend down / timeout / broken connection. A failure to
+/// connect (refused, or a connect timeout on a dead host) comes first: nothing was sent, so it
+/// must not cost the request an attempt.
 fn transport_failure(e: reqwest::Error) -> CallResult {
-    if e.is_timeout() {
-        CallResult::Timeout
-    } else if e.is_connect() {
+    if e.is_connect() {
         CallResult::Unreachable(error_chain(&e))
+    } else if e.is_timeout() {
+        CallResult::Timeout
     } else {
         CallResult::Transport(error_chain(&e))
     }

@@ -224,11 +224,6 @@ fn finish_reason(answer: &Value) -> &'static str {
     }
 }
 
-fn created(answer: &Value) -> i64 {
-    let _ = answer;
-    crate::domain::unix_now()
-}
-
 fn chat_response(answer: &Value, model: &str) -> (Value, Usage) {
     let u = usage(answer);
     let mut msg = json!({
@@ -255,7 +250,7 @@ fn chat_response(answer: &Value, model: &str) -> (Value, Usage) {
     let v = json!({
         "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "chat.completion",
-        "created": created(answer),
+        "created": crate::domain::unix_now(),
         "model": answer["model"].as_str().unwrap_or(model),
         "choices": [{
             "index": 0,
@@ -293,7 +288,7 @@ fn generate_response(answer: &Value, model: &str) -> (Value, Usage) {
     let v = json!({
         "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "text_completion",
-        "created": created(answer),
+        "created": crate::domain::unix_now(),
         "model": answer["model"].as_str().unwrap_or(model),
         "choices": [{
             "index": 0,
