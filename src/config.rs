@@ -130,7 +130,8 @@ pub struct ServeArgs {
     /// Group commit: flush this long after the first unflushed result at the latest.
     #[arg(long, env = "OLLAMA_BATCH_FLUSH_INTERVAL", default_value = "20ms")]
     pub flush_interval: humantime::Duration,
-    /// A lease older than request-timeout plus this margin is rescued (requeued).
+    /// A call running longer than request-timeout plus this margin has its lease rescued
+    /// (requeued; its late answer, if any, is dropped).
     #[arg(long, env = "OLLAMA_BATCH_LEASE_MARGIN", default_value = "60s")]
     pub lease_margin: humantime::Duration,
     /// sled page cache.

@@ -94,7 +94,8 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     let limiter = Arc::new(Limiter::new(cfg.concurrency));
     let window = cfg.concurrency * 2;
     let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
-    let (outcomes_tx, outcomes_rx) = mpsc::channel(window * 2 + 16);
+    // Two events per job (started, finished); at most `window` jobs are leased.
+    let (events_tx, events_rx) = mpsc::channel(window * 2 + 16);
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
 
@@ -102,7 +103,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         backend.clone(),
         limiter.clone(),
         jobs_rx,
-        outcomes_tx,
+        events_tx,
         &tracker,
         stop.clone(),
     );
@@ -112,7 +113,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
             cfg: cfg.clone(),
             backend: backend.clone(),
             jobs: jobs_tx,
-            outcomes: outcomes_rx,
+            events: events_rx,
             tracker: tracker.clone(),
             stop: stop.clone(),
         },

@@ -31,6 +31,21 @@ pub struct Job {
     pub body: Value,
 }
 
+/// What the worker tells the supervisor.
+#[derive(Debug)]
+pub enum Event {
+    /// The call of this lease was sent now (its rescue deadline counts from here, not from
+    /// the lease: a job may wait for a free slot first).
+    Started {
+        /// Which line.
+        key: RequestKey,
+        /// Under which lease.
+        lease: u32,
+    },
+    /// The call ended.
+    Finished(Outcome),
+}
+
 /// What came of a job.
 #[derive(Debug)]
 pub struct Outcome {
@@ -134,12 +149,12 @@ impl Limiter {
 }
 
 /// Starts the worker. It takes jobs from `jobs` until `stop` fires or the channel closes; calls
-/// already running finish (their outcomes still go to `outcomes`).
+/// already running finish (their events still go to `events`).
 pub fn spawn(
     backend: Backend,
     limiter: Arc<Limiter>,
     mut jobs: mpsc::Receiver<Job>,
-    outcomes: mpsc::Sender<Outcome>,
+    events: mpsc::Sender<Event>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
@@ -156,20 +171,26 @@ pub fn spawn(
             };
             let backend = backend.clone();
             let limiter = limiter.clone();
-            let outcomes = outcomes.clone();
+            let events = events.clone();
             calls.spawn(async move {
+                // The supervisor may already be gone at shutdown: nothing to do then.
+                let _ = events
+                    .send(Event::Started {
+                        key: job.key,
+                        lease: job.lease,
+                    })
+                    .await;
                 let result = backend.call(job.endpoint, job.body).await;
                 let verdict = classify(&result);
                 limiter.release(generation, verdict);
-                // The supervisor may already be gone at shutdown: nothing to do then.
-                let _ = outcomes
-                    .send(Outcome {
+                let _ = events
+                    .send(Event::Finished(Outcome {
                         key: job.key,
                         lease: job.lease,
                         attempts: job.attempts,
                         result,
                         verdict,
-                    })
+                    }))
                     .await;
             });
         }

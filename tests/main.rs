@@ -9,4 +9,5 @@ mod crash;
 mod faults;
 mod lifecycle;
 mod llamacpp;
+mod rescue;
 mod sdk;

@@ -6,8 +6,8 @@
 //!
 //! 1. applies the outcomes the worker handed back (each a compare-and-swap on
 //!    (`Leased`, lease); a stale lease's answer is dropped),
-//! 2. moves due retries to the ready queues and rescues leases that outlived
-//!    `request_timeout + lease_margin`,
+//! 2. moves due retries to the ready queues and rescues leases whose call started more than
+//!    `request_timeout + lease_margin` ago (the worker reports each start),
 //! 3. leases ready requests up to the window (`2 × concurrency`): `Queued → Leased`,
 //!    attempt counted,
 //! 4. group-commits: one flush makes the new leases and all results since the last flush
@@ -29,7 +29,7 @@ use crate::domain::{
 };
 use crate::intake;
 use crate::store::{Expect, Store, StoreError, TransitionError};
-use crate::worker::{Job, Outcome};
+use crate::worker::{Event, Job, Outcome};
 use finalize::Target;
 use live::{BatchLive, LiveView};
 use std::cmp::Reverse;
@@ -260,7 +260,9 @@ pub fn recover(store: &Store, cfg: &Config) -> Result<Recovery, StoreError> {
 
 struct Lease {
     lease: u32,
-    deadline: Instant,
+    /// Set when the worker reports the call started: start + request timeout + margin.
+    /// A job still waiting for a worker slot is not rescued.
+    deadline: Option<Instant>,
 }
 
 /// Everything the supervisor task owns.
@@ -270,7 +272,7 @@ pub struct Supervisor {
     backend: Backend,
     live: Arc<LiveView>,
     jobs: mpsc::Sender<Job>,
-    outcomes: mpsc::Receiver<Outcome>,
+    events: mpsc::Receiver<Event>,
     cmds: mpsc::Receiver<Command>,
     /// For probes and the finalizer to report back.
     cmds_tx: mpsc::Sender<Command>,
@@ -299,7 +301,7 @@ pub struct Parts {
     /// To the worker.
     pub jobs: mpsc::Sender<Job>,
     /// From the worker.
-    pub outcomes: mpsc::Receiver<Outcome>,
+    pub events: mpsc::Receiver<Event>,
     /// Tracks the tasks the supervisor starts.
     pub tracker: TaskTracker,
     /// Fires on shutdown.
@@ -322,7 +324,7 @@ impl Supervisor {
             backend: parts.backend,
             live: live.clone(),
             jobs: parts.jobs,
-            outcomes: parts.outcomes,
+            events: parts.events,
             cmds,
             cmds_tx: cmds_tx.clone(),
             tracker: parts.tracker,
@@ -358,13 +360,13 @@ impl Supervisor {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
-                Some(o) = self.outcomes.recv() => self.on_outcome(o),
+                Some(e) = self.events.recv() => self.on_event(e),
                 Some(c) = self.cmds.recv() => self.on_command(c),
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
             for _ in 0..4096 {
-                match self.outcomes.try_recv() {
-                    Ok(o) => self.on_outcome(o),
+                match self.events.try_recv() {
+                    Ok(e) => self.on_event(e),
                     Err(_) => break,
                 }
             }
@@ -474,6 +476,18 @@ impl Supervisor {
             Err(e) => {
                 tracing::error!(batch = %id, error = %e, "cannot load batch; it resumes at the next start")
             }
+        }
+    }
+
+    fn on_event(&mut self, e: Event) {
+        match e {
+            Event::Started { key, lease } => {
+                if let Some(l) = self.leased.get_mut(&key).filter(|l| l.lease == lease) {
+                    l.deadline =
+                        Some(Instant::now() + self.cfg.request_timeout + self.cfg.lease_margin);
+                }
+            }
+            Event::Finished(o) => self.on_outcome(o),
         }
     }
 
@@ -632,7 +646,7 @@ impl Supervisor {
         let stale: Vec<(RequestKey, u32)> = self
             .leased
             .iter()
-            .filter(|(_, l)| l.deadline <= now)
+            .filter(|(_, l)| l.deadline.is_some_and(|d| d <= now))
             .map(|(k, l)| (*k, l.lease))
             .collect();
         for (key, lease) in stale {
@@ -676,7 +690,6 @@ impl Supervisor {
     /// Leases up to `n` ready requests, oldest batch first.
     fn lease(&mut self, mut n: usize) -> Vec<Job> {
         let mut jobs = Vec::new();
-        let deadline = Instant::now() + self.cfg.request_timeout + self.cfg.lease_margin;
         for (id, a) in self.batches.iter_mut() {
             if a.status != BatchStatus::InProgress || a.expiring {
                 continue;
@@ -710,7 +723,7 @@ impl Supervisor {
                             key,
                             Lease {
                                 lease: rec.lease,
-                                deadline,
+                                deadline: None,
                             },
                         );
                         a.in_flight += 1;
@@ -867,8 +880,8 @@ impl Supervisor {
         tracing::info!(in_flight = self.leased.len(), grace = ?self.cfg.shutdown_grace, "stopping: waiting for in-flight requests");
         while !self.leased.is_empty() {
             tokio::select! {
-                o = self.outcomes.recv() => match o {
-                    Some(o) => self.on_outcome(o),
+                e = self.events.recv() => match e {
+                    Some(e) => self.on_event(e),
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => break,
