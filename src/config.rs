@@ -174,6 +174,9 @@ pub struct Config {
     pub max_file_size: u64,
     /// Enforce the completion window.
     pub expire: bool,
+    /// Length of the completion window (`24h`, the only value OpenAI accepts; shorter only in
+    /// tests).
+    pub completion_window: Duration,
     /// Retry policy.
     pub retry: RetryPolicy,
     /// Shutdown grace.
@@ -275,6 +278,7 @@ impl Config {
             keep_alive,
             max_file_size,
             expire: a.expire,
+            completion_window: Duration::from_secs(24 * 3600),
             retry,
             shutdown_grace: a.shutdown_grace.into(),
             flush_every: a.flush_every,

@@ -179,3 +179,38 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
         assert_eq!(rec.attempts, 1, "{key} burned an attempt during the outage");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(100));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.expire = true;
+    cfg.completion_window = Duration::from_secs(1);
+    cfg.concurrency = 1;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let n = 60;
+    let done = run_batch(&api, n, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "expired", "{done}");
+    assert!(done["expired_at"].as_i64().is_some());
+    assert_eq!(
+        done["expires_at"].as_i64(),
+        done["created_at"].as_i64().map(|c| c + 1)
+    );
+    let out = api.lines(&done["output_file_id"]).await;
+    let errs = api.lines(&done["error_file_id"]).await;
+    assert!(!out.is_empty() && !errs.is_empty(), "{done}");
+    assert_eq!(out.len() + errs.len(), n, "every line exactly once");
+    let ids: BTreeSet<&str> = out
+        .iter()
+        .chain(errs.iter())
+        .filter_map(|l| l["custom_id"].as_str())
+        .collect();
+    assert_eq!(ids.len(), n);
+    for e in &errs {
+        assert_eq!(e["error"]["code"], "batch_expired", "{e}");
+    }
+    server.stop().await;
+}

@@ -131,7 +131,9 @@ pub async fn create(
         endpoint,
         file_id,
         now,
-        st.cfg.expire.then_some(now + 24 * 3600),
+        st.cfg
+            .expire
+            .then_some(now + st.cfg.completion_window.as_secs() as i64),
         metadata,
     );
     st.store.put_batch(&rec)?;
