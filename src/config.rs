@@ -327,6 +327,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn model_flag_overrides_the_map_and_the_map_overrides_the_line() {
+        let mut cfg = Config::for_tests("/tmp/x".into(), BackendKind::Ollama, "http://x:1");
+        cfg.model_map
+            .insert("gpt-4o-mini".into(), "gemma3:12b".into());
+        assert_eq!(cfg.map_model("gpt-4o-mini"), "gemma3:12b");
+        assert_eq!(cfg.map_model("llama3"), "llama3");
+        cfg.model = Some("qwen3:8b".into());
+        assert_eq!(cfg.map_model("gpt-4o-mini"), "qwen3:8b");
+    }
+
+    #[test]
+    fn bad_flags_are_refused_with_a_message() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["ollama-batch", "serve"];
+            argv.extend_from_slice(extra);
+            let Command::Serve(a) = Cli::parse_from(argv).command else {
+                unreachable!()
+            };
+            Config::from_args(&a)
+        };
+        assert!(parse(&[]).is_ok());
+        for (args, needle) in [
+            (&["--concurrency", "0"][..], "--concurrency"),
+            (&["--max-attempts", "0"][..], "--max-attempts"),
+            (
+                &["--retry-initial", "10m", "--retry-max", "1s"][..],
+                "--retry-initial",
+            ),
+            (&["--backend-url", "localhost:11434"][..], "--backend-url"),
+            (&["--model-map", "nonsense"][..], "--model-map"),
+            (&["--max-file-size", "huge"][..], "--max-file-size"),
+        ] {
+            let err = parse(args).expect_err("must be refused");
+            assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    #[test]
     fn sizes_parse() {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("500MB"), Ok(500_000_000));

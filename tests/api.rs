@@ -339,9 +339,32 @@ async fn hostile_input_gets_error_objects_and_the_server_keeps_serving() {
     assert_error_object(s, 400, &v);
     assert_eq!(v["error"]["param"], "file");
 
-    // Too large: 413 with an error object, not a dropped connection.
-    let (s, v) = api.upload("big.jsonl", vec![b'x'; 2 << 20], "batch").await;
-    assert_error_object(s, 413, &v);
+    // Too large: 413 with an error object, not a dropped connection, whether the body is a
+    // little or several times over the limit.
+    for size in [(1 << 20) + 1, 2 << 20, 8 << 20] {
+        for _ in 0..3 {
+            let (s, v) = api.upload("big.jsonl", vec![b'x'; size], "batch").await;
+            assert_error_object(s, 413, &v);
+        }
+    }
+    // A client that waits for `100 Continue` is told before it sends the body.
+    let mut sock = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .expect("connect");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    sock.write_all(
+        b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+          Content-Length: 9000000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await
+    .expect("write head");
+    let mut head = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(10), sock.read(&mut head))
+        .await
+        .expect("answered without the body")
+        .expect("read");
+    let text = String::from_utf8_lossy(&head[..n]);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
 
     // Batch parameters.
     let (_, file) = api

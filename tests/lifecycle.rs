@@ -248,3 +248,91 @@ async fn ollama_backend_errors_land_in_the_error_file() {
 async fn openai_backend_errors_land_in_the_error_file() {
     backend_errors_land_in_the_error_file(Shape::OpenAi).await;
 }
+
+async fn completions_batch_completes(shape: Shape) {
+    let fake = Fake::start(shape).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
+    let api = Api::new(&server.base);
+    let mut jsonl = String::new();
+    for i in 1..=4 {
+        jsonl.push_str(
+            &json!({"custom_id": format!("p-{i}"), "method": "POST", "url": "/v1/completions",
+                    "body": {"model": "m", "prompt": format!("prompt {i}"), "max_tokens": 4}})
+            .to_string(),
+        );
+        jsonl.push('\n');
+    }
+    let (_, file) = api.upload("p.jsonl", jsonl.into_bytes(), "batch").await;
+    let b = api
+        .create_batch(file["id"].as_str().expect("id"), "/v1/completions")
+        .await;
+    let done = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let lines = api.lines(&done["output_file_id"]).await;
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        let body = &l["response"]["body"];
+        assert_eq!(body["object"], "text_completion");
+        assert_eq!(body["choices"][0]["text"], format!("echo:prompt {}", i + 1));
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_completions_batch_completes() {
+    completions_batch_completes(Shape::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_completions_batch_completes() {
+    completions_batch_completes(Shape::OpenAi).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_run_first_come_first_served() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(5));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.concurrency = 2;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let file_of = |prefix: &str| {
+        (1..=30)
+            .map(|i| crate::support::chat_line(&format!("{prefix}-{i}"), "m", "s") + "\n")
+            .collect::<String>()
+            .into_bytes()
+    };
+    let (_, fa) = api.upload("a.jsonl", file_of("a"), "batch").await;
+    let (_, fb) = api.upload("b.jsonl", file_of("b"), "batch").await;
+    let a = api
+        .create_batch(fa["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    let b = api
+        .create_batch(fb["id"].as_str().expect("id"), "/v1/chat/completions")
+        .await;
+    for id in [&a["id"], &b["id"]] {
+        let done = api
+            .wait_terminal(id.as_str().expect("id"), Duration::from_secs(30))
+            .await;
+        assert_eq!(done["status"], "completed");
+    }
+    let order = fake.stats.order.lock().expect("lock").clone();
+    assert_eq!(order.len(), 60);
+    let last_a = order
+        .iter()
+        .rposition(|u| u.starts_with("score a-"))
+        .expect("a ran");
+    let first_b = order
+        .iter()
+        .position(|u| u.starts_with("score b-"))
+        .expect("b ran");
+    assert!(
+        last_a < first_b,
+        "every line of the first batch was sent before the second batch started: {order:?}"
+    );
+    server.stop().await;
+}

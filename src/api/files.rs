@@ -8,7 +8,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Multipart, Path, Query, State, multipart::MultipartRejection};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -59,11 +59,57 @@ async fn small_text(
     String::from_utf8(buf).map_err(|_| ApiError::bad(Some(name), format!("'{name}' is not UTF-8")))
 }
 
-/// `POST /v1/files`
+/// Reads and discards up to `cap` more bytes of an over-large upload, so that the client, which
+/// is still sending, gets to read the 413 instead of a reset connection (most clients, the
+/// openai SDKs among them, read the answer only after sending the whole body). Past the budget
+/// (the limit again, at least 64 MiB) the connection is closed. Returns the budget left.
+async fn drain_field(field: &mut axum::extract::multipart::Field<'_>, mut cap: u64) -> u64 {
+    while let Ok(Some(chunk)) = field.chunk().await {
+        cap = cap.saturating_sub(chunk.len() as u64);
+        if cap == 0 {
+            break;
+        }
+    }
+    cap
+}
+
+/// [`drain_field`] for every remaining field.
+async fn drain_rest(mp: &mut Multipart, mut cap: u64) {
+    while cap > 0 {
+        match mp.next_field().await {
+            Ok(Some(mut f)) => cap = drain_field(&mut f, cap).await,
+            _ => break,
+        }
+    }
+}
+
+fn too_large(limit: u64) -> ApiError {
+    ApiError::too_large(format!(
+        "the file is larger than the limit of {limit} bytes (--max-file-size)"
+    ))
+}
+
+/// `POST /v1/files`. The route has no framework body limit: the file field is counted here
+/// against `--max-file-size`, every other field against 1 KiB (unknown fields against the same
+/// limit as the file).
 pub async fn upload(
     State(st): State<AppState>,
+    headers: HeaderMap,
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let limit = st.cfg.max_file_size;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let waits_for_continue = headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if waits_for_continue && declared.is_some_and(|n| n > limit.saturating_add(1 << 20)) {
+        // The client has not sent the body yet and will not: answer before reading it.
+        return Err(too_large(limit));
+    }
     let mut mp = mp.map_err(|e| {
         ApiError::bad(
             None,
@@ -75,6 +121,8 @@ pub async fn upload(
     let mut scratch = Scratch(None);
     let mut purpose: Option<String> = None;
     let mut file: Option<(String, u64)> = None;
+    let mut over_limit = false;
+    let mut drain_budget: u64 = limit.max(64 << 20);
     while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
         match field.name() {
             Some("purpose") => purpose = Some(small_text(&mut field, "purpose").await?),
@@ -90,11 +138,10 @@ pub async fn upload(
                 let mut written: u64 = 0;
                 while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
                     written += chunk.len() as u64;
-                    if written > st.cfg.max_file_size {
-                        return Err(ApiError::too_large(format!(
-                            "the file is larger than the limit of {} bytes (--max-file-size)",
-                            st.cfg.max_file_size
-                        )));
+                    if written > limit {
+                        drain_budget = drain_field(&mut field, drain_budget).await;
+                        over_limit = true;
+                        break;
                     }
                     out.write_all(&chunk).await.map_err(ApiError::internal)?;
                 }
@@ -102,10 +149,25 @@ pub async fn upload(
                 file = Some((filename, written));
             }
             _ => {
-                // Unknown fields are drained and ignored.
-                while field.chunk().await.map_err(multipart_error)?.is_some() {}
+                // Unknown fields are read and ignored, within the same limit as a file.
+                let mut seen: u64 = 0;
+                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+                    seen += chunk.len() as u64;
+                    if seen > limit {
+                        drain_budget = drain_field(&mut field, drain_budget).await;
+                        over_limit = true;
+                        break;
+                    }
+                }
             }
         }
+        if over_limit {
+            break;
+        }
+    }
+    if over_limit {
+        drain_rest(&mut mp, drain_budget).await;
+        return Err(too_large(limit));
     }
     let purpose = purpose
         .ok_or_else(|| ApiError::bad(Some("purpose"), "missing required parameter: 'purpose'"))?;

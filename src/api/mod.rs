@@ -136,16 +136,15 @@ async fn method_not_allowed() -> ApiError {
     }
 }
 
-/// The router. The upload route gets a body limit of `--max-file-size` plus room for the
-/// multipart framing; every other route keeps axum's 2 MB.
+/// The router. The upload route has no framework body limit (the handler counts bytes against
+/// `--max-file-size` itself, so that it can answer 413 cleanly); every other route keeps
+/// axum's 2 MB.
 pub fn router(state: AppState) -> Router {
-    let upload_limit =
-        usize::try_from(state.cfg.max_file_size.saturating_add(1 << 20)).unwrap_or(usize::MAX);
     Router::new()
         .route(
             "/v1/files",
             post(files::upload)
-                .layer(DefaultBodyLimit::max(upload_limit))
+                .layer(DefaultBodyLimit::disable())
                 .get(files::list),
         )
         .route("/v1/files/{id}", get(files::retrieve).delete(files::delete))

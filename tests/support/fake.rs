@@ -43,6 +43,8 @@ pub struct Stats {
     pub calls: Mutex<HashMap<String, u32>>,
     /// Calls answered 200 per user message.
     pub successes: Mutex<HashMap<String, u32>>,
+    /// User messages in the order the calls arrived.
+    pub order: Mutex<Vec<String>>,
     /// Every request body received (only when `keep_bodies`).
     pub bodies: Mutex<Vec<Value>>,
     pub total: AtomicU64,
@@ -274,6 +276,7 @@ impl Ctx {
             *c
         };
         self.stats.total.fetch_add(1, Ordering::SeqCst);
+        self.stats.order.lock().expect("lock").push(user.clone());
         if !b.delay.is_zero() {
             tokio::time::sleep(b.delay).await;
         }
