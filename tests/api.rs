@@ -50,14 +50,12 @@ async fn invalid_file_fails_the_batch_with_every_bad_line_numbered() {
         json!({"custom_id": "", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}).to_string(), // 9
         good("f"),                                                      // 10
     ];
-    let (_, file) = api
-        .upload("bad.jsonl", lines.join("\n").into_bytes(), "batch")
-        .await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
     let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .run_file(
+            lines.join("\n").into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
         .await;
     assert_eq!(done["status"], "failed");
     assert!(done["failed_at"].as_i64().is_some());
@@ -92,12 +90,12 @@ async fn empty_file_fails_the_batch() {
     let fake = Fake::start(Shape::OpenAi).await;
     let (_d, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
-    let (_, file) = api.upload("empty.jsonl", b"\n\n".to_vec(), "batch").await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
     let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .run_file(
+            b"\n\n".to_vec(),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
         .await;
     assert_eq!(done["status"], "failed");
     assert_eq!(done["errors"]["data"][0]["code"], "empty_file");
@@ -111,11 +109,8 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
     let (_d, mut server) = server_with(&fake, |c| c.concurrency = 2).await;
     let api = Api::new(&server.base);
     let n = 30;
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-        .await;
     let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
     // Wait until some lines are done, then cancel.
@@ -171,11 +166,8 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
     assert_eq!(status, 200);
     assert_eq!(again["status"], "cancelled");
     fake.set(|b| b.delay = Duration::ZERO);
-    let (_, file2) = api
-        .upload("in2.jsonl", chat_file(2, "m", "s"), "batch")
-        .await;
     let b2 = api
-        .create_batch(file2["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(2, "m", "s"), "/v1/chat/completions")
         .await;
     let id2 = b2["id"].as_str().expect("id");
     api.wait_terminal(id2, Duration::from_secs(20)).await;

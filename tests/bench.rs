@@ -26,11 +26,8 @@ async fn bench_throughput() {
         cfg.cache_bytes = 64 << 20;
         let mut server = TestServer::start(cfg).await;
         let api = Api::new(&server.base);
-        let (_, file) = api
-            .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-            .await;
         let b = api
-            .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+            .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
             .await;
         let id = b["id"].as_str().expect("id").to_string();
         // Time the run, not the validation: start once the batch is in progress.

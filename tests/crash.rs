@@ -181,11 +181,8 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
     }
 
     // The batch: killed right after create (validation), then at random moments.
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-        .await;
     let created = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = created["id"].as_str().expect("id").to_string();
     for k in 0..kills {
@@ -251,11 +248,8 @@ async fn sigterm_lets_in_flight_requests_finish_and_resume_completes() {
     let mut p = spawn(&state, &fake.url(), &[]);
     let api = Api::new(&p.addr);
     let n = 60;
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-        .await;
     let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -297,11 +291,8 @@ async fn second_signal_exits_at_once_and_nothing_is_lost() {
     let state = tmp.path().join("state");
     let mut p = spawn(&state, &fake.url(), &["--shutdown-grace", "60s"]);
     let api = Api::new(&p.addr);
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(10, "m", "s"), "batch")
-        .await;
     let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(10, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -10,13 +10,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 async fn run_batch(api: &Api, n: usize, within: Duration) -> Value {
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-        .await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
-    api.wait_terminal(b["id"].as_str().expect("id"), within)
+    api.run_file(chat_file(n, "m", "s"), "/v1/chat/completions", within)
         .await
 }
 
@@ -136,11 +130,8 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
     let mut server = TestServer::start(cfg).await;
     let api = Api::new(&server.base);
     let n = 50;
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(n, "m", "s"), "batch")
-        .await;
     let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
     let deadline = Instant::now() + Duration::from_secs(10);

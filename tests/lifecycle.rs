@@ -154,35 +154,50 @@ async fn openai_chat_batch_completes_with_each_answer_on_its_own_line() {
     chat_batch_completes_with_each_answer_on_its_own_line(Shape::OpenAi).await;
 }
 
-async fn embeddings_batch_completes(shape: Shape) {
+/// A small batch on `endpoint`; `line_body(i)` is line i's body; `check(i, answer)` checks the
+/// i-th answer.
+async fn endpoint_batch_completes(
+    shape: Shape,
+    endpoint: &str,
+    line_body: impl Fn(usize) -> Value,
+    check: impl Fn(usize, &Value),
+) {
     let fake = Fake::start(shape).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
     let api = Api::new(&server.base);
-    let mut jsonl = String::new();
-    for i in 1..=5 {
-        jsonl.push_str(
-            &json!({"custom_id": format!("e-{i}"), "method": "POST", "url": "/v1/embeddings",
-                    "body": {"model": "nomic-embed-text", "input": format!("text {i}")}})
-            .to_string(),
-        );
-        jsonl.push('\n');
-    }
-    let (_, file) = api.upload("e.jsonl", jsonl.into_bytes(), "batch").await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/embeddings")
-        .await;
+    let jsonl: String = (1..=4)
+        .map(|i| {
+            json!({"custom_id": format!("x-{i}"), "method": "POST", "url": endpoint,
+                   "body": line_body(i)})
+            .to_string()
+                + "\n"
+        })
+        .collect();
     let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .run_file(jsonl.into_bytes(), endpoint, Duration::from_secs(20))
         .await;
     assert_eq!(done["status"], "completed", "{done}");
     let lines = api.lines(&done["output_file_id"]).await;
-    assert_eq!(lines.len(), 5);
-    for l in &lines {
-        assert_eq!(l["response"]["body"]["object"], "list");
-        assert_eq!(l["response"]["body"]["data"][0]["object"], "embedding");
+    assert_eq!(lines.len(), 4);
+    for (i, l) in lines.iter().enumerate() {
+        check(i + 1, &l["response"]["body"]);
     }
     server.stop().await;
+}
+
+async fn embeddings_batch_completes(shape: Shape) {
+    endpoint_batch_completes(
+        shape,
+        "/v1/embeddings",
+        |i| json!({"model": "nomic-embed-text", "input": format!("text {i}")}),
+        |_, body| {
+            assert_eq!(body["object"], "list");
+            assert_eq!(body["data"][0]["object"], "embedding");
+            assert!(body["data"][0]["embedding"].is_array());
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -195,20 +210,41 @@ async fn openai_embeddings_batch_completes() {
     embeddings_batch_completes(Shape::OpenAi).await;
 }
 
+async fn completions_batch_completes(shape: Shape) {
+    endpoint_batch_completes(
+        shape,
+        "/v1/completions",
+        |i| json!({"model": "m", "prompt": format!("prompt {i}"), "max_tokens": 4}),
+        |i, body| {
+            assert_eq!(body["object"], "text_completion");
+            assert_eq!(body["choices"][0]["text"], format!("echo:prompt {i}"));
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_completions_batch_completes() {
+    completions_batch_completes(Shape::Ollama).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_completions_batch_completes() {
+    completions_batch_completes(Shape::OpenAi).await;
+}
+
 async fn backend_errors_land_in_the_error_file(shape: Shape) {
     let fake = Fake::start(shape).await;
     fake.set(|b| b.fail_all = Some((404, "model \"nope\" not found, try pulling it first".into())));
     let dir = tempfile::tempdir().expect("tempdir");
     let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
     let api = Api::new(&server.base);
-    let (_, file) = api
-        .upload("in.jsonl", chat_file(4, "nope", "s"), "batch")
-        .await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
     let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
+        .run_file(
+            chat_file(4, "nope", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
         .await;
     assert_eq!(
         done["status"], "completed",
@@ -249,48 +285,6 @@ async fn openai_backend_errors_land_in_the_error_file() {
     backend_errors_land_in_the_error_file(Shape::OpenAi).await;
 }
 
-async fn completions_batch_completes(shape: Shape) {
-    let fake = Fake::start(shape).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
-    let api = Api::new(&server.base);
-    let mut jsonl = String::new();
-    for i in 1..=4 {
-        jsonl.push_str(
-            &json!({"custom_id": format!("p-{i}"), "method": "POST", "url": "/v1/completions",
-                    "body": {"model": "m", "prompt": format!("prompt {i}"), "max_tokens": 4}})
-            .to_string(),
-        );
-        jsonl.push('\n');
-    }
-    let (_, file) = api.upload("p.jsonl", jsonl.into_bytes(), "batch").await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/completions")
-        .await;
-    let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(20))
-        .await;
-    assert_eq!(done["status"], "completed", "{done}");
-    let lines = api.lines(&done["output_file_id"]).await;
-    assert_eq!(lines.len(), 4);
-    for (i, l) in lines.iter().enumerate() {
-        let body = &l["response"]["body"];
-        assert_eq!(body["object"], "text_completion");
-        assert_eq!(body["choices"][0]["text"], format!("echo:prompt {}", i + 1));
-    }
-    server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ollama_completions_batch_completes() {
-    completions_batch_completes(Shape::Ollama).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn openai_completions_batch_completes() {
-    completions_batch_completes(Shape::OpenAi).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_run_first_come_first_served() {
     let fake = Fake::start(Shape::OpenAi).await;
@@ -306,14 +300,8 @@ async fn batches_run_first_come_first_served() {
             .collect::<String>()
             .into_bytes()
     };
-    let (_, fa) = api.upload("a.jsonl", file_of("a"), "batch").await;
-    let (_, fb) = api.upload("b.jsonl", file_of("b"), "batch").await;
-    let a = api
-        .create_batch(fa["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
-    let b = api
-        .create_batch(fb["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
+    let a = api.submit(file_of("a"), "/v1/chat/completions").await;
+    let b = api.submit(file_of("b"), "/v1/chat/completions").await;
     for id in [&a["id"], &b["id"]] {
         let done = api
             .wait_terminal(id.as_str().expect("id"), Duration::from_secs(30))

@@ -34,12 +34,12 @@ async fn real_llama_cpp_server_runs_a_batch() {
     // One line far past a 2,048-token slot: a context overflow.
     jsonl.push_str(&chat_line("too-long", "tiny", &"overflow ".repeat(6000)));
     jsonl.push('\n');
-    let (_, file) = api.upload("real.jsonl", jsonl.into_bytes(), "batch").await;
-    let b = api
-        .create_batch(file["id"].as_str().expect("id"), "/v1/chat/completions")
-        .await;
     let done = api
-        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(300))
+        .run_file(
+            jsonl.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(300),
+        )
         .await;
     println!("{done}");
     assert_eq!(done["status"], "completed");

@@ -84,14 +84,10 @@ impl Api {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .send()
-            .await
-            .expect("get sent");
-        let status = r.status().as_u16();
-        (status, r.json().await.expect("answer is JSON"))
+        let (status, text) = self.get_text(path).await;
+        let v = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("GET {path}: answer is not JSON ({e}): {text:?}"));
+        (status, v)
     }
 
     pub async fn get_text(&self, path: &str) -> (u16, String) {
@@ -126,6 +122,21 @@ impl Api {
             .await;
         assert_eq!(status, 200, "create batch: {b}");
         b
+    }
+
+    /// Uploads `bytes`, creates a batch on `endpoint` and returns the created batch object.
+    pub async fn submit(&self, bytes: Vec<u8>, endpoint: &str) -> Value {
+        let (status, file) = self.upload("input.jsonl", bytes, "batch").await;
+        assert_eq!(status, 200, "upload: {file}");
+        self.create_batch(file["id"].as_str().expect("file id"), endpoint)
+            .await
+    }
+
+    /// [`Api::submit`], then waits for a terminal status and returns the final batch object.
+    pub async fn run_file(&self, bytes: Vec<u8>, endpoint: &str, within: Duration) -> Value {
+        let b = self.submit(bytes, endpoint).await;
+        self.wait_terminal(b["id"].as_str().expect("batch id"), within)
+            .await
     }
 
     /// Polls a batch until it reaches a terminal status.
