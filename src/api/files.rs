@@ -83,6 +83,26 @@ async fn drain_rest(mp: &mut Multipart, mut cap: u64) {
     }
 }
 
+/// Copies a field into `out` (or discards it) while it stays within `limit` bytes. Returns the
+/// bytes copied, or `None` as soon as the field passes the limit (the rest is left unread).
+async fn copy_field(
+    field: &mut axum::extract::multipart::Field<'_>,
+    mut out: Option<&mut tokio::fs::File>,
+    limit: u64,
+) -> Result<Option<u64>, ApiError> {
+    let mut seen: u64 = 0;
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Ok(None);
+        }
+        if let Some(out) = out.as_mut() {
+            out.write_all(&chunk).await.map_err(ApiError::internal)?;
+        }
+    }
+    Ok(Some(seen))
+}
+
 fn too_large(limit: u64) -> ApiError {
     ApiError::too_large(format!(
         "the file is larger than the limit of {limit} bytes (--max-file-size)"
@@ -124,8 +144,11 @@ pub async fn upload(
     let mut over_limit = false;
     let mut drain_budget: u64 = limit.max(64 << 20);
     while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
-        match field.name() {
-            Some("purpose") => purpose = Some(small_text(&mut field, "purpose").await?),
+        let copied = match field.name() {
+            Some("purpose") => {
+                purpose = Some(small_text(&mut field, "purpose").await?);
+                continue;
+            }
             Some("file") if file.is_none() => {
                 let filename = field
                     .file_name()
@@ -135,33 +158,19 @@ pub async fn upload(
                     .await
                     .map_err(ApiError::internal)?;
                 scratch.0 = Some(scratch_path.clone());
-                let mut written: u64 = 0;
-                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                    written += chunk.len() as u64;
-                    if written > limit {
-                        drain_budget = drain_field(&mut field, drain_budget).await;
-                        over_limit = true;
-                        break;
-                    }
-                    out.write_all(&chunk).await.map_err(ApiError::internal)?;
+                let copied = copy_field(&mut field, Some(&mut out), limit).await?;
+                if let Some(written) = copied {
+                    out.sync_all().await.map_err(ApiError::internal)?;
+                    file = Some((filename, written));
                 }
-                out.sync_all().await.map_err(ApiError::internal)?;
-                file = Some((filename, written));
+                copied
             }
-            _ => {
-                // Unknown fields are read and ignored, within the same limit as a file.
-                let mut seen: u64 = 0;
-                while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-                    seen += chunk.len() as u64;
-                    if seen > limit {
-                        drain_budget = drain_field(&mut field, drain_budget).await;
-                        over_limit = true;
-                        break;
-                    }
-                }
-            }
-        }
-        if over_limit {
+            // Unknown fields are read and ignored, within the same limit as a file.
+            _ => copy_field(&mut field, None, limit).await?,
+        };
+        if copied.is_none() {
+            drain_budget = drain_field(&mut field, drain_budget).await;
+            over_limit = true;
             break;
         }
     }
