@@ -227,7 +227,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
     let redone = (fake.total_calls() as usize).saturating_sub(n);
     // Work sent again after a kill is at most what was leased at the kill: the window of
     // 2 × concurrency (results not yet flushed are still leased in the store).
-    let bound = kills * 2 * CONCURRENCY;
+    let bound = (kills + usize::from(caught_finalizing)) * 2 * CONCURRENCY;
     println!(
         "crash test result: kills={kills} lines={n} lost={lost} duplicated={duplicated} redone={redone} bound={bound}"
     );
