@@ -109,9 +109,8 @@ fn too_large(limit: u64) -> ApiError {
     ))
 }
 
-/// `POST /v1/files`. The route has no framework body limit: the file field is counted here
-/// against `--max-file-size`, every other field against 1 KiB (unknown fields against the same
-/// limit as the file).
+/// `POST /v1/files`. The route has no framework body limit: the file field and any unknown
+/// field are counted here against `--max-file-size`, `purpose` against 1 KiB.
 pub async fn upload(
     State(st): State<AppState>,
     headers: HeaderMap,
