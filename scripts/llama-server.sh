@@ -3,7 +3,7 @@
 # once) and serves the tiny test model from ../shared/models on 127.0.0.1:${PORT:-18080}, for the
 # opt-in real-server test:
 #   scripts/llama-server.sh &
-#   OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 cargo test --test main llamacpp -- --nocapture
+#   OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 cargo test --test main llamacpp -- --ignored --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model="${MODEL:-../shared/models/tiny-llama-random.gguf}"
