@@ -18,7 +18,11 @@ fn python() -> Option<String> {
 
 async fn sdk_round_trip(shape: Shape, kind: BackendKind) {
     let Some(py) = python() else {
-        println!(
+        // Written to stderr directly: libtest captures only the print macros, so the reason
+        // shows in every run, not only with --nocapture.
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
             "SKIPPED: the openai SDK test needs a Python with the `openai` package \
              (set OLLAMA_BATCH_TEST_PYTHON; .ci/run installs one)"
         );
