@@ -114,15 +114,7 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
         .await;
     let id = b["id"].as_str().expect("id").to_string();
     // Wait until some lines are done, then cancel.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
-        if cur["request_counts"]["completed"].as_u64().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no progress: {cur}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    api.wait_completed(&id, 2, Duration::from_secs(20)).await;
     let (status, c) = api
         .post(&format!("/v1/batches/{id}/cancel"), json!({}))
         .await;

@@ -31,13 +31,10 @@ async fn bench_throughput() {
             .await;
         let id = b["id"].as_str().expect("id").to_string();
         // Time the run, not the validation: start once the batch is in progress.
-        loop {
-            let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
-            if cur["status"] != "validating" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
+        api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
+            b["status"] != "validating"
+        })
+        .await;
         let (_, before) = api.get("/status").await;
         let t0 = Instant::now();
         let done = api.wait_terminal(&id, Duration::from_secs(600)).await;

@@ -252,15 +252,7 @@ async fn sigterm_lets_in_flight_requests_finish_and_resume_completes() {
         .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
-        if cur["request_counts"]["completed"].as_u64().unwrap_or(0) >= 8 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    api.wait_completed(&id, 8, Duration::from_secs(20)).await;
     signal(&p.child, "-TERM");
     let status = wait_exit(&mut p.child, Duration::from_secs(20));
     assert!(status.success(), "graceful stop exits 0: {status:?}");

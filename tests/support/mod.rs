@@ -139,24 +139,46 @@ impl Api {
             .await
     }
 
-    /// Polls a batch until it reaches a terminal status.
-    pub async fn wait_terminal(&self, batch_id: &str, within: Duration) -> Value {
+    /// Polls a batch (every 5 ms) until `done(batch)` holds; fails the test after `within`.
+    pub async fn wait_for(
+        &self,
+        batch_id: &str,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + within;
         loop {
             let (status, b) = self.get(&format!("/v1/batches/{batch_id}")).await;
             assert_eq!(status, 200, "{b}");
-            if matches!(
-                b["status"].as_str(),
-                Some("completed" | "failed" | "cancelled" | "expired")
-            ) {
+            if done(&b) {
                 return b;
             }
             assert!(
                 Instant::now() < deadline,
-                "batch did not finish within {within:?}: {b}"
+                "batch not {what} within {within:?}: {b}"
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    /// Polls a batch until it reaches a terminal status.
+    pub async fn wait_terminal(&self, batch_id: &str, within: Duration) -> Value {
+        self.wait_for(batch_id, within, "finished", |b| {
+            matches!(
+                b["status"].as_str(),
+                Some("completed" | "failed" | "cancelled" | "expired")
+            )
+        })
+        .await
+    }
+
+    /// Polls a batch until at least `n` lines are durably completed.
+    pub async fn wait_completed(&self, batch_id: &str, n: u64, within: Duration) -> Value {
+        self.wait_for(batch_id, within, &format!("{n} lines done"), |b| {
+            b["request_counts"]["completed"].as_u64().unwrap_or(0) >= n
+        })
+        .await
     }
 
     /// The lines of a file's content, parsed.
