@@ -290,6 +290,12 @@ impl Config {
         })
     }
 
+    /// Requests leased at most at once: twice the concurrency, so the worker has the next
+    /// requests at hand when calls finish. Bounds what a crash can make run again.
+    pub fn lease_window(&self) -> usize {
+        self.concurrency * 2
+    }
+
     /// The model a line naming `model` runs on.
     pub fn map_model(&self, model: &str) -> String {
         if let Some(m) = &self.model {

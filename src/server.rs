@@ -92,7 +92,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
 
     let backend = Backend::new(&cfg).map_err(ServerError::Config)?;
     let limiter = Arc::new(Limiter::new(cfg.concurrency));
-    let window = cfg.concurrency * 2;
+    let window = cfg.lease_window();
     let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
     // Two events per job (started, finished); at most `window` jobs are leased.
     let (events_tx, events_rx) = mpsc::channel(window * 2 + 16);

@@ -140,8 +140,8 @@ pub async fn upload(
     let mut scratch = Scratch(None);
     let mut purpose: Option<String> = None;
     let mut file: Option<(String, u64)> = None;
-    let mut over_limit = false;
-    let mut drain_budget: u64 = limit.max(64 << 20);
+    // Set when a field passes the limit: how much more of the body may still be drained.
+    let mut over_limit: Option<u64> = None;
     while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
         let copied = match field.name() {
             Some("purpose") => {
@@ -168,13 +168,12 @@ pub async fn upload(
             _ => copy_field(&mut field, None, limit).await?,
         };
         if copied.is_none() {
-            drain_budget = drain_field(&mut field, drain_budget).await;
-            over_limit = true;
+            over_limit = Some(drain_field(&mut field, limit.max(64 << 20)).await);
             break;
         }
     }
-    if over_limit {
-        drain_rest(&mut mp, drain_budget).await;
+    if let Some(budget) = over_limit {
+        drain_rest(&mut mp, budget).await;
         return Err(too_large(limit));
     }
     let purpose = purpose

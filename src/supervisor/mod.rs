@@ -140,6 +140,12 @@ struct Active {
 }
 
 impl Active {
+    /// Whether its lines are still being sent (in progress and not expiring). Retries and
+    /// requeues of a batch that is not go nowhere: finalization turns them into error lines.
+    fn dispatching(&self) -> bool {
+        self.status == BatchStatus::InProgress && !self.expiring
+    }
+
     fn from_record(rec: &crate::domain::BatchRecord) -> Active {
         Active {
             status: rec.status,
@@ -354,7 +360,7 @@ impl Supervisor {
     /// The loop. Returns after shutdown, with every acknowledged result durable and every
     /// still-leased request back in the queue.
     pub async fn run(mut self) {
-        let window = self.cfg.concurrency * 2;
+        let window = self.cfg.lease_window();
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -402,11 +408,11 @@ impl Supervisor {
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
         let leasable = !self.backend_down
-            && self.leased.len() < self.cfg.concurrency * 2
+            && self.leased.len() < self.cfg.lease_window()
             && self
                 .batches
                 .values()
-                .any(|a| a.status == BatchStatus::InProgress && !a.expiring && !a.ready.is_empty());
+                .any(|a| a.dispatching() && !a.ready.is_empty());
         // Work waiting (at start-up, after an outage): no sleep. Finalizers need no wake-up:
         // every event that can make a batch final is handled in the turn it arrives.
         if leasable {
@@ -546,7 +552,7 @@ impl Supervisor {
                 if r.is_ok() {
                     self.counters.retries += 1;
                     tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
-                    if active.status == BatchStatus::InProgress && !active.expiring {
+                    if active.dispatching() {
                         active.retry_wait += 1;
                         self.delayed.push(Reverse((due, key)));
                     }
@@ -561,7 +567,7 @@ impl Supervisor {
                     r.not_before_ms = 0;
                     r.last_error = Some(err.clone());
                 });
-                if r.is_ok() && active.status == BatchStatus::InProgress && !active.expiring {
+                if r.is_ok() && active.dispatching() {
                     active.ready.push_front(key.line);
                 }
                 self.backend_gone(err);
@@ -628,8 +634,7 @@ impl Supervisor {
             }
             self.delayed.pop();
             if let Some(a) = self.batches.get_mut(&key.batch)
-                && a.status == BatchStatus::InProgress
-                && !a.expiring
+                && a.dispatching()
             {
                 a.retry_wait = a.retry_wait.saturating_sub(1);
                 a.ready.push_back(key.line);
@@ -662,7 +667,7 @@ impl Supervisor {
             tracing::warn!(request = %key, lease, "lease outlived its deadline: rescued");
             if let Some(a) = self.batches.get_mut(&key.batch) {
                 a.in_flight = a.in_flight.saturating_sub(1);
-                if r.is_ok() && a.status == BatchStatus::InProgress && !a.expiring {
+                if r.is_ok() && a.dispatching() {
                     a.ready.push_back(key.line);
                 }
             }
@@ -675,10 +680,7 @@ impl Supervisor {
         }
         let now = unix_now();
         for (id, a) in self.batches.iter_mut() {
-            if a.status == BatchStatus::InProgress
-                && !a.expiring
-                && a.expires_at.is_some_and(|t| t <= now)
-            {
+            if a.dispatching() && a.expires_at.is_some_and(|t| t <= now) {
                 tracing::warn!(batch = %id, "completion window passed: expiring");
                 a.expiring = true;
                 a.ready.clear();
@@ -691,7 +693,7 @@ impl Supervisor {
     fn lease(&mut self, mut n: usize) -> Vec<Job> {
         let mut jobs = Vec::new();
         for (id, a) in self.batches.iter_mut() {
-            if a.status != BatchStatus::InProgress || a.expiring {
+            if !a.dispatching() {
                 continue;
             }
             while n > 0 {
