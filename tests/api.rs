@@ -1,22 +1,10 @@
 //! The HTTP contract: validation with line numbers, cancel, pagination, and hostile input.
 
 use crate::support::fake::{Fake, Shape};
-use crate::support::{Api, TestServer, chat_file, chat_line, config};
-use ollama_batch::config::BackendKind;
+use crate::support::{Api, chat_file, chat_line, server_with};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::Duration;
-
-async fn server_with(
-    fake: &Fake,
-    tweak: impl FnOnce(&mut ollama_batch::config::Config),
-) -> (tempfile::TempDir, TestServer) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    tweak(&mut cfg);
-    let server = TestServer::start(cfg).await;
-    (dir, server)
-}
 
 fn assert_error_object(status: u16, expected: u16, body: &Value) {
     assert_eq!(status, expected, "{body}");

@@ -1,8 +1,7 @@
 //! Faults of the model server: out-of-memory, hangs, resets, busy answers, outages, timeouts.
 
 use crate::support::fake::{Fake, Shape};
-use crate::support::{Api, TestServer, chat_file, config};
-use ollama_batch::config::BackendKind;
+use crate::support::{Api, chat_file, server_with};
 use ollama_batch::domain::{BatchId, RequestState};
 use ollama_batch::store::Store;
 use serde_json::{Value, json};
@@ -36,11 +35,11 @@ async fn oom_hangs_resets_and_busy_answers_still_complete_every_line() {
         b.reset_permille = 50;
         b.busy_permille = 50;
     });
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Ollama, &fake.url());
-    cfg.concurrency = 8;
-    cfg.request_timeout = Duration::from_millis(150);
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.concurrency = 8;
+        cfg.request_timeout = Duration::from_millis(150);
+    })
+    .await;
     let api = Api::new(&server.base);
     let n = 2000;
     let done = run_batch(&api, n, Duration::from_secs(240)).await;
@@ -69,11 +68,11 @@ async fn out_of_memory_lowers_concurrency() {
         b.fail_all = Some((500, "CUDA error: out of memory".into()));
         b.delay = Duration::from_millis(20);
     });
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Ollama, &fake.url());
-    cfg.concurrency = 8;
-    cfg.retry.max_attempts = 3;
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.concurrency = 8;
+        cfg.retry.max_attempts = 3;
+    })
+    .await;
     let api = Api::new(&server.base);
     let done = run_batch(&api, 20, Duration::from_secs(60)).await;
     assert_eq!(done["request_counts"]["failed"], 20);
@@ -93,11 +92,11 @@ async fn out_of_memory_lowers_concurrency() {
 async fn exhausted_timeouts_say_request_timeout_and_the_attempt_count() {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.hang_permille = 1000);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.request_timeout = Duration::from_millis(100);
-    cfg.retry.max_attempts = 2;
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.request_timeout = Duration::from_millis(100);
+        cfg.retry.max_attempts = 2;
+    })
+    .await;
     let api = Api::new(&server.base);
     let done = run_batch(&api, 3, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "completed");
@@ -124,10 +123,10 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
     );
     let fake = Fake::start(Shape::OpenAi).await;
     fake.go_down();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.retry.max_attempts = 1; // any burned attempt would fail a line
-    let mut server = TestServer::start(cfg).await;
+    let (dir, mut server) = server_with(&fake, |cfg| {
+        cfg.retry.max_attempts = 1; // any burned attempt would fail a line
+    })
+    .await;
     let api = Api::new(&server.base);
     let n = 50;
     let b = api
@@ -175,12 +174,12 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
 async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.delay = Duration::from_millis(100));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.expire = true;
-    cfg.completion_window = Duration::from_secs(1);
-    cfg.concurrency = 1;
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.expire = true;
+        cfg.completion_window = Duration::from_secs(1);
+        cfg.concurrency = 1;
+    })
+    .await;
     let api = Api::new(&server.base);
     let n = 60;
     let done = run_batch(&api, n, Duration::from_secs(30)).await;

@@ -2,19 +2,11 @@
 //! OpenAI-shaped backend.
 
 use crate::support::fake::{Fake, Shape};
-use crate::support::{Api, TestServer, chat_file, config};
-use ollama_batch::config::BackendKind;
+use crate::support::{Api, chat_file, server_with};
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-fn kind(shape: Shape) -> BackendKind {
-    match shape {
-        Shape::Ollama => BackendKind::Ollama,
-        Shape::OpenAi => BackendKind::Openai,
-    }
-}
 
 const BATCH_FIELDS: &[&str] = &[
     "id",
@@ -44,12 +36,12 @@ const BATCH_FIELDS: &[&str] = &[
 async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
     let fake = Fake::start(shape).await;
     fake.keep_bodies.store(true, Ordering::SeqCst);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), kind(shape), &fake.url());
-    cfg.model_map
-        .insert("gpt-4o-mini".into(), "gemma3:12b".into());
-    cfg.num_ctx = Some(8192);
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.model_map
+            .insert("gpt-4o-mini".into(), "gemma3:12b".into());
+        cfg.num_ctx = Some(8192);
+    })
+    .await;
     let api = Api::new(&server.base);
 
     let system = "Score the candidate against this rubric. ".repeat(30);
@@ -163,8 +155,7 @@ async fn endpoint_batch_completes(
     check: impl Fn(usize, &Value),
 ) {
     let fake = Fake::start(shape).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
+    let (_dir, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
     let jsonl: String = (1..=4)
         .map(|i| {
@@ -236,8 +227,7 @@ async fn openai_completions_batch_completes() {
 async fn backend_errors_land_in_the_error_file(shape: Shape) {
     let fake = Fake::start(shape).await;
     fake.set(|b| b.fail_all = Some((404, "model \"nope\" not found, try pulling it first".into())));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut server = TestServer::start(config(dir.path(), kind(shape), &fake.url())).await;
+    let (_dir, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
     let done = api
         .run_file(
@@ -289,10 +279,10 @@ async fn openai_backend_errors_land_in_the_error_file() {
 async fn batches_run_first_come_first_served() {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.delay = Duration::from_millis(5));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.concurrency = 2;
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.concurrency = 2;
+    })
+    .await;
     let api = Api::new(&server.base);
     let file_of = |prefix: &str| {
         (1..=30)

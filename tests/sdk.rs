@@ -3,8 +3,7 @@
 //! `OLLAMA_BATCH_TEST_PYTHON` at it).
 
 use crate::support::fake::{Fake, Shape};
-use crate::support::{TestServer, config};
-use ollama_batch::config::BackendKind;
+use crate::support::server_with;
 use std::process::Command;
 
 fn python() -> Option<String> {
@@ -16,7 +15,7 @@ fn python() -> Option<String> {
     ok.then_some(py)
 }
 
-async fn sdk_round_trip(shape: Shape, kind: BackendKind) {
+async fn sdk_round_trip(shape: Shape) {
     let Some(py) = python() else {
         // Written to stderr directly: libtest captures only the print macros, so the reason
         // shows in every run, not only with --nocapture.
@@ -29,11 +28,11 @@ async fn sdk_round_trip(shape: Shape, kind: BackendKind) {
         return;
     };
     let fake = Fake::start(shape).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), kind, &fake.url());
-    cfg.model_map
-        .insert("gpt-4o-mini".into(), "gemma3:12b".into());
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = server_with(&fake, |cfg| {
+        cfg.model_map
+            .insert("gpt-4o-mini".into(), "gemma3:12b".into());
+    })
+    .await;
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk_e2e.py");
     let base = server.base.clone();
     let out = tokio::task::spawn_blocking(move || {
@@ -55,10 +54,10 @@ async fn sdk_round_trip(shape: Shape, kind: BackendKind) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_runs_a_batch_against_an_ollama_backend() {
-    sdk_round_trip(Shape::Ollama, BackendKind::Ollama).await;
+    sdk_round_trip(Shape::Ollama).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_runs_a_batch_against_an_openai_compatible_backend() {
-    sdk_round_trip(Shape::OpenAi, BackendKind::Openai).await;
+    sdk_round_trip(Shape::OpenAi).await;
 }

@@ -20,6 +20,16 @@ pub enum Shape {
     OpenAi,
 }
 
+impl Shape {
+    /// The `--backend` that speaks to a fake of this shape.
+    pub fn kind(self) -> ollama_batch::config::BackendKind {
+        match self {
+            Shape::Ollama => ollama_batch::config::BackendKind::Ollama,
+            Shape::OpenAi => ollama_batch::config::BackendKind::Openai,
+        }
+    }
+}
+
 /// What the fake does; change it while it runs.
 #[derive(Clone, Debug, Default)]
 pub struct Behaviour {

@@ -51,6 +51,19 @@ pub fn config(dir: &Path, kind: BackendKind, backend_url: &str) -> Config {
     cfg
 }
 
+/// The server under test against `fake`: a fresh state directory (kept alive by the returned
+/// guard), the test configuration for the fake's shape, changed by `tweak`.
+pub async fn server_with(
+    fake: &fake::Fake,
+    tweak: impl FnOnce(&mut Config),
+) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), fake.shape.kind(), &fake.url());
+    tweak(&mut cfg);
+    let server = TestServer::start(cfg).await;
+    (dir, server)
+}
+
 /// A plain HTTP client for the OpenAI API of the server under test.
 pub struct Api {
     pub base: String,
