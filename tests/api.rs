@@ -101,17 +101,17 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
         .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
-    // Wait until some lines are done, then cancel.
+    // Wait until some lines are done, then hold the backend (calls already answering finish,
+    // new ones wait) so that lines are still in flight and unstarted when the cancel lands.
     api.wait_completed(&id, 2, Duration::from_secs(20)).await;
+    fake.hold();
     let (status, c) = api
         .post(&format!("/v1/batches/{id}/cancel"), json!({}))
         .await;
     assert_eq!(status, 200, "{c}");
-    assert!(
-        matches!(c["status"].as_str(), Some("cancelling" | "cancelled")),
-        "{c}"
-    );
+    assert_eq!(c["status"], "cancelling", "lines are still in flight: {c}");
     assert!(c["cancelling_at"].as_i64().is_some());
+    fake.release();
     let done = api.wait_terminal(&id, Duration::from_secs(20)).await;
     assert_eq!(done["status"], "cancelled", "{done}");
     assert!(done["cancelled_at"].as_i64().is_some());

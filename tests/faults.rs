@@ -173,10 +173,14 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     let fake = Fake::start(Shape::OpenAi).await;
+    // At concurrency 1 the 60 lines need at least 6 s; the window is 2 s, and
+    // the server gives it in full (it expires once `expires_at`, a whole
+    // second, has passed), so lines finish within it wherever in a second the
+    // batch was created, and the rest expire.
     fake.set(|b| b.delay = Duration::from_millis(100));
     let (_dir, mut server) = server_with(&fake, |cfg| {
         cfg.expire = true;
-        cfg.completion_window = Duration::from_secs(1);
+        cfg.completion_window = Duration::from_secs(2);
         cfg.concurrency = 1;
     })
     .await;
@@ -184,10 +188,14 @@ async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     let n = 60;
     let done = run_batch(&api, n, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "expired", "{done}");
-    assert!(done["expired_at"].as_i64().is_some());
+    // Expired only after the whole window: past `expires_at`, not at it.
+    assert!(
+        done["expired_at"].as_i64() > done["expires_at"].as_i64(),
+        "{done}"
+    );
     assert_eq!(
         done["expires_at"].as_i64(),
-        done["created_at"].as_i64().map(|c| c + 1)
+        done["created_at"].as_i64().map(|c| c + 2)
     );
     let out = api.lines(&done["output_file_id"]).await;
     let errs = api.lines(&done["error_file_id"]).await;

@@ -277,10 +277,11 @@ async fn openai_backend_errors_land_in_the_error_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_run_first_come_first_served() {
+    let concurrency = 2;
     let fake = Fake::start(Shape::OpenAi).await;
-    fake.set(|b| b.delay = Duration::from_millis(5));
+    fake.set(|b| b.delay = Duration::from_millis(2));
     let (_dir, mut server) = server_with(&fake, |cfg| {
-        cfg.concurrency = 2;
+        cfg.concurrency = concurrency;
     })
     .await;
     let api = Api::new(&server.base);
@@ -290,27 +291,44 @@ async fn batches_run_first_come_first_served() {
             .collect::<String>()
             .into_bytes()
     };
+    // Hold the backend so that both batches are queued, with all of a's lines still to run,
+    // before anything is answered: the order below is then the supervisor's choice alone.
+    fake.hold();
     let a = api.submit(file_of("a"), "/v1/chat/completions").await;
+    let a_id = a["id"].as_str().expect("id").to_string();
+    api.wait_for(&a_id, Duration::from_secs(30), "in_progress", |b| {
+        b["status"] == "in_progress"
+    })
+    .await;
     let b = api.submit(file_of("b"), "/v1/chat/completions").await;
-    for id in [&a["id"], &b["id"]] {
-        let done = api
-            .wait_terminal(id.as_str().expect("id"), Duration::from_secs(30))
-            .await;
-        assert_eq!(done["status"], "completed");
+    let b_id = b["id"].as_str().expect("id").to_string();
+    api.wait_for(&b_id, Duration::from_secs(30), "in_progress", |b| {
+        b["status"] == "in_progress"
+    })
+    .await;
+    let (_, a_now) = api.get(&format!("/v1/batches/{a_id}")).await;
+    assert_eq!(a_now["request_counts"]["completed"], 0, "{a_now}");
+    fake.release();
+    for id in [&a_id, &b_id] {
+        let done = api.wait_terminal(id, Duration::from_secs(30)).await;
+        assert_eq!(done["status"], "completed", "{done}");
     }
     let order = fake.stats.order.lock().expect("lock").clone();
     assert_eq!(order.len(), 60);
-    let last_a = order
-        .iter()
-        .rposition(|u| u.starts_with("score a-"))
-        .expect("a ran");
     let first_b = order
         .iter()
         .position(|u| u.starts_with("score b-"))
         .expect("b ran");
+    // Lines are leased oldest batch first, one call per free slot. The first line of b takes
+    // a slot only once no line of a is waiting, so at most the calls already in flight
+    // (concurrency - 1 besides it) can reach the backend after it.
+    let a_after_b = order[first_b..]
+        .iter()
+        .filter(|u| u.starts_with("score a-"))
+        .count();
     assert!(
-        last_a < first_b,
-        "every line of the first batch was sent before the second batch started: {order:?}"
+        a_after_b < concurrency,
+        "{a_after_b} lines of the first batch reached the backend after the second batch started: {order:?}"
     );
     server.stop().await;
 }

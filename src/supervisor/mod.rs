@@ -678,9 +678,12 @@ impl Supervisor {
         if !self.cfg.expire {
             return;
         }
+        // `expires_at` is in whole seconds and `created_at + window` rounds the
+        // creation time down, so expire only once that second has fully
+        // passed: a batch never gets less than its whole window.
         let now = unix_now();
         for (id, a) in self.batches.iter_mut() {
-            if a.dispatching() && a.expires_at.is_some_and(|t| t <= now) {
+            if a.dispatching() && a.expires_at.is_some_and(|t| t < now) {
                 tracing::warn!(batch = %id, "completion window passed: expiring");
                 a.expiring = true;
                 a.ready.clear();

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Shape {
@@ -68,6 +68,8 @@ pub struct Fake {
     pub keep_bodies: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
     up_again: Arc<Notify>,
+    /// Open (true): calls are answered. Closed: calls are taken in and counted, then wait.
+    gate: Arc<watch::Sender<bool>>,
 }
 
 fn h(s: &str, attempt: u32, salt: u64) -> u32 {
@@ -92,6 +94,7 @@ impl Fake {
             keep_bodies: Arc::new(AtomicBool::new(false)),
             down: Arc::new(AtomicBool::new(false)),
             up_again: Arc::new(Notify::new()),
+            gate: Arc::new(watch::channel(true).0),
         };
         fake.serve(listener);
         fake
@@ -114,6 +117,16 @@ impl Fake {
     pub fn come_up(&self) {
         self.down.store(false, Ordering::SeqCst);
         self.up_again.notify_waiters();
+    }
+
+    /// Calls from now on are received (and counted, in order) but not answered until `release`.
+    pub fn hold(&self) {
+        self.gate.send_replace(false);
+    }
+
+    /// Answers the held calls and every later one.
+    pub fn release(&self) {
+        self.gate.send_replace(true);
     }
 
     pub fn calls_of(&self, user: &str) -> u32 {
@@ -140,6 +153,7 @@ impl Fake {
             stats: self.stats.clone(),
             keep_bodies: self.keep_bodies.clone(),
             down: self.down.clone(),
+            gate: self.gate.clone(),
         };
         tokio::spawn(async move {
             let mut listener = Some(first);
@@ -183,6 +197,7 @@ struct Ctx {
     stats: Arc<Stats>,
     keep_bodies: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    gate: Arc<watch::Sender<bool>>,
 }
 
 enum Reply {
@@ -287,6 +302,8 @@ impl Ctx {
         };
         self.stats.total.fetch_add(1, Ordering::SeqCst);
         self.stats.order.lock().expect("lock").push(user.clone());
+        // The sender lives as long as the fake, so this only ends when the gate opens.
+        let _ = self.gate.subscribe().wait_for(|open| *open).await;
         if !b.delay.is_zero() {
             tokio::time::sleep(b.delay).await;
         }
