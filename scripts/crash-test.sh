@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 export CRASH_ITERATIONS="${1:-50}"
 export CRASH_LINES="${CRASH_LINES:-$(( CRASH_ITERATIONS * 300 ))}"
 cargo test --release --test main crash::sigkill_at_random_moments -- --nocapture 2>&1 \
-  | grep -E 'crash test|kill [0-9]+:|killed during|test result|panicked|assert'
+  | grep -E 'crash test|kill [0-9]+:|killed during|kills that found|test result|panicked|assert'

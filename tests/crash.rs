@@ -99,6 +99,20 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     }
 }
 
+/// The requests the recovery report says it put back in the queue from in-flight.
+fn requeued_at_start(report: &[String]) -> u64 {
+    report
+        .iter()
+        .filter_map(|l| {
+            let head = l.split(" requeued from in-flight").next()?;
+            if head.len() == l.len() {
+                return None;
+            }
+            head.rsplit(' ').next()?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// Exactly-once check over the output and error files. Returns (lost, duplicated).
 async fn exactly_once(api: &Api, done: &Value, n: usize) -> (usize, usize) {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -180,13 +194,20 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
         );
     }
 
-    // The batch: killed right after create (validation), then at random moments.
+    // The batch: killed right after create (validation), then at random moments while it
+    // runs. Validation starts over after a kill, so each later kill first waits for the
+    // batch to be dispatching again: otherwise most kills could land in validation.
     let created = api
         .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = created["id"].as_str().expect("id").to_string();
+    let mut kills_with_work_in_flight = 0;
     for k in 0..kills {
         if k > 0 {
+            api.wait_for(&id, Duration::from_secs(60), "in_progress", |b| {
+                b["status"] != "validating"
+            })
+            .await;
             let pause = rng.u64(20..250);
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
@@ -197,9 +218,21 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
         api = Api::new(&p.addr);
         let (status, b) = api.get(&format!("/v1/batches/{id}")).await;
         assert_eq!(status, 200, "the created batch survived the kill: {b}");
+        if requeued_at_start(&p.report) > 0 {
+            kills_with_work_in_flight += 1;
+        }
         println!(
             "kill {k}: backend calls so far {calls}; after restart {} ({} done); report: {:?}",
             b["status"], b["request_counts"]["completed"], p.report
+        );
+    }
+    // The kills did hit the dispatch phase (leases are durable before a call is sent, so a
+    // kill there leaves requests to requeue at start).
+    println!("kills that found requests in flight: {kills_with_work_in_flight}");
+    if kills > 1 {
+        assert!(
+            kills_with_work_in_flight > 0,
+            "no kill landed while requests were in flight"
         );
     }
     // One more kill if we can catch the batch while its files are being written.
