@@ -58,6 +58,11 @@ pub struct Stats {
     /// Every request body received (only when `keep_bodies`).
     pub bodies: Mutex<Vec<Value>>,
     pub total: AtomicU64,
+    /// Faults served, by kind.
+    pub ooms: AtomicU64,
+    pub hangs: AtomicU64,
+    pub resets: AtomicU64,
+    pub busy: AtomicU64,
 }
 
 pub struct Fake {
@@ -318,18 +323,22 @@ impl Ctx {
             return err(*status, msg);
         }
         if attempt <= b.oom_first {
+            self.stats.ooms.fetch_add(1, Ordering::SeqCst);
             return err(
                 500,
                 "llama runner process has terminated: CUDA error: out of memory",
             );
         }
         if h(&user, attempt, 1) < b.hang_permille {
+            self.stats.hangs.fetch_add(1, Ordering::SeqCst);
             return Reply::Hang;
         }
         if h(&user, attempt, 2) < b.reset_permille {
+            self.stats.resets.fetch_add(1, Ordering::SeqCst);
             return Reply::Reset;
         }
         if h(&user, attempt, 3) < b.busy_permille {
+            self.stats.busy.fetch_add(1, Ordering::SeqCst);
             return err(
                 503,
                 "server busy, please try again. maximum pending requests exceeded",
