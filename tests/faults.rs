@@ -182,6 +182,78 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
     }
 }
 
+/// Waits until `/status` says whether the backend is down.
+async fn wait_backend_down(api: &Api, down: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, s) = api.get("/status").await;
+        if s["backend"]["down_since"].as_i64().is_some() == down {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend down={down} not seen: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_crash_mid_run_costs_only_the_calls_in_flight_one_attempt() {
+    let concurrency = 4;
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| b.delay = Duration::from_millis(30));
+    let (dir, mut server) = server_with(&fake, |cfg| {
+        cfg.concurrency = concurrency;
+        // The calls cut off by the crash use one; nothing may use a second.
+        cfg.retry.max_attempts = 2;
+    })
+    .await;
+    let api = Api::new(&server.base);
+    let n = 60;
+    let b = api
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    let id = b["id"].as_str().expect("id").to_string();
+    api.wait_completed(&id, 8, Duration::from_secs(20)).await;
+    fake.go_down(); // the calls it is answering are reset, new connections refused
+    wait_backend_down(&api, true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(cur["request_counts"]["failed"], 0, "{cur}");
+    fake.come_up();
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(
+        done["request_counts"],
+        json!({"total": n, "completed": n, "failed": 0}),
+        "{done}"
+    );
+    assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
+    let (_, s) = api.get("/status").await;
+    assert_eq!(s["counters"]["backend_outages"], 1, "{s}");
+    server.stop().await;
+    let store = Store::open(dir.path(), 8 << 20).expect("open store");
+    let batch = BatchId::parse(&id).expect("id");
+    let mut second_tries = 0;
+    for item in store.batch_requests(batch) {
+        let (key, rec) = item.expect("record");
+        assert_eq!(rec.state, RequestState::Succeeded);
+        assert!(rec.attempts <= 2, "{key}: {} attempts", rec.attempts);
+        if rec.attempts == 2 {
+            second_tries += 1;
+        }
+    }
+    // The calls in flight at the crash (always `concurrency` of them: each takes 30 ms) each
+    // cost an attempt. Another leased request can lose one by racing the crash on a
+    // connection the backend is closing; nothing leased during the outage can.
+    let window = 2 * concurrency;
+    println!("lines that needed a second try: {second_tries}");
+    assert!(
+        (concurrency..=window).contains(&second_tries),
+        "between {concurrency} and {window} lines (those leased at the crash) try twice: {second_tries}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     let fake = Fake::start(Shape::OpenAi).await;

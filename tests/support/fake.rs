@@ -72,6 +72,8 @@ pub struct Fake {
     pub stats: Arc<Stats>,
     pub keep_bodies: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    /// The same as `down`, for waiting on.
+    down_watch: Arc<watch::Sender<bool>>,
     up_again: Arc<Notify>,
     /// Open (true): calls are answered. Closed: calls are taken in and counted, then wait.
     gate: Arc<watch::Sender<bool>>,
@@ -98,6 +100,7 @@ impl Fake {
             stats: Arc::new(Stats::default()),
             keep_bodies: Arc::new(AtomicBool::new(false)),
             down: Arc::new(AtomicBool::new(false)),
+            down_watch: Arc::new(watch::channel(false).0),
             up_again: Arc::new(Notify::new()),
             gate: Arc::new(watch::channel(true).0),
         };
@@ -113,14 +116,17 @@ impl Fake {
         f(&mut self.behaviour.lock().expect("lock"));
     }
 
-    /// Stops listening (connections are refused) and drops open connections.
+    /// Stops listening (connections are refused), drops open connections and resets the
+    /// calls it is answering, as a crashed server does.
     pub fn go_down(&self) {
         self.down.store(true, Ordering::SeqCst);
+        self.down_watch.send_replace(true);
     }
 
     /// Listens again on the same port.
     pub fn come_up(&self) {
         self.down.store(false, Ordering::SeqCst);
+        self.down_watch.send_replace(false);
         self.up_again.notify_waiters();
     }
 
@@ -152,12 +158,14 @@ impl Fake {
         let addr = self.addr;
         let down = self.down.clone();
         let up_again = self.up_again.clone();
+        let down_watch = self.down_watch.clone();
         let ctx = Ctx {
             shape: self.shape,
             behaviour: self.behaviour.clone(),
             stats: self.stats.clone(),
             keep_bodies: self.keep_bodies.clone(),
             down: self.down.clone(),
+            down_watch: self.down_watch.clone(),
             gate: self.gate.clone(),
         };
         tokio::spawn(async move {
@@ -181,9 +189,11 @@ impl Fake {
                         }
                     },
                 };
+                // Going down closes the listening socket at once: new connections are refused.
+                let mut down_now = down_watch.subscribe();
                 let accepted = tokio::select! {
                     a = l.accept() => Some(a),
-                    _ = tokio::time::sleep(Duration::from_millis(20)) => None,
+                    _ = down_now.wait_for(|d| *d) => None,
                 };
                 listener = Some(l);
                 if let Some(Ok((sock, _))) = accepted {
@@ -202,6 +212,7 @@ struct Ctx {
     stats: Arc<Stats>,
     keep_bodies: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    down_watch: Arc<watch::Sender<bool>>,
     gate: Arc<watch::Sender<bool>>,
 }
 
@@ -221,12 +232,10 @@ impl Ctx {
                     break i + 4;
                 }
                 let mut chunk = [0u8; 8192];
+                // Going down closes idle connections at once, as a crashed server's do.
                 let n = tokio::select! {
                     r = sock.read(&mut chunk) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
-                    _ = tokio::time::sleep(Duration::from_millis(50)) => {
-                        if self.down.load(Ordering::SeqCst) { return; }
-                        continue;
-                    }
+                    _ = self.went_down() => return,
                 };
                 buf.extend_from_slice(&chunk[..n]);
             };
@@ -253,7 +262,12 @@ impl Ctx {
             let mut parts = request_line.split_whitespace();
             let method = parts.next().unwrap_or_default().to_string();
             let path = parts.next().unwrap_or_default().to_string();
-            match self.handle(&method, &path, &body).await {
+            // Going down mid-call is a crash: the connection is reset, no answer comes.
+            let reply = tokio::select! {
+                r = self.handle(&method, &path, &body) => r,
+                _ = self.went_down() => Reply::Reset,
+            };
+            match reply {
                 Reply::Json(status, v) => {
                     let text = v.to_string();
                     let resp = format!(
@@ -277,6 +291,11 @@ impl Ctx {
                 }
             }
         }
+    }
+
+    /// Ends when the fake goes down (at once if it is down).
+    async fn went_down(&self) {
+        let _ = self.down_watch.subscribe().wait_for(|d| *d).await;
     }
 
     async fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
