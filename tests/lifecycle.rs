@@ -130,9 +130,15 @@ async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
             assert_eq!(b["max_tokens"], 8);
         }
     }
-    // The shared system prompt is stored once.
+    // The shared system prompt is stored once; the finished batch is in the operator's view.
     let (_, status) = api.get("/status").await;
     assert_eq!(status["shared_contents"], 1, "{status}");
+    assert_eq!(
+        status["finished"],
+        json!({"batches": {"completed": 1}, "requests": {"succeeded": n, "failed": 0}}),
+        "{status}"
+    );
+    assert_eq!(status["batches"], json!([]), "{status}");
     server.stop().await;
 }
 

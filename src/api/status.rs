@@ -1,9 +1,11 @@
 //! `/health` and `/status`: the operator's view.
 
 use super::AppState;
+use crate::store::Store;
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 
 /// NVML handle for VRAM telemetry; absent on machines without the NVIDIA driver.
 pub struct Gpu(nvml_wrapper::Nvml);
@@ -41,6 +43,29 @@ impl Gpu {
 /// `GET /health`: 200 once the server is up (it only listens after recovery).
 pub async fn health() -> Json<Value> {
     Json(json!({"status": "ok"}))
+}
+
+/// Batches in a terminal state: how many of each, and their lines that succeeded and failed.
+/// Read from the batch records (one small record per batch), not from the requests.
+fn finished(store: &Store) -> Value {
+    let all = match store.list_batches(None, usize::MAX) {
+        Ok((all, _)) => all,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read batches for /status");
+            return Value::Null;
+        }
+    };
+    let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut succeeded, mut failed) = (0u64, 0u64);
+    for b in all.iter().filter(|b| b.status.is_terminal()) {
+        *by_status.entry(b.status.as_str()).or_default() += 1;
+        succeeded += b.request_counts.completed;
+        failed += b.request_counts.failed;
+    }
+    json!({
+        "batches": by_status,
+        "requests": {"succeeded": succeeded, "failed": failed},
+    })
 }
 
 /// `GET /status`
@@ -82,9 +107,10 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
     batches.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let c = &live.counters;
     let store = st.store.clone();
-    let size = tokio::task::spawn_blocking(move || store.size_on_disk())
-        .await
-        .unwrap_or(0);
+    let (size, finished) =
+        tokio::task::spawn_blocking(move || (store.size_on_disk(), finished(&store)))
+            .await
+            .unwrap_or((0, Value::Null));
     Json(json!({
         "uptime_s": st.started.elapsed().as_secs(),
         "state_dir": st.store.dir().display().to_string(),
@@ -92,6 +118,7 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
         "shared_contents": st.store.blob_count(),
         "requests": totals,
         "batches": batches,
+        "finished": finished,
         "in_flight": in_flight,
         "concurrency": {"max": st.cfg.concurrency, "current": limit},
         "backend": {
