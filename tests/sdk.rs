@@ -6,12 +6,19 @@ use crate::support::fake::{Fake, Shape};
 use crate::support::server_with;
 use std::process::Command;
 
+/// The Python to run the SDK with: `OLLAMA_BATCH_TEST_PYTHON` (which must work: a run that
+/// names one never skips), else `python3` if it has the package, else none (skip).
 fn python() -> Option<String> {
-    let py = std::env::var("OLLAMA_BATCH_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let named = std::env::var("OLLAMA_BATCH_TEST_PYTHON").ok();
+    let py = named.clone().unwrap_or_else(|| "python3".into());
     let ok = Command::new(&py)
         .args(["-c", "import openai"])
         .output()
         .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || named.is_none(),
+        "OLLAMA_BATCH_TEST_PYTHON={py} cannot import openai"
+    );
     ok.then_some(py)
 }
 
