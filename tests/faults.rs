@@ -145,16 +145,7 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
         .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
     let id = b["id"].as_str().expect("id").to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, s) = api.get("/status").await;
-        if s["backend"]["down_since"].as_i64().is_some() {
-            assert_eq!(s["backend"]["reachable"], false);
-            break;
-        }
-        assert!(Instant::now() < deadline, "outage not noticed: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_backend_down(&api).await;
     tokio::time::sleep(outage).await;
     let (_, s) = api.get("/status").await;
     assert!(s["backend"]["next_probe_at"].as_i64().is_some(), "{s}");
@@ -173,29 +164,38 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
     assert_eq!(s["backend"]["down_since"], Value::Null);
     server.stop().await;
     // Every line was tried exactly once, as far as the store counts.
-    let store = Store::open(dir.path(), 8 << 20).expect("open store");
-    let batch = BatchId::parse(&id).expect("id");
-    for item in store.batch_requests(batch) {
-        let (key, rec) = item.expect("record");
-        assert_eq!(rec.state, RequestState::Succeeded);
-        assert_eq!(rec.attempts, 1, "{key} burned an attempt during the outage");
+    for (key, attempts) in attempts_of_succeeded_lines(dir.path(), &id) {
+        assert_eq!(attempts, 1, "{key} burned an attempt during the outage");
     }
 }
 
-/// Waits until `/status` says whether the backend is down.
-async fn wait_backend_down(api: &Api, down: bool) {
+/// Waits until `/status` says the backend is down (and unreachable).
+async fn wait_backend_down(api: &Api) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (_, s) = api.get("/status").await;
-        if s["backend"]["down_since"].as_i64().is_some() == down {
+        if s["backend"]["down_since"].as_i64().is_some() {
+            assert_eq!(s["backend"]["reachable"], false, "{s}");
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "backend down={down} not seen: {s}"
-        );
+        assert!(Instant::now() < deadline, "outage not noticed: {s}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Opens the stopped server's store: each line of the batch, which must have succeeded, with
+/// the attempts it took.
+fn attempts_of_succeeded_lines(dir: &std::path::Path, batch_id: &str) -> Vec<(String, u32)> {
+    let store = Store::open(dir, 8 << 20).expect("open store");
+    let batch = BatchId::parse(batch_id).expect("id");
+    store
+        .batch_requests(batch)
+        .map(|item| {
+            let (key, rec) = item.expect("record");
+            assert_eq!(rec.state, RequestState::Succeeded, "{key}");
+            (key.to_string(), rec.attempts)
+        })
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -217,7 +217,7 @@ async fn backend_crash_mid_run_costs_only_the_calls_in_flight_one_attempt() {
     let id = b["id"].as_str().expect("id").to_string();
     api.wait_completed(&id, 8, Duration::from_secs(20)).await;
     fake.go_down(); // the calls it is answering are reset, new connections refused
-    wait_backend_down(&api, true).await;
+    wait_backend_down(&api).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
     assert_eq!(cur["request_counts"]["failed"], 0, "{cur}");
@@ -232,14 +232,10 @@ async fn backend_crash_mid_run_costs_only_the_calls_in_flight_one_attempt() {
     let (_, s) = api.get("/status").await;
     assert_eq!(s["counters"]["backend_outages"], 1, "{s}");
     server.stop().await;
-    let store = Store::open(dir.path(), 8 << 20).expect("open store");
-    let batch = BatchId::parse(&id).expect("id");
     let mut second_tries = 0;
-    for item in store.batch_requests(batch) {
-        let (key, rec) = item.expect("record");
-        assert_eq!(rec.state, RequestState::Succeeded);
-        assert!(rec.attempts <= 2, "{key}: {} attempts", rec.attempts);
-        if rec.attempts == 2 {
+    for (key, attempts) in attempts_of_succeeded_lines(dir.path(), &id) {
+        assert!(attempts <= 2, "{key}: {attempts} attempts");
+        if attempts == 2 {
             second_tries += 1;
         }
     }
