@@ -1,4 +1,5 @@
-//! Faults of the model server: out-of-memory, hangs, resets, busy answers, outages, timeouts.
+//! Faults of the model server (out-of-memory, hangs, resets, busy answers, outages, timeouts)
+//! and of the disk the output files go to.
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::{Api, chat_file, server_with};
@@ -290,5 +291,52 @@ async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     for e in &errs {
         assert_eq!(e["error"]["code"], "batch_expired", "{e}");
     }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_files_that_cannot_be_written_are_retried_without_a_restart() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.hold();
+    let (dir, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let n = 10;
+    let b = api
+        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    let id = b["id"].as_str().expect("id").to_string();
+    api.wait_for(&id, Duration::from_secs(20), "in_progress", |b| {
+        b["status"] == "in_progress"
+    })
+    .await;
+    // The files directory becomes a plain file: writing the output fails, even for root.
+    let files = dir.path().join("files");
+    let away = dir.path().join("files.away");
+    std::fs::rename(&files, &away).expect("move files away");
+    std::fs::write(&files, b"not a directory").expect("block files");
+    fake.release();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let error = loop {
+        let (_, s) = api.get("/status").await;
+        if let Some(e) = s["batches"][0]["finalize_error"].as_str() {
+            assert_eq!(s["batches"][0]["status"], "finalizing", "{s}");
+            break e.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no finalization failure seen: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    println!("finalization failed as arranged: {error}");
+    let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(cur["status"], "finalizing", "{cur}");
+    // The disk is fixed: the same process finishes the batch, every line once.
+    std::fs::remove_file(&files).expect("unblock");
+    std::fs::rename(&away, &files).expect("move files back");
+    let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["error_file_id"], Value::Null, "{done}");
+    assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
     server.stop().await;
 }

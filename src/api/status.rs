@@ -101,6 +101,7 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
                 "queued": b.queued,
                 "retry_wait": b.retry_wait,
                 "in_flight": b.in_flight,
+                "finalize_error": b.finalize_error,
             })
         })
         .collect();

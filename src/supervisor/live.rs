@@ -21,6 +21,8 @@ pub struct BatchLive {
     pub retry_wait: u64,
     /// Lines leased to the worker.
     pub in_flight: u64,
+    /// Why the last try to write its output files failed, while it waits to try again.
+    pub finalize_error: Option<String>,
 }
 
 /// Event counters since start.

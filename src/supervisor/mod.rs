@@ -49,8 +49,10 @@ pub enum Command {
     Cancel(BatchId),
     /// A probe reached the backend again.
     BackendUp,
-    /// The finalizer finished (or gave up on) this batch.
+    /// The finalizer finished this batch (or found it already finished).
     Finalized(BatchId),
+    /// The finalizer failed (disk full, I/O error); it is tried again after a delay.
+    FinalizeFailed(BatchId, String),
 }
 
 /// How the API and the intake reach the supervisor.
@@ -133,8 +135,12 @@ struct Active {
     ready: VecDeque<u32>,
     retry_wait: u64,
     in_flight: u64,
-    /// Set when the finalizer has been started (once per batch).
+    /// Set while the finalizer runs.
     finalizing: bool,
+    /// Failed finalizations so far, the last error, and when to try again.
+    finalize_failures: u32,
+    finalize_error: Option<String>,
+    finalize_after: Option<Instant>,
     /// The completion window passed: no more dispatch, finalize as expired.
     expiring: bool,
 }
@@ -160,6 +166,9 @@ impl Active {
             retry_wait: 0,
             in_flight: 0,
             finalizing: false,
+            finalize_failures: 0,
+            finalize_error: None,
+            finalize_after: None,
             expiring: false,
         }
     }
@@ -426,6 +435,9 @@ impl Supervisor {
             let ms = due.saturating_sub(unix_millis());
             wake = wake.min(now + Duration::from_millis(ms));
         }
+        for t in self.batches.values().filter_map(|a| a.finalize_after) {
+            wake = wake.min(t);
+        }
         wake.max(now)
     }
 
@@ -455,6 +467,16 @@ impl Supervisor {
             Command::Finalized(id) => {
                 self.batches.remove(&id);
                 self.live.with(|l| l.batches.remove(&id));
+            }
+            Command::FinalizeFailed(id, error) => {
+                if let Some(a) = self.batches.get_mut(&id) {
+                    a.finalizing = false;
+                    a.finalize_failures += 1;
+                    let delay = finalize_retry_delay(a.finalize_failures);
+                    a.finalize_after = Some(Instant::now() + delay);
+                    tracing::error!(batch = %id, %error, failures = a.finalize_failures, retry_in = ?delay, "finalization failed; it is tried again");
+                    a.finalize_error = Some(error);
+                }
             }
         }
     }
@@ -797,7 +819,10 @@ impl Supervisor {
 
     fn start_finalizers(&mut self) {
         for (id, a) in self.batches.iter_mut() {
-            if a.finalizing || a.in_flight > 0 {
+            if a.finalizing
+                || a.in_flight > 0
+                || a.finalize_after.is_some_and(|t| t > Instant::now())
+            {
                 continue;
             }
             let target = match a.status {
@@ -838,13 +863,15 @@ impl Supervisor {
             let id = *id;
             self.tracker.spawn(async move {
                 let s = store.clone();
-                let r = tokio::task::spawn_blocking(move || finalize::finalize(&s, id, target)).await;
-                match r {
-                    Ok(Ok(_)) => {}
-                    Ok(Err(e)) => tracing::error!(batch = %id, error = %e, "finalization failed; it runs again at the next start"),
-                    Err(e) => tracing::error!(batch = %id, error = %e, "finalizer panicked"),
-                }
-                let _ = tx.send(Command::Finalized(id)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || finalize::finalize(&s, id, target)).await;
+                let cmd = match r {
+                    Ok(Ok(_)) => Command::Finalized(id),
+                    Ok(Err(e)) => Command::FinalizeFailed(id, e.to_string()),
+                    Err(e) => Command::FinalizeFailed(id, format!("finalizer panicked: {e}")),
+                };
+                // A supervisor already gone (shutdown) leaves it to the next start's recovery.
+                let _ = tx.send(cmd).await;
             });
         }
     }
@@ -867,6 +894,7 @@ impl Supervisor {
                         queued: a.ready.len() as u64,
                         retry_wait: a.retry_wait,
                         in_flight: a.in_flight,
+                        finalize_error: a.finalize_error.clone(),
                     },
                 )
             })
@@ -908,6 +936,12 @@ impl Supervisor {
         self.publish();
         tracing::info!(requeued = left.len(), "supervisor stopped; state flushed");
     }
+}
+
+/// How long to wait before finalizing again after `failures` failed tries: 1 s, doubling, at
+/// most a minute.
+fn finalize_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// The stored result of a finished call.
@@ -987,4 +1021,17 @@ pub fn spawn_intake(
             Err(e) => tracing::error!(batch = %id, error = %e, "intake panicked"),
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finalize_retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn finalize_retries_back_off_to_a_minute() {
+        let secs: Vec<u64> = (1..=9).map(|n| finalize_retry_delay(n).as_secs()).collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(finalize_retry_delay(u32::MAX), Duration::from_secs(60));
+    }
 }
