@@ -97,10 +97,9 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
     let (_d, mut server) = server_with(&fake, |c| c.concurrency = 2).await;
     let api = Api::new(&server.base);
     let n = 30;
-    let b = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
     // Wait until some lines are done, then hold the backend (calls already answering finish,
     // new ones wait) so that lines are still in flight and unstarted when the cancel lands.
     api.wait_completed(&id, 2, Duration::from_secs(20)).await;

@@ -26,10 +26,9 @@ async fn bench_throughput() {
         cfg.cache_bytes = 64 << 20;
         let mut server = TestServer::start(cfg).await;
         let api = Api::new(&server.base);
-        let b = api
-            .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+        let id = api
+            .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
             .await;
-        let id = b["id"].as_str().expect("id").to_string();
         // Time the run, not the validation: start once the batch is in progress.
         api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
             b["status"] != "validating"

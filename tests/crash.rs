@@ -197,10 +197,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
     // The batch: killed right after create (validation), then at random moments while it
     // runs. Validation starts over after a kill, so each later kill first waits for the
     // batch to be dispatching again: otherwise most kills could land in validation.
-    let created = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = created["id"].as_str().expect("id").to_string();
     let mut kills_with_work_in_flight = 0;
     for k in 0..kills {
         if k > 0 {
@@ -281,10 +280,9 @@ async fn sigterm_lets_in_flight_requests_finish_and_resume_completes() {
     let mut p = spawn(&state, &fake.url(), &[]);
     let api = Api::new(&p.addr);
     let n = 60;
-    let b = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
     api.wait_completed(&id, 8, Duration::from_secs(20)).await;
     signal(&p.child, "-TERM");
     let status = wait_exit(&mut p.child, Duration::from_secs(20));
@@ -316,10 +314,9 @@ async fn second_signal_exits_at_once_and_nothing_is_lost() {
     let state = tmp.path().join("state");
     let mut p = spawn(&state, &fake.url(), &["--shutdown-grace", "60s"]);
     let api = Api::new(&p.addr);
-    let b = api
-        .submit(chat_file(10, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(10, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     while fake.total_calls() == 0 {
         assert!(Instant::now() < deadline, "nothing dispatched");

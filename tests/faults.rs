@@ -7,7 +7,7 @@ use ollama_batch::domain::{BatchId, RequestState};
 use ollama_batch::store::Store;
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 async fn run_batch(api: &Api, n: usize, within: Duration) -> Value {
     api.run_file(chat_file(n, "m", "s"), "/v1/chat/completions", within)
@@ -142,10 +142,9 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
     .await;
     let api = Api::new(&server.base);
     let n = 50;
-    let b = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
     wait_backend_down(&api).await;
     tokio::time::sleep(outage).await;
     let (_, s) = api.get("/status").await;
@@ -172,16 +171,12 @@ async fn backend_outage_pauses_dispatch_and_costs_no_attempt() {
 
 /// Waits until `/status` says the backend is down (and unreachable).
 async fn wait_backend_down(api: &Api) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, s) = api.get("/status").await;
-        if s["backend"]["down_since"].as_i64().is_some() {
-            assert_eq!(s["backend"]["reachable"], false, "{s}");
-            return;
-        }
-        assert!(Instant::now() < deadline, "outage not noticed: {s}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let s = api
+        .wait_status(Duration::from_secs(10), "showing the outage", |s| {
+            s["backend"]["down_since"].is_i64()
+        })
+        .await;
+    assert_eq!(s["backend"]["reachable"], false, "{s}");
 }
 
 /// Opens the stopped server's store: each line of the batch, which must have succeeded, with
@@ -212,10 +207,9 @@ async fn backend_crash_mid_run_costs_only_the_calls_in_flight_one_attempt() {
     .await;
     let api = Api::new(&server.base);
     let n = 60;
-    let b = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
     api.wait_completed(&id, 8, Duration::from_secs(20)).await;
     fake.go_down(); // the calls it is answering are reset, new connections refused
     wait_backend_down(&api).await;
@@ -301,34 +295,28 @@ async fn output_files_that_cannot_be_written_are_retried_without_a_restart() {
     let (dir, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
     let n = 10;
-    let b = api
-        .submit(chat_file(n, "m", "s"), "/v1/chat/completions")
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let id = b["id"].as_str().expect("id").to_string();
-    api.wait_for(&id, Duration::from_secs(20), "in_progress", |b| {
-        b["status"] == "in_progress"
-    })
-    .await;
+    api.wait_in_progress(&id, Duration::from_secs(20)).await;
     // The files directory becomes a plain file: writing the output fails, even for root.
     let files = dir.path().join("files");
     let away = dir.path().join("files.away");
     std::fs::rename(&files, &away).expect("move files away");
     std::fs::write(&files, b"not a directory").expect("block files");
     fake.release();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let error = loop {
-        let (_, s) = api.get("/status").await;
-        if let Some(e) = s["batches"][0]["finalize_error"].as_str() {
-            assert_eq!(s["batches"][0]["status"], "finalizing", "{s}");
-            break e.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no finalization failure seen: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    println!("finalization failed as arranged: {error}");
+    let s = api
+        .wait_status(
+            Duration::from_secs(20),
+            "showing a finalization failure",
+            |s| s["batches"][0]["finalize_error"].is_string(),
+        )
+        .await;
+    assert_eq!(s["batches"][0]["status"], "finalizing", "{s}");
+    println!(
+        "finalization failed as arranged: {}",
+        s["batches"][0]["finalize_error"]
+    );
     let (_, cur) = api.get(&format!("/v1/batches/{id}")).await;
     assert_eq!(cur["status"], "finalizing", "{cur}");
     // The disk is fixed: the same process finishes the batch, every line once.

@@ -300,18 +300,10 @@ async fn batches_run_first_come_first_served() {
     // Hold the backend so that both batches are queued, with all of a's lines still to run,
     // before anything is answered: the order below is then the supervisor's choice alone.
     fake.hold();
-    let a = api.submit(file_of("a"), "/v1/chat/completions").await;
-    let a_id = a["id"].as_str().expect("id").to_string();
-    api.wait_for(&a_id, Duration::from_secs(30), "in_progress", |b| {
-        b["status"] == "in_progress"
-    })
-    .await;
-    let b = api.submit(file_of("b"), "/v1/chat/completions").await;
-    let b_id = b["id"].as_str().expect("id").to_string();
-    api.wait_for(&b_id, Duration::from_secs(30), "in_progress", |b| {
-        b["status"] == "in_progress"
-    })
-    .await;
+    let a_id = api.submit_id(file_of("a"), "/v1/chat/completions").await;
+    api.wait_in_progress(&a_id, Duration::from_secs(30)).await;
+    let b_id = api.submit_id(file_of("b"), "/v1/chat/completions").await;
+    api.wait_in_progress(&b_id, Duration::from_secs(30)).await;
     let (_, a_now) = api.get(&format!("/v1/batches/{a_id}")).await;
     assert_eq!(a_now["request_counts"]["completed"], 0, "{a_now}");
     fake.release();

@@ -145,6 +145,12 @@ impl Api {
             .await
     }
 
+    /// [`Api::submit`], returning only the new batch's id.
+    pub async fn submit_id(&self, bytes: Vec<u8>, endpoint: &str) -> String {
+        let b = self.submit(bytes, endpoint).await;
+        b["id"].as_str().expect("batch id").to_string()
+    }
+
     /// [`Api::submit`], then waits for a terminal status and returns the final batch object.
     pub async fn run_file(&self, bytes: Vec<u8>, endpoint: &str, within: Duration) -> Value {
         let b = self.submit(bytes, endpoint).await;
@@ -152,7 +158,30 @@ impl Api {
             .await
     }
 
-    /// Polls a batch (every 5 ms) until `done(batch)` holds; fails the test after `within`.
+    /// GETs `path` (every 5 ms) until `done(answer)` holds; fails the test after `within`.
+    async fn poll(
+        &self,
+        path: &str,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (status, v) = self.get(path).await;
+            assert_eq!(status, 200, "{v}");
+            if done(&v) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path}: not {what} within {within:?}: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Polls a batch until `done(batch)` holds; fails the test after `within`.
     pub async fn wait_for(
         &self,
         batch_id: &str,
@@ -160,19 +189,26 @@ impl Api {
         what: &str,
         done: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
-            let (status, b) = self.get(&format!("/v1/batches/{batch_id}")).await;
-            assert_eq!(status, 200, "{b}");
-            if done(&b) {
-                return b;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "batch not {what} within {within:?}: {b}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        self.poll(&format!("/v1/batches/{batch_id}"), within, what, done)
+            .await
+    }
+
+    /// Polls `/status` until `done(status)` holds; fails the test after `within`.
+    pub async fn wait_status(
+        &self,
+        within: Duration,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.poll("/status", within, what, done).await
+    }
+
+    /// Polls a batch until it is `in_progress`.
+    pub async fn wait_in_progress(&self, batch_id: &str, within: Duration) -> Value {
+        self.wait_for(batch_id, within, "in_progress", |b| {
+            b["status"] == "in_progress"
+        })
+        .await
     }
 
     /// Polls a batch until it reaches a terminal status.
