@@ -1,102 +1,18 @@
 //! Durability by killing a real process: SIGKILL at random moments, SIGTERM, a second signal.
 
 use crate::support::fake::{Fake, Shape};
+use crate::support::process::{self, Proc, signal, wait_exit};
 use crate::support::{Api, binary, chat_file};
+use std::process::Command;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// The real binary, started with `resume` so that it prints its recovery report and address.
-struct Proc {
-    child: Child,
-    addr: String,
-    report: Vec<String>,
-}
 
 const CONCURRENCY: usize = 8;
 
 fn spawn(state: &Path, backend: &str, extra: &[&str]) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(state.with_extension("log"))
-        .expect("log file");
-    let mut child = Command::new(binary())
-        .args(["resume", "--listen", "127.0.0.1:0", "--backend", "openai"])
-        .arg("--state")
-        .arg(state)
-        .args(["--backend-url", backend])
-        .args(["--concurrency", &CONCURRENCY.to_string()])
-        .args([
-            "--flush-interval",
-            "5ms",
-            "--retry-initial",
-            "10ms",
-            "--retry-max",
-            "100ms",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn ollama-batch");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut report = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(line) => {
-                if let Some(addr) = line.strip_prefix("listening on ") {
-                    return Proc {
-                        child,
-                        addr: format!("http://{addr}"),
-                        report,
-                    };
-                }
-                report.push(line);
-            }
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
-                panic!("server did not start ({e}); log:\n{log}");
-            }
-        }
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill runs")
-        .success();
-    assert!(ok, "kill {sig} failed");
-}
-
-fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "process did not exit within {within:?}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    process::spawn(state, backend, CONCURRENCY, extra)
 }
 
 /// The requests the recovery report says it put back in the queue from in-flight.

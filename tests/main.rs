@@ -11,3 +11,4 @@ mod lifecycle;
 mod llamacpp;
 mod rescue;
 mod sdk;
+mod stress;

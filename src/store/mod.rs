@@ -13,9 +13,17 @@
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
 //!
-//! Durability: a write is durable after [`Store::flush`] / [`Store::flush_async`] returns (sled
-//! also flushes in the background every 500 ms). Callers decide when to flush; see
+//! Durability: a write is durable after [`Store::flush`] / [`Store::flush_async`] returns (the
+//! commit thread also flushes every 500 ms on its own). Callers decide when to flush; see
 //! `docs/guarantees.md`.
+//!
+//! **The flush rule** (sled issue #1308: concurrent `flush_async` calls deadlock sled 0.34.7,
+//! its last release): no code calls sled's `flush` / `flush_async` except the one commit
+//! thread in [`commit`]. `Store::flush` and `Store::flush_async` register with it and wait;
+//! it runs one flush for everyone waiting (group commit). sled's own background flusher is
+//! off, so at most one flush runs at any time.
+
+mod commit;
 
 use crate::domain::{BatchId, BatchRecord, BatchStatus, FileId, RequestKey, RequestRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -124,6 +132,7 @@ pub struct Store {
     bodies: sled::Tree,
     blobs: sled::Tree,
     dir: PathBuf,
+    committer: commit::Committer,
 }
 
 impl Store {
@@ -133,7 +142,7 @@ impl Store {
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(cache_bytes)
-            .flush_every_ms(Some(500))
+            .flush_every_ms(None)
             .open()
             .map_err(|e| {
                 let text = e.to_string();
@@ -158,6 +167,7 @@ impl Store {
             bodies: db.open_tree("bodies")?,
             blobs: db.open_tree("blobs")?,
             dir: dir.to_path_buf(),
+            committer: commit::Committer::start(db.clone())?,
             db,
         })
     }
@@ -168,14 +178,15 @@ impl Store {
     }
 
     /// Makes every write so far durable against a process crash.
+    /// Blocks: never call it on the async runtime (use [`Store::flush_async`] there).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
+        self.committer.flush()?;
         Ok(())
     }
 
     /// [`Store::flush`] without blocking the runtime.
     pub async fn flush_async(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await?;
+        self.committer.flush_async().await?;
         Ok(())
     }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod process;
 
 use ollama_batch::config::{BackendKind, Config};
 use ollama_batch::server::{self, Running};

@@ -1,0 +1,118 @@
+//! The one owner of every flush.
+//!
+//! sled 0.34.7 (its last release) deadlocks when `flush_async` runs concurrently (sled issue
+//! #1308, fixed on sled's main branch, never released): each call parks one of sled's pool
+//! threads in `make_stable_inner`, waiting for log writes that are queued on the same pool.
+//! Parallel API writes hit it and then hung the whole server. The rule here: **nothing calls
+//! sled's `flush` or `flush_async` except this thread**. Callers register and wait; the
+//! thread takes every request that is waiting, runs one blocking `Db::flush` (which covers
+//! every write made before the requests were registered), and answers them all: a group
+//! commit. With nothing to answer it still flushes every 500 ms, in place of sled's own
+//! background flusher, which the store turns off, so at most one flush runs at any time.
+
+use std::sync::mpsc;
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How one waiter is answered.
+enum Reply {
+    Async(oneshot::Sender<Result<(), sled::Error>>),
+    Blocking(mpsc::SyncSender<Result<(), sled::Error>>),
+}
+
+impl Reply {
+    fn send(self, r: Result<(), sled::Error>) {
+        // A waiter that went away (a dropped future) needs no answer.
+        match self {
+            Reply::Async(tx) => {
+                let _ = tx.send(r);
+            }
+            Reply::Blocking(tx) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+/// The handle callers use; the thread stops when the last handle is dropped.
+pub(super) struct Committer {
+    tx: Option<mpsc::Sender<Reply>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Committer {
+    /// Stops the thread after its final flush and waits for it, so that the database is closed
+    /// (and its lock released) when the store is dropped.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Background flush period when nobody asks.
+const IDLE_FLUSH: Duration = Duration::from_millis(500);
+
+impl Committer {
+    /// Starts the flushing thread for `db`.
+    pub(super) fn start(db: sled::Db) -> std::io::Result<Committer> {
+        let (tx, rx) = mpsc::channel::<Reply>();
+        let thread = std::thread::Builder::new()
+            .name("store-commit".into())
+            .spawn(move || run(db, rx))?;
+        Ok(Committer {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn sender(&self) -> Result<&mpsc::Sender<Reply>, sled::Error> {
+        self.tx.as_ref().ok_or_else(stopped)
+    }
+
+    /// Waits (blocking) for a flush that started after this call.
+    pub(super) fn flush(&self) -> Result<(), sled::Error> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.sender()?
+            .send(Reply::Blocking(tx))
+            .map_err(|_| stopped())?;
+        rx.recv().unwrap_or_else(|_| Err(stopped()))
+    }
+
+    /// Waits (async) for a flush that started after this call.
+    pub(super) async fn flush_async(&self) -> Result<(), sled::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.sender()?
+            .send(Reply::Async(tx))
+            .map_err(|_| stopped())?;
+        rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+fn stopped() -> sled::Error {
+    sled::Error::ReportableBug("the store's commit thread stopped".into())
+}
+
+fn run(db: sled::Db, rx: mpsc::Receiver<Reply>) {
+    loop {
+        let first = match rx.recv_timeout(IDLE_FLUSH) {
+            Ok(r) => Some(r),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        let mut waiting: Vec<Reply> = first.into_iter().collect();
+        waiting.extend(rx.try_iter());
+        let r = db.flush().map(|_| ());
+        if let Err(e) = &r {
+            if waiting.is_empty() {
+                tracing::error!(error = %e, "background flush failed");
+            }
+        }
+        for w in waiting {
+            w.send(r.clone());
+        }
+    }
+    // Last handle gone: one final flush so that a clean stop leaves nothing behind.
+    let _ = db.flush();
+}
