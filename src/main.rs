@@ -7,12 +7,47 @@ use ollama_batch::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::process::ExitCode;
 
+/// The log's destination: stderr, where a failed write (a closed pipe, `| head`, a tee that
+/// died, a full disk) is dropped instead of reported. tracing-subscriber reports a failed write
+/// with `eprintln!`, which panics when stderr itself is the problem; a panic in a log call
+/// would take down whatever task logged (an upload's answer, an intake, the signal handler).
+struct LogWriter;
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
+/// Prints a line on stdout; a closed stdout is ignored (never a panic, as `println!` would).
+fn say(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+/// Prints an error on stderr, ignoring a closed stderr.
+fn complain(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "ollama-batch: {line}");
+}
+
 fn init_logs(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(|| LogWriter)
+        .log_internal_errors(false)
+        // Colour only for a person at a terminal: no escape codes in log files.
+        .with_ansi(std::io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -27,18 +62,18 @@ async fn run(args: ServeArgs, print_report: bool) -> anyhow::Result<()> {
     let running = server::start(cfg, listener).await?;
     if print_report {
         if running.report.is_empty() && running.revalidating == 0 {
-            println!("recovery: no unfinished batches");
+            say("recovery: no unfinished batches");
         }
         for line in &running.report {
-            println!("recovery: {line}");
+            say(&format!("recovery: {line}"));
         }
         if running.revalidating > 0 {
-            println!(
+            say(&format!(
                 "recovery: {} batch(es) were validating; validation restarts",
                 running.revalidating
-            );
+            ));
         }
-        println!("listening on {}", running.addr);
+        say(&format!("listening on {}", running.addr));
     }
     // First SIGTERM/SIGINT: graceful stop. Second: exit at once (safe: every acknowledged
     // result is already durable).
@@ -74,14 +109,14 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("ollama-batch: cannot start the runtime: {e}");
+            complain(&format!("cannot start the runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match rt.block_on(run(args, report)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ollama-batch: {e:#}");
+            complain(&format!("{e:#}"));
             ExitCode::FAILURE
         }
     }

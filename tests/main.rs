@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod crash;
 mod faults;
+mod hardening;
 mod lifecycle;
 mod llamacpp;
 mod rescue;
