@@ -97,7 +97,7 @@ async fn copy_field(
             return Ok(None);
         }
         if let Some(out) = out.as_mut() {
-            out.write_all(&chunk).await.map_err(ApiError::internal)?;
+            out.write_all(&chunk).await.map_err(ApiError::io)?;
         }
     }
     Ok(Some(seen))
@@ -155,11 +155,11 @@ pub async fn upload(
                     .unwrap_or_else(|| "upload.jsonl".to_string());
                 let mut out = tokio::fs::File::create(&scratch_path)
                     .await
-                    .map_err(ApiError::internal)?;
+                    .map_err(ApiError::io)?;
                 scratch.0 = Some(scratch_path.clone());
                 let copied = copy_field(&mut field, Some(&mut out), limit).await?;
                 if let Some(written) = copied {
-                    out.sync_all().await.map_err(ApiError::internal)?;
+                    out.sync_all().await.map_err(ApiError::io)?;
                     file = Some((filename, written));
                 }
                 copied
@@ -191,7 +191,7 @@ pub async fn upload(
         file.ok_or_else(|| ApiError::bad(Some("file"), "missing required parameter: 'file'"))?;
     tokio::fs::rename(&scratch_path, st.store.file_path(id))
         .await
-        .map_err(ApiError::internal)?;
+        .map_err(ApiError::io)?;
     scratch.0 = None;
     let rec = FileRecord {
         id,

@@ -97,17 +97,61 @@ impl ApiError {
             param: None,
         }
     }
+
+    /// 507: the disk holding the state directory is full. Nothing acknowledged is lost.
+    pub fn disk_full() -> Self {
+        tracing::error!("a request failed: the disk holding the state directory is full");
+        ApiError {
+            status: StatusCode::INSUFFICIENT_STORAGE,
+            message: "the disk holding the state directory is full: free some space (if the store itself could not write, restart ollama-batch afterwards; nothing acknowledged is lost)".into(),
+            kind: "server_error",
+            param: None,
+        }
+    }
+    /// 401: no or a wrong API key.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+    /// 408: the client stopped sending.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+    /// An I/O error of a file under the state directory: 507 when the disk is full.
+    pub fn io(e: std::io::Error) -> Self {
+        if crate::store::is_enospc(&e) {
+            ApiError::disk_full()
+        } else {
+            ApiError::internal(e)
+        }
+    }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
-        ApiError::internal(e)
+        if e.is_disk_full() {
+            ApiError::disk_full()
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 
 impl From<TransitionError> for ApiError {
     fn from(e: TransitionError) -> Self {
-        ApiError::internal(e)
+        match e {
+            TransitionError::Store(e) => e.into(),
+            e => ApiError::internal(e),
+        }
     }
 }
 

@@ -40,9 +40,19 @@ impl Gpu {
     }
 }
 
-/// `GET /health`: 200 once the server is up (it only listens after recovery).
-pub async fn health() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /health`: 200 once the server is up (it only listens after recovery); 503 once the
+/// store can no longer write (disk full): a process manager's health check then knows that a
+/// restart (after freeing space) is needed.
+pub async fn health(State(st): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    match st.store.failure() {
+        None => Json(json!({"status": "ok"})).into_response(),
+        Some(error) => (
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "store_failed", "error": error})),
+        )
+            .into_response(),
+    }
 }
 
 /// Batches in a terminal state: how many of each, and their lines that succeeded and failed.
@@ -115,6 +125,7 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
     Json(json!({
         "uptime_s": st.started.elapsed().as_secs(),
         "state_dir": st.store.dir().display().to_string(),
+        "store_error": st.store.failure(),
         "store_size_bytes": size,
         "shared_contents": st.store.blob_count(),
         "requests": totals,

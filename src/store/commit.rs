@@ -10,7 +10,7 @@
 //! commit. With nothing to answer it still flushes every 500 ms, in place of sled's own
 //! background flusher, which the store turns off, so at most one flush runs at any time.
 
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -36,6 +36,9 @@ impl Reply {
 
 /// The handle callers use; the thread stops when the last handle is dropped.
 pub(super) struct Committer {
+    /// The first failed flush: sled keeps an I/O error for good (its "global error"), so from
+    /// then on nothing can be made durable until the store is opened again.
+    pub(super) failure: Arc<Mutex<Option<String>>>,
     tx: Option<mpsc::Sender<Reply>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -58,10 +61,13 @@ impl Committer {
     /// Starts the flushing thread for `db`.
     pub(super) fn start(db: sled::Db) -> std::io::Result<Committer> {
         let (tx, rx) = mpsc::channel::<Reply>();
+        let failure = Arc::new(Mutex::new(None));
+        let seen = failure.clone();
         let thread = std::thread::Builder::new()
             .name("store-commit".into())
-            .spawn(move || run(db, rx))?;
+            .spawn(move || run(db, rx, seen))?;
         Ok(Committer {
+            failure,
             tx: Some(tx),
             thread: Some(thread),
         })
@@ -94,7 +100,7 @@ fn stopped() -> sled::Error {
     sled::Error::ReportableBug("the store's commit thread stopped".into())
 }
 
-fn run(db: sled::Db, rx: mpsc::Receiver<Reply>) {
+fn run(db: sled::Db, rx: mpsc::Receiver<Reply>, failure: Arc<Mutex<Option<String>>>) {
     loop {
         let first = match rx.recv_timeout(IDLE_FLUSH) {
             Ok(r) => Some(r),
@@ -105,8 +111,10 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Reply>) {
         waiting.extend(rx.try_iter());
         let r = db.flush().map(|_| ());
         if let Err(e) = &r {
-            if waiting.is_empty() {
-                tracing::error!(error = %e, "background flush failed");
+            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+            if f.is_none() {
+                tracing::error!(error = %e, "the store cannot write (disk full or I/O error): nothing more can be made durable until ollama-batch is restarted; dispatch stops");
+                *f = Some(e.to_string());
             }
         }
         for w in waiting {

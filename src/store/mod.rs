@@ -93,6 +93,22 @@ pub enum TransitionError {
     Store(#[from] StoreError),
 }
 
+impl StoreError {
+    /// Whether the disk is full (ENOSPC), however deep in the error it is.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::Io(e) => is_enospc(e),
+            StoreError::Sled(sled::Error::Io(e)) => is_enospc(e),
+            _ => self.to_string().contains("No space left on device"),
+        }
+    }
+}
+
+/// Whether an I/O error is ENOSPC.
+pub fn is_enospc(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::StorageFull || e.raw_os_error() == Some(28)
+}
+
 impl From<sled::Error> for TransitionError {
     fn from(e: sled::Error) -> Self {
         TransitionError::Store(StoreError::Sled(e))
@@ -188,6 +204,17 @@ impl Store {
     pub async fn flush_async(&self) -> Result<(), StoreError> {
         self.committer.flush_async().await?;
         Ok(())
+    }
+
+    /// Why the store can no longer write, once a flush has failed (disk full, I/O error). sled
+    /// keeps such an error for good: the process must be restarted (after freeing space) to
+    /// write again; whatever was acknowledged before is durable and resumes then.
+    pub fn failure(&self) -> Option<String> {
+        self.committer
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Bytes the database and the stored files take on disk.

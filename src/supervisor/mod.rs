@@ -301,6 +301,8 @@ pub struct Supervisor {
     pending: Vec<(BatchId, bool, Option<Usage>)>,
     first_pending: Option<Instant>,
     backend_down: bool,
+    /// Set once the store cannot write: dispatch stops for good (until a restart).
+    store_failure: Option<String>,
     last_rescue_scan: Instant,
     counters: live::Counters,
 }
@@ -350,6 +352,7 @@ impl Supervisor {
             pending: Vec::new(),
             first_pending: None,
             backend_down: false,
+            store_failure: None,
             last_rescue_scan: Instant::now(),
             counters: live::Counters {
                 requeued_at_start: requeued,
@@ -391,7 +394,7 @@ impl Supervisor {
             self.promote_due();
             self.rescue_stale_leases();
             self.check_expiry();
-            let jobs = if self.backend_down {
+            let jobs = if self.backend_down || self.store_failed() {
                 Vec::new()
             } else {
                 self.lease(window.saturating_sub(self.leased.len()))
@@ -417,6 +420,7 @@ impl Supervisor {
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
         let leasable = !self.backend_down
+            && self.store_failure.is_none()
             && self.leased.len() < self.cfg.lease_window()
             && self
                 .batches
@@ -606,6 +610,17 @@ impl Supervisor {
                 tracing::error!(request = %key, error = %e, "cannot store an outcome; the request reruns after restart")
             }
         }
+    }
+
+    /// Whether the store has failed (disk full): then no more leases, and it is said once.
+    fn store_failed(&mut self) -> bool {
+        if self.store_failure.is_none()
+            && let Some(e) = self.store.failure()
+        {
+            tracing::error!(error = %e, in_flight = self.leased.len(), "store failed: dispatch stopped; free space and restart ollama-batch (every acknowledged result is durable and the run resumes where it stopped)");
+            self.store_failure = Some(e);
+        }
+        self.store_failure.is_some()
     }
 
     /// Pauses dispatch and starts probing (once per outage).
