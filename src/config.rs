@@ -45,6 +45,43 @@ impl BackendKind {
     }
 }
 
+/// A key that must never be printed: its `Debug` and `Display` say `[redacted]`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The key itself (to compare or send, never to log).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        if t.is_empty() {
+            return Err("an API key must not be empty".into());
+        }
+        if t.chars().any(|c| c.is_control() || c == ' ') {
+            return Err("an API key must not contain spaces or control characters".into());
+        }
+        Ok(Secret(t.to_string()))
+    }
+}
+
 /// Log format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -137,6 +174,34 @@ pub struct ServeArgs {
     /// sled page cache.
     #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = "64MiB")]
     pub cache_size: String,
+    /// Require `Authorization: Bearer <key>` on every endpoint except /health (repeatable for
+    /// several keys; comma-separated in the env var). Without it anyone who reaches the port can
+    /// read every result.
+    #[arg(
+        long = "api-key",
+        env = "OLLAMA_BATCH_API_KEY",
+        value_delimiter = ',',
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub api_key: Vec<Secret>,
+    /// Send `Authorization: Bearer <key>` to the backend (vLLM --api-key, a gateway).
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_BACKEND_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub backend_api_key: Option<Secret>,
+    /// Largest backend answer accepted; a larger one fails its line (`answer_too_large`).
+    #[arg(long, env = "OLLAMA_BATCH_MAX_ANSWER_SIZE", default_value = "64MiB")]
+    pub max_answer_size: String,
+    /// Do not ask the backend whether a batch's model exists before running it.
+    #[arg(long, env = "OLLAMA_BATCH_NO_MODEL_CHECK")]
+    pub no_model_check: bool,
+    /// A client that sends nothing for this long (request headers, an upload's body) is cut off.
+    #[arg(long, env = "OLLAMA_BATCH_CLIENT_TIMEOUT", default_value = "60s")]
+    pub client_timeout: humantime::Duration,
     /// Log format.
     #[arg(
         long,
@@ -193,6 +258,16 @@ pub struct Config {
     pub max_line_bytes: usize,
     /// Validation errors listed at most (the rest are counted).
     pub max_listed_errors: usize,
+    /// Accepted API keys (empty: no authentication).
+    pub api_keys: Vec<Secret>,
+    /// Key sent to the backend.
+    pub backend_api_key: Option<Secret>,
+    /// Largest backend answer in bytes.
+    pub max_answer_bytes: u64,
+    /// Ask the backend for the model before a batch runs.
+    pub model_check: bool,
+    /// Idle limit for a client's request headers and upload body.
+    pub client_timeout: Duration,
 }
 
 /// Parses `2GiB`, `500MB`, `64k`, `1048576`.
@@ -245,9 +320,14 @@ impl Config {
             return Err("--request-timeout must be positive".into());
         }
         let url = a.backend_url.trim_end_matches('/').to_string();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
+        if url.starts_with("https://") {
             return Err(format!(
-                "--backend-url must start with http:// or https://, got '{}'",
+                "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
+            ));
+        }
+        if !url.starts_with("http://") || url.len() <= "http://".len() {
+            return Err(format!(
+                "--backend-url must start with http://, got '{}'",
                 a.backend_url
             ));
         }
@@ -265,6 +345,18 @@ impl Config {
         };
         let max_file_size =
             parse_size(&a.max_file_size).map_err(|e| format!("--max-file-size: {e}"))?;
+        if max_file_size == 0 {
+            return Err("--max-file-size must be more than 0 bytes".into());
+        }
+        let max_answer_bytes =
+            parse_size(&a.max_answer_size).map_err(|e| format!("--max-answer-size: {e}"))?;
+        if max_answer_bytes < 1024 {
+            return Err("--max-answer-size must be at least 1KiB".into());
+        }
+        let client_timeout: Duration = a.client_timeout.into();
+        if client_timeout.is_zero() {
+            return Err("--client-timeout must be positive".into());
+        }
         Ok(Config {
             listen: a.listen,
             state_dir: a.state.clone(),
@@ -287,6 +379,11 @@ impl Config {
             cache_bytes: parse_size(&a.cache_size).map_err(|e| format!("--cache-size: {e}"))?,
             max_line_bytes: 32 << 20,
             max_listed_errors: 1000,
+            api_keys: a.api_key.clone(),
+            backend_api_key: a.backend_api_key.clone(),
+            max_answer_bytes,
+            model_check: !a.no_model_check,
+            client_timeout,
         })
     }
 
@@ -364,10 +461,35 @@ mod tests {
             (&["--backend-url", "localhost:11434"][..], "--backend-url"),
             (&["--model-map", "nonsense"][..], "--model-map"),
             (&["--max-file-size", "huge"][..], "--max-file-size"),
+            (&["--max-file-size", "0"][..], "--max-file-size"),
+            (&["--max-answer-size", "10"][..], "--max-answer-size"),
+            (&["--backend-url", "https://api.example.com"][..], "https"),
+            (&["--client-timeout", "0s"][..], "--client-timeout"),
         ] {
             let err = parse(args).expect_err("must be refused");
             assert!(err.contains(needle), "{err}");
         }
+    }
+
+    #[test]
+    fn keys_are_never_printed() {
+        let Command::Serve(a) = Cli::parse_from([
+            "ollama-batch",
+            "serve",
+            "--api-key",
+            "sk-one,sk-two",
+            "--backend-api-key",
+            "sk-backend",
+        ])
+        .command
+        else {
+            unreachable!()
+        };
+        let cfg = Config::from_args(&a).expect("valid");
+        assert_eq!(cfg.api_keys.len(), 2);
+        assert_eq!(cfg.api_keys[1].expose(), "sk-two");
+        let shown = format!("{cfg:?} {a:?}");
+        assert!(!shown.contains("sk-"), "{shown}");
     }
 
     #[test]

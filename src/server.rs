@@ -143,12 +143,13 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         state = %cfg.state_dir.display(),
         "ollama-batch listening"
     );
-    let serve_stop = stop.clone();
-    let http = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(serve_stop.cancelled_owned())
-            .await
-    });
+    if cfg.api_keys.is_empty() && !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %addr,
+            "LISTENING ON A NON-LOOPBACK ADDRESS WITHOUT AN API KEY: anyone who can reach this port can upload, cancel and read every result. Start with --api-key (or OLLAMA_BATCH_API_KEY), or listen on 127.0.0.1"
+        );
+    }
+    let http = tokio::spawn(serve(listener, app, stop.clone(), cfg.client_timeout));
     let grace = cfg.shutdown_grace;
     let done_stop = stop.clone();
     let done = tokio::spawn(async move {
@@ -181,6 +182,55 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         stop,
         done,
     })
+}
+
+/// The HTTP accept loop: hyper with a timer, so that a client that does not finish sending its
+/// request headers within `header_timeout` is disconnected (axum::serve sets no timer, so its
+/// header timeout never fires). On `stop`, connections finish their current request and close.
+async fn serve(
+    listener: TcpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+    header_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower::ServiceExt;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let sock = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok((sock, _)) => sock,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone().map_request(
+            |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
+        ));
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(sock), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
 }
 
 /// Probes the backend every 30 s so `/status` says whether it answers, even when idle.

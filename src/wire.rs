@@ -114,7 +114,16 @@ struct OutputLine<'a> {
 /// one) is embedded as a JSON string.
 pub fn output_line(key: RequestKey, custom_id: &str, result: &ResultRecord) -> String {
     let raw: Option<Box<RawValue>> = result.body.as_deref().map(|b| {
-        RawValue::from_string(b.to_string()).unwrap_or_else(|_| {
+        // A line break inside the body would split the JSONL record: re-serialize compactly
+        // (answers are compacted when they arrive; this covers records stored before that).
+        let text = if b.contains(['\n', '\r']) {
+            serde_json::from_str::<serde_json::Value>(b)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| b.to_string())
+        } else {
+            b.to_string()
+        };
+        RawValue::from_string(text).unwrap_or_else(|_| {
             let quoted = serde_json::to_string(b).unwrap_or_else(|_| "null".into());
             RawValue::from_string(quoted).unwrap_or_default()
         })

@@ -136,16 +136,23 @@ pub async fn create(
             .then_some(now + st.cfg.completion_window.as_secs() as i64),
         metadata,
     );
-    st.store.put_batch(&rec)?;
-    st.store.flush_async().await?;
-    tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
-    spawn_intake(
-        st.store.clone(),
-        st.cfg.clone(),
-        st.supervisor.clone(),
-        &st.tracker,
-        rec.id,
-    );
+    // From the first write on, the batch exists: its intake must start whether or not the
+    // client is still there to read the answer.
+    let s = st.clone();
+    let rec = super::detached(&st, async move {
+        s.store.put_batch(&rec)?;
+        s.store.flush_async().await?;
+        tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
+        spawn_intake(
+            s.store.clone(),
+            s.cfg.clone(),
+            s.supervisor.clone(),
+            &s.tracker,
+            rec.id,
+        );
+        Ok(rec)
+    })
+    .await?;
     Ok(Json(batch_object(&rec, None)))
 }
 
@@ -174,21 +181,28 @@ pub async fn cancel(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = batch_id(path)?;
-    let moved = st.store.update_batch(
-        id,
-        &[BatchStatus::Validating, BatchStatus::InProgress],
-        |b| {
-            b.status = BatchStatus::Cancelling;
-            b.cancelling_at = Some(unix_now());
-        },
-    );
-    match moved {
-        Ok(b) => {
-            st.store.flush_async().await?;
-            st.supervisor.send(Command::Cancel(id)).await;
+    // The move to `cancelling` and telling the supervisor happen together or not at all, even
+    // if the client goes away.
+    let s = st.clone();
+    let moved = super::detached(&st, async move {
+        let moved = s.store.update_batch(
+            id,
+            &[BatchStatus::Validating, BatchStatus::InProgress],
+            |b| {
+                b.status = BatchStatus::Cancelling;
+                b.cancelling_at = Some(unix_now());
+            },
+        );
+        if moved.is_ok() {
+            s.store.flush_async().await?;
+            s.supervisor.send(Command::Cancel(id)).await;
             tracing::info!(batch = %id, "cancel requested");
-            Ok(Json(render(&st, &b)))
         }
+        Ok(moved)
+    })
+    .await?;
+    match moved {
+        Ok(b) => Ok(Json(render(&st, &b))),
         Err(TransitionError::NotFound) => {
             Err(ApiError::not_found("Batch", &id.to_string(), "batch_id"))
         }

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::path::PathBuf;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Purposes accepted at upload.
@@ -44,13 +45,29 @@ fn multipart_error(e: axum::extract::multipart::MultipartError) -> ApiError {
     }
 }
 
+/// The next chunk of a field, or 408 when the client sends nothing for `idle`: a stalled
+/// upload must not hold its connection and scratch file for ever.
+async fn next_chunk(
+    field: &mut axum::extract::multipart::Field<'_>,
+    idle: Duration,
+) -> Result<Option<axum::body::Bytes>, ApiError> {
+    match tokio::time::timeout(idle, field.chunk()).await {
+        Ok(r) => r.map_err(multipart_error),
+        Err(_) => Err(ApiError::timeout(format!(
+            "the upload stalled: nothing received for {} (--client-timeout)",
+            humantime::format_duration(idle)
+        ))),
+    }
+}
+
 /// Reads a small text field (at most 1 KiB).
 async fn small_text(
     field: &mut axum::extract::multipart::Field<'_>,
     name: &'static str,
+    idle: Duration,
 ) -> Result<String, ApiError> {
     let mut buf = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+    while let Some(chunk) = next_chunk(field, idle).await? {
         buf.extend_from_slice(&chunk);
         if buf.len() > 1024 {
             return Err(ApiError::bad(Some(name), format!("'{name}' is too long")));
@@ -63,8 +80,12 @@ async fn small_text(
 /// is still sending, gets to read the 413 instead of a reset connection (most clients, the
 /// openai SDKs among them, read the answer only after sending the whole body). Past the budget
 /// (the limit again, at least 64 MiB) the connection is closed. Returns the budget left.
-async fn drain_field(field: &mut axum::extract::multipart::Field<'_>, mut cap: u64) -> u64 {
-    while let Ok(Some(chunk)) = field.chunk().await {
+async fn drain_field(
+    field: &mut axum::extract::multipart::Field<'_>,
+    mut cap: u64,
+    idle: Duration,
+) -> u64 {
+    while let Ok(Ok(Some(chunk))) = tokio::time::timeout(idle, field.chunk()).await {
         cap = cap.saturating_sub(chunk.len() as u64);
         if cap == 0 {
             break;
@@ -74,10 +95,10 @@ async fn drain_field(field: &mut axum::extract::multipart::Field<'_>, mut cap: u
 }
 
 /// [`drain_field`] for every remaining field.
-async fn drain_rest(mp: &mut Multipart, mut cap: u64) {
+async fn drain_rest(mp: &mut Multipart, mut cap: u64, idle: Duration) {
     while cap > 0 {
-        match mp.next_field().await {
-            Ok(Some(mut f)) => cap = drain_field(&mut f, cap).await,
+        match tokio::time::timeout(idle, mp.next_field()).await {
+            Ok(Ok(Some(mut f))) => cap = drain_field(&mut f, cap, idle).await,
             _ => break,
         }
     }
@@ -89,9 +110,10 @@ async fn copy_field(
     field: &mut axum::extract::multipart::Field<'_>,
     mut out: Option<&mut tokio::fs::File>,
     limit: u64,
+    idle: Duration,
 ) -> Result<Option<u64>, ApiError> {
     let mut seen: u64 = 0;
-    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+    while let Some(chunk) = next_chunk(field, idle).await? {
         seen += chunk.len() as u64;
         if seen > limit {
             return Ok(None);
@@ -117,6 +139,7 @@ pub async fn upload(
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = st.cfg.max_file_size;
+    let idle = st.cfg.client_timeout;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -142,10 +165,16 @@ pub async fn upload(
     let mut file: Option<(String, u64)> = None;
     // Set when a field passes the limit: how much more of the body may still be drained.
     let mut over_limit: Option<u64> = None;
-    while let Some(mut field) = mp.next_field().await.map_err(multipart_error)? {
+    loop {
+        let next = tokio::time::timeout(idle, mp.next_field())
+            .await
+            .map_err(|_| ApiError::timeout("the upload stalled between form fields (--client-timeout)"))?;
+        let Some(mut field) = next.map_err(multipart_error)? else {
+            break;
+        };
         let copied = match field.name() {
             Some("purpose") => {
-                purpose = Some(small_text(&mut field, "purpose").await?);
+                purpose = Some(small_text(&mut field, "purpose", idle).await?);
                 continue;
             }
             Some("file") if file.is_none() => {
@@ -157,7 +186,7 @@ pub async fn upload(
                     .await
                     .map_err(ApiError::io)?;
                 scratch.0 = Some(scratch_path.clone());
-                let copied = copy_field(&mut field, Some(&mut out), limit).await?;
+                let copied = copy_field(&mut field, Some(&mut out), limit, idle).await?;
                 if let Some(written) = copied {
                     out.sync_all().await.map_err(ApiError::io)?;
                     file = Some((filename, written));
@@ -165,15 +194,15 @@ pub async fn upload(
                 copied
             }
             // Unknown fields are read and ignored, within the same limit as a file.
-            _ => copy_field(&mut field, None, limit).await?,
+            _ => copy_field(&mut field, None, limit, idle).await?,
         };
         if copied.is_none() {
-            over_limit = Some(drain_field(&mut field, limit.max(64 << 20)).await);
+            over_limit = Some(drain_field(&mut field, limit.max(64 << 20), idle).await);
             break;
         }
     }
     if let Some(budget) = over_limit {
-        drain_rest(&mut mp, budget).await;
+        drain_rest(&mut mp, budget, idle).await;
         return Err(too_large(limit));
     }
     let purpose = purpose
@@ -189,21 +218,29 @@ pub async fn upload(
     }
     let (filename, bytes) =
         file.ok_or_else(|| ApiError::bad(Some("file"), "missing required parameter: 'file'"))?;
-    tokio::fs::rename(&scratch_path, st.store.file_path(id))
-        .await
-        .map_err(ApiError::io)?;
+    // The whole body is in: publishing the file finishes even if the client goes away now.
     scratch.0 = None;
-    let rec = FileRecord {
-        id,
-        bytes,
-        created_at: unix_now(),
-        filename,
-        purpose,
-        expires_at: None,
-    };
-    st.store.put_file(&rec)?;
-    st.store.flush_async().await?;
-    tracing::info!(file = %id, bytes, "file uploaded");
+    let s = st.clone();
+    let rec = super::detached(&st, async move {
+        let mut scratch = Scratch(Some(scratch_path.clone()));
+        tokio::fs::rename(&scratch_path, s.store.file_path(id))
+            .await
+            .map_err(ApiError::io)?;
+        scratch.0 = None;
+        let rec = FileRecord {
+            id,
+            bytes,
+            created_at: unix_now(),
+            filename,
+            purpose,
+            expires_at: None,
+        };
+        s.store.put_file(&rec)?;
+        s.store.flush_async().await?;
+        tracing::info!(file = %id, bytes, "file uploaded");
+        Ok(rec)
+    })
+    .await?;
     Ok(Json(file_object(&rec)))
 }
 

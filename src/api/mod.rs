@@ -41,6 +41,20 @@ pub struct AppState {
     pub gpu: Option<Arc<status::Gpu>>,
 }
 
+/// Runs a handler's writes to completion even if the client goes away mid-request (a timeout, a
+/// Ctrl-C, a retrying SDK): axum drops a handler's future when its connection closes, which
+/// left a batch written but never handed to its intake, or a cancel never told to the
+/// supervisor. Tracked, so that shutdown waits for it.
+pub(crate) async fn detached<T: Send + 'static>(
+    st: &AppState,
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    st.tracker
+        .spawn(work)
+        .await
+        .map_err(|e| ApiError::internal(format!("a request's task failed: {e}")))?
+}
+
 /// An error answered as OpenAI's error object.
 #[derive(Debug)]
 pub struct ApiError {
@@ -180,10 +194,56 @@ async fn method_not_allowed() -> ApiError {
     }
 }
 
+/// Whether `presented` is one of `keys`, in time that does not depend on where they differ:
+/// both sides are hashed (so lengths leak nothing) and every key is compared in full.
+fn key_matches(presented: &str, keys: &[crate::config::Secret]) -> bool {
+    use sha2::{Digest, Sha256};
+    let p = Sha256::digest(presented.as_bytes());
+    let mut any = 0u8;
+    for k in keys {
+        let h = Sha256::digest(k.expose().as_bytes());
+        let diff = p.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        any |= (diff == 0) as u8;
+    }
+    any == 1
+}
+
+/// With `--api-key`: every route but `/health` needs `Authorization: Bearer <key>`.
+async fn require_key(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if st.cfg.api_keys.is_empty() || req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    match presented {
+        Some(k) if key_matches(k, &st.cfg.api_keys) => next.run(req).await,
+        Some(_) => ApiError::unauthorized(
+            "Incorrect API key provided. This server was started with --api-key; send one of those keys as 'Authorization: Bearer <key>'.",
+        )
+        .into_response(),
+        None => ApiError::unauthorized(
+            "You didn't provide an API key. This server was started with --api-key; send 'Authorization: Bearer <key>'.",
+        )
+        .into_response(),
+    }
+}
+
 /// The router. The upload route has no framework body limit (the handler counts bytes against
 /// `--max-file-size` itself, so that it can answer 413 cleanly); every other route keeps
 /// axum's 2 MB.
 pub fn router(state: AppState) -> Router {
+    let auth = axum::middleware::from_fn_with_state(state.clone(), require_key);
     Router::new()
         .route(
             "/v1/files",
@@ -200,5 +260,25 @@ pub fn router(state: AppState) -> Router {
         .route("/status", get(status::status))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(auth)
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::key_matches;
+
+    #[test]
+    fn keys_match_only_exactly() {
+        let keys: Vec<crate::config::Secret> = ["sk-a", "sk-longer-key"]
+            .iter()
+            .map(|k| k.parse().expect("key"))
+            .collect();
+        assert!(key_matches("sk-a", &keys));
+        assert!(key_matches("sk-longer-key", &keys));
+        for wrong in ["", "sk-", "sk-b", "sk-a ", "sk-longer-ke", "SK-A"] {
+            assert!(!key_matches(wrong, &keys), "{wrong:?}");
+        }
+        assert!(!key_matches("sk-a", &[]));
+    }
 }

@@ -3,13 +3,33 @@
 //! OpenAI-shaped body. It never touches the store and never retries: retrying is the
 //! supervisor's decision.
 
-mod ollama;
-mod openai;
+pub(crate) mod ollama;
+pub(crate) mod openai;
 
 use crate::config::{BackendKind, Config};
 use crate::domain::{CallResult, Endpoint};
 use serde_json::Value;
 use std::time::Duration;
+
+/// Whether a line's body can be sent to a backend of this kind; the reason when not. The intake
+/// runs it on every line, so that an untranslatable batch fails at validation.
+pub fn check_line(kind: BackendKind, endpoint: Endpoint, body: &Value) -> Result<(), String> {
+    match kind {
+        BackendKind::Ollama => ollama::check(endpoint, body),
+        BackendKind::Openai => Ok(()),
+    }
+}
+
+/// What asking the backend about a model found.
+#[derive(Debug, PartialEq)]
+pub enum ModelCheck {
+    /// The backend has it (or serves whatever model is asked for).
+    Present,
+    /// The backend says it does not have it; the text says how to get it.
+    Missing(String),
+    /// The backend cannot tell (no model list, an error, unreachable): the batch is not blocked.
+    Unknown(String),
+}
 
 /// A configured client for one model server.
 #[derive(Clone)]
@@ -20,6 +40,8 @@ pub struct Backend {
     /// Ollama runner options sent identically on every call.
     num_ctx: Option<u32>,
     keep_alive: Value,
+    /// Answers larger than this are refused (`--max-answer-size`).
+    max_answer: u64,
 }
 
 impl Backend {
@@ -28,7 +50,15 @@ impl Backend {
     /// connections are dropped after 15 s so a backend that closes them sooner does not hand
     /// us dead ones.
     pub fn new(cfg: &Config) -> Result<Backend, String> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(key) = &cfg.backend_api_key {
+            let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
+                .map_err(|_| "--backend-api-key contains characters not allowed in a header".to_string())?;
+            v.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, v);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .timeout(cfg.request_timeout)
             .connect_timeout(Duration::from_secs(5).min(cfg.request_timeout))
             .pool_idle_timeout(Duration::from_secs(15))
@@ -40,6 +70,7 @@ impl Backend {
             http,
             num_ctx: cfg.num_ctx,
             keep_alive: cfg.keep_alive.clone(),
+            max_answer: cfg.max_answer_bytes,
         })
     }
 
@@ -61,7 +92,8 @@ impl Backend {
         }
     }
 
-    /// A cheap liveness check: `GET /api/tags` (Ollama) or `GET /v1/models`.
+    /// A cheap liveness check: `GET /api/tags` (Ollama) or `GET /v1/models`. The error says
+    /// why in words (connection refused, timed out, DNS, TLS) with a hint for the common case.
     pub async fn probe(&self) -> Result<(), String> {
         let path = match self.kind {
             BackendKind::Ollama => "/api/tags",
@@ -73,41 +105,177 @@ impl Backend {
             .timeout(Duration::from_secs(10))
             .send()
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.explain(&e))?;
         if resp.status().is_success() {
             Ok(())
         } else {
-            Err(format!("{} answered {}", path, resp.status()))
+            Err(format!("{}{} answered {}", self.base, path, resp.status()))
         }
     }
 
-    /// POSTs JSON and reads the whole answer: `Ok((status, body text))` or the transport
-    /// failure already classified.
+    /// Asks the backend whether it has `model`: Ollama `POST /api/show`; an OpenAI-compatible
+    /// server `GET /v1/models` (a llama.cpp server that serves one model answers whatever model
+    /// a request names, so it is never blocked).
+    pub async fn check_model(&self, model: &str) -> ModelCheck {
+        match self.kind {
+            BackendKind::Ollama => {
+                let r = self
+                    .http
+                    .post(format!("{}/api/show", self.base))
+                    .json(&serde_json::json!({"model": model}))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => ModelCheck::Present,
+                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                        ModelCheck::Missing(format!(
+                            "model '{model}' is not available on the Ollama server at {}: run `ollama pull {model}` there (or name another model with --model / --model-map)",
+                            self.base
+                        ))
+                    }
+                    Ok(r) => ModelCheck::Unknown(format!("/api/show answered {}", r.status())),
+                    Err(e) => ModelCheck::Unknown(self.explain(&e)),
+                }
+            }
+            BackendKind::Openai => {
+                let r = self
+                    .http
+                    .get(format!("{}/v1/models", self.base))
+                    .timeout(Duration::from_secs(30))
+                    .send()
+                    .await;
+                let v: Value = match r {
+                    Ok(r) if r.status().is_success() => match r.json().await {
+                        Ok(v) => v,
+                        Err(e) => return ModelCheck::Unknown(format!("/v1/models: {e}")),
+                    },
+                    Ok(r) => {
+                        return ModelCheck::Unknown(format!("/v1/models answered {}", r.status()));
+                    }
+                    Err(e) => return ModelCheck::Unknown(self.explain(&e)),
+                };
+                models_list_check(&v, model, &self.base)
+            }
+        }
+    }
+
+    /// POSTs JSON and reads the whole answer, at most `--max-answer-size` bytes: `Ok((status,
+    /// body text))` or the failure already classified.
     async fn post(&self, path: &str, body: &Value) -> Result<(u16, String), CallResult> {
-        let resp = self
+        let mut resp = self
             .http
             .post(format!("{}{}", self.base, path))
             .json(body)
             .send()
             .await
-            .map_err(transport_failure)?;
+            .map_err(|e| self.transport_failure(e))?;
         let status = resp.status().as_u16();
-        let text = resp.text().await.map_err(transport_failure)?;
+        let too_large = |n: u64| CallResult::Invalid {
+            code: "answer_too_large".into(),
+            message: format!(
+                "the backend's answer is larger than {} bytes (--max-answer-size): {n} bytes or more",
+                self.max_answer
+            ),
+            retry: false,
+        };
+        if let Some(n) = resp.content_length().filter(|n| *n > self.max_answer) {
+            return Err(too_large(n));
+        }
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| self.transport_failure(e))? {
+            if (buf.len() + chunk.len()) as u64 > self.max_answer {
+                return Err(too_large((buf.len() + chunk.len()) as u64));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        let text = match String::from_utf8(buf) {
+            Ok(t) => t,
+            Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+        };
         Ok((status, text))
+    }
+
+    /// Sorts a reqwest failure into backend down / timeout / broken connection. A failure to
+    /// connect (refused, or a connect timeout on a dead host) comes first: nothing was sent, so
+    /// it must not cost the request an attempt.
+    fn transport_failure(&self, e: reqwest::Error) -> CallResult {
+        if e.is_connect() {
+            CallResult::Unreachable(self.explain(&e))
+        } else if e.is_timeout() {
+            CallResult::Timeout
+        } else {
+            CallResult::Transport(self.explain(&e))
+        }
+    }
+
+    /// A transport error in words: what happened, where, the usual cause, then the details.
+    pub fn explain(&self, e: &reqwest::Error) -> String {
+        explain(self.kind, &self.base, e)
     }
 }
 
-/// Sorts a reqwest failure into backend down / timeout / broken connection. A failure to
-/// connect (refused, or a connect timeout on a dead host) comes first: nothing was sent, so it
-/// must not cost the request an attempt.
-fn transport_failure(e: reqwest::Error) -> CallResult {
-    if e.is_connect() {
-        CallResult::Unreachable(error_chain(&e))
-    } else if e.is_timeout() {
-        CallResult::Timeout
-    } else {
-        CallResult::Transport(error_chain(&e))
+/// The model check on a `/v1/models` list.
+fn models_list_check(v: &Value, model: &str, base: &str) -> ModelCheck {
+    let Some(list) = v["data"].as_array().filter(|l| !l.is_empty()) else {
+        return ModelCheck::Unknown("/v1/models lists no models".into());
+    };
+    let ids: Vec<&str> = list.iter().filter_map(|m| m["id"].as_str()).collect();
+    // llama.cpp's server (one model, no router) serves any model name a request gives.
+    if list.len() == 1 && list[0]["owned_by"] == "llamacpp" {
+        return ModelCheck::Present;
     }
+    if ids.contains(&model) {
+        ModelCheck::Present
+    } else {
+        let shown: Vec<&str> = ids.iter().take(10).copied().collect();
+        ModelCheck::Missing(format!(
+            "model '{model}' is not served by {base} (it lists: {}): load it there, or name a listed model with --model / --model-map",
+            shown.join(", ")
+        ))
+    }
+}
+
+/// See [`Backend::explain`].
+fn explain(kind: BackendKind, base: &str, e: &reqwest::Error) -> String {
+    let chain = error_chain(e);
+    let lower = chain.to_ascii_lowercase();
+    let mut io_kind = None;
+    let mut src: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = src {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            io_kind = Some(io.kind());
+        }
+        src = s.source();
+    }
+    let hint_server = match kind {
+        BackendKind::Ollama => "is `ollama serve` running, and on this address (--backend-url)?",
+        BackendKind::Openai => {
+            "is the model server (llama-server, vllm serve, LM Studio, …) running, and on this address (--backend-url)?"
+        }
+    };
+    let what = if io_kind == Some(std::io::ErrorKind::ConnectionRefused)
+        || lower.contains("connection refused")
+    {
+        format!("connection refused by {base}: {hint_server}")
+    } else if lower.contains("dns error") || lower.contains("failed to lookup address") {
+        format!("cannot resolve the host name of {base} (DNS): check --backend-url")
+    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
+        format!("TLS failed with {base}: check the certificate and the scheme of --backend-url")
+    } else if e.is_timeout() && e.is_connect() {
+        format!("connecting to {base} timed out: the host does not answer; {hint_server}")
+    } else if e.is_timeout() {
+        format!("{base} did not answer in time (--request-timeout)")
+    } else if io_kind == Some(std::io::ErrorKind::ConnectionReset)
+        || lower.contains("connection reset")
+    {
+        format!("{base} reset the connection (did the model server crash or restart?)")
+    } else if e.is_connect() {
+        format!("cannot connect to {base}: {hint_server}")
+    } else {
+        format!("the connection to {base} failed")
+    };
+    format!("{what} ({chain})")
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -119,6 +287,16 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         src = inner.source();
     }
     s
+}
+
+/// The answer text itself when it has no line breaks, else the same JSON re-serialized on one
+/// line: an answer embedded in a JSONL file must not span lines.
+pub(crate) fn compact(text: &str, parsed: &Value) -> String {
+    if text.contains(['\n', '\r']) {
+        parsed.to_string()
+    } else {
+        text.to_string()
+    }
 }
 
 /// An OpenAI error envelope for a backend answer that was not one.

@@ -7,24 +7,52 @@
 use super::{Backend, wrap_error};
 use crate::domain::{CallResult, Endpoint, Usage};
 use serde_json::{Map, Value, json};
+use std::collections::HashMap;
 
 pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: Value) -> CallResult {
-    let (path, request) = match endpoint {
-        Endpoint::ChatCompletions => ("/api/chat", chat_request(backend, &body)),
-        Endpoint::Embeddings => ("/api/embed", embed_request(backend, &body)),
-        Endpoint::Completions => ("/api/generate", generate_request(backend, &body)),
+    let request = match endpoint {
+        Endpoint::ChatCompletions => chat_request(backend, &body),
+        Endpoint::Embeddings => Ok(embed_request(backend, &body)),
+        Endpoint::Completions => Ok(generate_request(backend, &body)),
     };
-    let (status, text) = match backend.post(path, &request).await {
-        Ok(answer) => answer,
-        Err(failure) => return failure,
+    let request = match request {
+        Ok(r) => r,
+        Err(message) => {
+            return CallResult::Invalid {
+                code: "unsupported_parameter".into(),
+                message,
+                retry: false,
+            };
+        }
     };
-    let parsed: Option<Value> = serde_json::from_str(&text).ok();
+    let path = match endpoint {
+        Endpoint::ChatCompletions => "/api/chat",
+        Endpoint::Embeddings => "/api/embed",
+        Endpoint::Completions => "/api/generate",
+    };
+    match backend.post(path, &request).await {
+        Ok((status, text)) => {
+            let model = body["model"].as_str().unwrap_or_default();
+            interpret(endpoint, status, &text, model)
+        }
+        Err(failure) => failure,
+    }
+}
+
+/// What an Ollama answer (`status`, body `text`) means, translated into OpenAI's shapes. Pure,
+/// so that it is tested (and fuzzed) without a server.
+pub(crate) fn interpret(endpoint: Endpoint, status: u16, text: &str, model: &str) -> CallResult {
+    let parsed: Option<Value> = serde_json::from_str(text).ok();
     // Ollama reports errors as {"error": "<string>"}, sometimes even after a 200.
-    let error_text = parsed.as_ref().and_then(|v| v.get("error")).map(|e| {
-        e.as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| e.to_string())
-    });
+    let error_text = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .filter(|e| !e.is_null())
+        .map(|e| {
+            e.as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string())
+        });
     if !(200..300).contains(&status) || error_text.is_some() {
         let status = if (200..300).contains(&status) {
             500
@@ -38,22 +66,29 @@ pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: Value) -> 
             usage: None,
         };
     }
+    let invalid = |message: String| CallResult::Invalid {
+        code: "invalid_backend_answer".into(),
+        message,
+        retry: true,
+    };
     let Some(answer) = parsed else {
-        return CallResult::Transport(format!(
+        return invalid(format!(
             "Ollama answered {status} with a body that is not JSON ({} bytes)",
             text.len()
         ));
     };
-    let model = body["model"].as_str().unwrap_or_default();
-    let (openai, usage) = match endpoint {
+    let translated = match endpoint {
         Endpoint::ChatCompletions => chat_response(&answer, model),
         Endpoint::Embeddings => embed_response(&answer, model),
         Endpoint::Completions => generate_response(&answer, model),
     };
-    CallResult::Answered {
-        status,
-        body: openai.to_string(),
-        usage: Some(usage),
+    match translated {
+        Ok((openai, usage)) => CallResult::Answered {
+            status,
+            body: openai.to_string(),
+            usage: Some(usage),
+        },
+        Err(e) => invalid(format!("Ollama answered {status} {e}")),
     }
 }
 
@@ -105,13 +140,25 @@ fn base_request(backend: &Backend, body: &Value) -> Map<String, Value> {
     r
 }
 
-/// OpenAI message → Ollama message: text parts joined, `image_url` data URLs → `images`.
-fn message(m: &Value) -> Value {
+/// OpenAI message → Ollama message: text parts joined, `image_url` data URLs → `images`,
+/// `developer` → `system` (Ollama knows no developer role), tool-call `arguments` (a JSON
+/// string in OpenAI's shape) → an object, a `tool` message's `tool_call_id` → the `tool_name`
+/// of the call it answers. What cannot be translated is refused with the reason.
+fn message(i: usize, m: &Value, tool_names: &HashMap<String, String>) -> Result<Value, String> {
+    let Some(obj) = m.as_object() else {
+        return Err(format!("messages[{i}] must be an object"));
+    };
     let mut out = Map::new();
-    out.insert("role".into(), m["role"].clone());
+    let role = match obj.get("role").and_then(Value::as_str) {
+        Some("developer") => "system",
+        Some(r) => r,
+        None => return Err(format!("messages[{i}].role must be a string")),
+    };
+    out.insert("role".into(), json!(role));
     let mut images = Vec::new();
-    let content = match &m["content"] {
+    let content = match obj.get("content").unwrap_or(&Value::Null) {
         Value::String(s) => s.clone(),
+        Value::Null => String::new(),
         Value::Array(parts) => {
             let mut text = String::new();
             for p in parts {
@@ -122,35 +169,128 @@ fn message(m: &Value) -> Value {
                             .as_str()
                             .or_else(|| p["image_url"].as_str())
                             .unwrap_or_default();
-                        let data = url.split_once(";base64,").map(|(_, d)| d).unwrap_or(url);
-                        images.push(json!(data));
+                        match url.split_once(";base64,") {
+                            Some((head, data)) if head.starts_with("data:") => {
+                                images.push(json!(data))
+                            }
+                            _ => {
+                                return Err(format!(
+                                    "messages[{i}]: the Ollama backend takes images only as data URLs (data:image/png;base64,...); it does not download '{}'",
+                                    clip(url, 80)
+                                ));
+                            }
+                        }
                     }
-                    _ => {}
+                    other => {
+                        return Err(format!(
+                            "messages[{i}]: content part type {} is not supported by the Ollama backend (text and image_url are)",
+                            other.map(|t| format!("'{}'", clip(t, 40))).unwrap_or_else(|| "(missing)".into())
+                        ));
+                    }
                 }
             }
             text
         }
-        _ => String::new(),
+        _ => return Err(format!("messages[{i}].content must be a string or an array of parts")),
     };
     out.insert("content".into(), json!(content));
     if !images.is_empty() {
         out.insert("images".into(), Value::Array(images));
     }
-    for key in ["tool_calls", "tool_name", "name"] {
-        if let Some(v) = m.get(key).filter(|v| !v.is_null()) {
-            out.insert(key.into(), v.clone());
+    if let Some(calls) = obj.get("tool_calls").and_then(Value::as_array) {
+        let calls: Vec<Value> = calls
+            .iter()
+            .map(|c| {
+                let args = &c["function"]["arguments"];
+                let args = match args {
+                    Value::String(s) => serde_json::from_str::<Value>(s).unwrap_or_else(|_| args.clone()),
+                    other => other.clone(),
+                };
+                json!({"function": {"name": c["function"]["name"], "arguments": args}})
+            })
+            .collect();
+        out.insert("tool_calls".into(), Value::Array(calls));
+    }
+    if role == "tool" {
+        let name = obj
+            .get("name")
+            .and_then(Value::as_str)
+            .or_else(|| {
+                obj.get("tool_call_id")
+                    .and_then(Value::as_str)
+                    .and_then(|id| tool_names.get(id).map(String::as_str))
+            });
+        if let Some(n) = name {
+            out.insert("tool_name".into(), json!(n));
         }
     }
-    Value::Object(out)
+    if let Some(n) = obj.get("tool_name").filter(|v| !v.is_null()) {
+        out.insert("tool_name".into(), n.clone());
+    }
+    Ok(Value::Object(out))
 }
 
-fn chat_request(backend: &Backend, body: &Value) -> Value {
+/// At most `n` characters of `s` (for error messages: never copy a large value).
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// The chat parameters the Ollama backend cannot honour, refused rather than dropped.
+fn check_chat_params(body: &Value) -> Result<(), String> {
+    if let Some(n) = body.get("n").filter(|v| !v.is_null())
+        && n.as_u64() != Some(1)
+    {
+        return Err("n must be 1 with the Ollama backend (it returns one choice per request); send the line n times with different custom_ids instead".into());
+    }
+    if body.get("audio").is_some_and(|v| !v.is_null())
+        || body["modalities"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|x| x != "text"))
+    {
+        return Err("audio output is not supported by the Ollama backend".into());
+    }
+    Ok(())
+}
+
+/// The Ollama messages of a chat body (also the validator's check at intake).
+fn messages(body: &Value) -> Result<Vec<Value>, String> {
+    check_chat_params(body)?;
+    let Some(ms) = body["messages"].as_array() else {
+        return Err("messages must be an array".into());
+    };
+    let mut tool_names = HashMap::new();
+    let mut out = Vec::with_capacity(ms.len());
+    for (i, m) in ms.iter().enumerate() {
+        if let Some(calls) = m["tool_calls"].as_array() {
+            for c in calls {
+                if let (Some(id), Some(name)) = (c["id"].as_str(), c["function"]["name"].as_str()) {
+                    tool_names.insert(id.to_string(), name.to_string());
+                }
+            }
+        }
+        out.push(message(i, m, &tool_names)?);
+    }
+    Ok(out)
+}
+
+/// Whether a line's body can be translated for Ollama; the reason when not. The intake runs
+/// this on every line, so such a batch fails at validation instead of line by line.
+pub(crate) fn check(endpoint: Endpoint, body: &Value) -> Result<(), String> {
+    match endpoint {
+        Endpoint::ChatCompletions => messages(body).map(|_| ()),
+        Endpoint::Embeddings | Endpoint::Completions => Ok(()),
+    }
+}
+
+fn chat_request(backend: &Backend, body: &Value) -> Result<Value, String> {
     let mut r = base_request(backend, body);
-    let messages = body["messages"]
-        .as_array()
-        .map(|ms| ms.iter().map(message).collect::<Vec<_>>())
-        .unwrap_or_default();
-    r.insert("messages".into(), Value::Array(messages));
+    r.insert("messages".into(), Value::Array(messages(body)?));
     r.insert("truncate".into(), json!(false));
     match body["response_format"]["type"].as_str() {
         Some("json_object") => {
@@ -172,7 +312,14 @@ fn chat_request(backend: &Backend, body: &Value) -> Value {
     if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
         r.insert("tools".into(), tools.clone());
     }
-    Value::Object(r)
+    // Ollama 0.12.11+ returns log probabilities; older versions ignore the request.
+    if body["logprobs"] == json!(true) {
+        r.insert("logprobs".into(), json!(true));
+        if let Some(k) = body.get("top_logprobs").filter(|v| !v.is_null()) {
+            r.insert("top_logprobs".into(), k.clone());
+        }
+    }
+    Ok(Value::Object(r))
 }
 
 fn embed_request(backend: &Backend, body: &Value) -> Value {
@@ -224,13 +371,54 @@ fn finish_reason(answer: &Value) -> &'static str {
     }
 }
 
-fn chat_response(answer: &Value, model: &str) -> (Value, Usage) {
+/// Ollama's `logprobs` (token, logprob, bytes, top_logprobs) → OpenAI's `logprobs.content`.
+fn logprobs(answer: &Value) -> Value {
+    let Some(items) = answer["logprobs"].as_array() else {
+        return Value::Null;
+    };
+    let entry = |t: &Value| {
+        json!({
+            "token": t["token"].as_str().unwrap_or_default(),
+            "logprob": t["logprob"].as_f64().unwrap_or(0.0),
+            "bytes": t.get("bytes").filter(|b| b.is_array()).cloned().unwrap_or(Value::Null),
+        })
+    };
+    let content: Vec<Value> = items
+        .iter()
+        .map(|t| {
+            let mut e = entry(t);
+            e["top_logprobs"] = Value::Array(
+                t["top_logprobs"]
+                    .as_array()
+                    .map(|ts| ts.iter().map(entry).collect())
+                    .unwrap_or_default(),
+            );
+            e
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
+}
+
+fn chat_response(answer: &Value, model: &str) -> Result<(Value, Usage), String> {
     let u = usage(answer);
+    let message = &answer["message"];
+    let calls = message["tool_calls"].as_array().filter(|c| !c.is_empty());
+    let content = match &message["content"] {
+        Value::String(s) => s.clone(),
+        _ if calls.is_some() => String::new(),
+        _ if message.is_object() => return Err("with a message that has no content".into()),
+        _ => {
+            return Err(
+                "without a message (an empty 'messages' list only loads the model)".into(),
+            );
+        }
+    };
     let mut msg = json!({
         "role": "assistant",
-        "content": answer["message"]["content"].as_str().unwrap_or_default(),
+        "content": content,
+        "refusal": null,
     });
-    if let Some(calls) = answer["message"]["tool_calls"].as_array() {
+    if let Some(calls) = calls {
         let calls: Vec<Value> = calls
             .iter()
             .enumerate()
@@ -239,7 +427,7 @@ fn chat_response(answer: &Value, model: &str) -> (Value, Usage) {
                     "id": format!("call_{i}"),
                     "type": "function",
                     "function": {
-                        "name": c["function"]["name"],
+                        "name": c["function"]["name"].as_str().unwrap_or_default(),
                         "arguments": c["function"]["arguments"].to_string(),
                     }
                 })
@@ -255,36 +443,38 @@ fn chat_response(answer: &Value, model: &str) -> (Value, Usage) {
         "choices": [{
             "index": 0,
             "message": msg,
-            "logprobs": null,
+            "logprobs": logprobs(answer),
             "finish_reason": finish_reason(answer),
         }],
         "usage": usage_json(&u),
     });
-    (v, u)
+    Ok((v, u))
 }
 
-fn embed_response(answer: &Value, model: &str) -> (Value, Usage) {
+fn embed_response(answer: &Value, model: &str) -> Result<(Value, Usage), String> {
     let u = usage(answer);
-    let data: Vec<Value> = answer["embeddings"]
-        .as_array()
-        .map(|es| {
-            es.iter()
-                .enumerate()
-                .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
-                .collect()
-        })
-        .unwrap_or_default();
+    let Some(es) = answer["embeddings"].as_array().filter(|e| !e.is_empty()) else {
+        return Err("without embeddings".into());
+    };
+    let data: Vec<Value> = es
+        .iter()
+        .enumerate()
+        .map(|(i, e)| json!({"object": "embedding", "index": i, "embedding": e}))
+        .collect();
     let v = json!({
         "object": "list",
         "data": data,
         "model": answer["model"].as_str().unwrap_or(model),
         "usage": {"prompt_tokens": u.input_tokens, "total_tokens": u.input_tokens},
     });
-    (v, u)
+    Ok((v, u))
 }
 
-fn generate_response(answer: &Value, model: &str) -> (Value, Usage) {
+fn generate_response(answer: &Value, model: &str) -> Result<(Value, Usage), String> {
     let u = usage(answer);
+    let Some(text) = answer["response"].as_str() else {
+        return Err("without a response".into());
+    };
     let v = json!({
         "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
         "object": "text_completion",
@@ -292,13 +482,13 @@ fn generate_response(answer: &Value, model: &str) -> (Value, Usage) {
         "model": answer["model"].as_str().unwrap_or(model),
         "choices": [{
             "index": 0,
-            "text": answer["response"].as_str().unwrap_or_default(),
+            "text": text,
             "logprobs": null,
             "finish_reason": finish_reason(answer),
         }],
         "usage": usage_json(&u),
     });
-    (v, u)
+    Ok((v, u))
 }
 
 #[cfg(test)]
@@ -324,7 +514,7 @@ mod tests {
             "max_tokens": 10, "temperature": 0.2, "stop": "END",
             "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}
         });
-        let r = chat_request(&backend(), &body);
+        let r = chat_request(&backend(), &body).expect("translates");
         assert_eq!(r["stream"], false);
         assert_eq!(r["truncate"], false);
         assert_eq!(r["keep_alive"], -1);
@@ -343,7 +533,7 @@ mod tests {
             "model": "gemma3:12b", "message": {"role": "assistant", "content": "7"},
             "done": true, "done_reason": "length", "prompt_eval_count": 120, "eval_count": 3
         });
-        let (v, u) = chat_response(&answer, "gemma3:12b");
+        let (v, u) = chat_response(&answer, "gemma3:12b").expect("answer");
         assert_eq!(v["object"], "chat.completion");
         assert_eq!(v["choices"][0]["message"]["content"], "7");
         assert_eq!(v["choices"][0]["finish_reason"], "length");
@@ -352,7 +542,7 @@ mod tests {
         assert_eq!(u.cached_tokens, None);
         let with_cache = json!({"message": {"content": ""}, "prompt_eval_count": 10,
             "prompt_eval_cached_count": 8, "eval_count": 1});
-        let (v, u) = chat_response(&with_cache, "m");
+        let (v, u) = chat_response(&with_cache, "m").expect("answer");
         assert_eq!(u.cached_tokens, Some(8));
         assert_eq!(v["usage"]["prompt_tokens_details"]["cached_tokens"], 8);
     }

@@ -24,6 +24,16 @@ pub enum CallResult {
     Unreachable(String),
     /// The connection broke (reset, incomplete message, unreadable body).
     Transport(String),
+    /// The backend answered 2xx, but not with an answer: not JSON, no message, `{"error": …}`,
+    /// or larger than `--max-answer-size`. `retry` says whether another try may help.
+    Invalid {
+        /// The error code of the line if it fails (`invalid_backend_answer`, `answer_too_large`).
+        code: String,
+        /// What was wrong.
+        message: String,
+        /// Worth another try (a broken answer) or not (an answer that is too large).
+        retry: bool,
+    },
 }
 
 /// What a call result means for the request.
@@ -57,12 +67,30 @@ pub fn is_oom_text(text: &str) -> bool {
     OOM_MARKERS.iter().any(|m| lower.contains(m))
 }
 
+/// The message of an error body: OpenAI's `error.message`, Ollama's `error` string, or the
+/// text itself when it is not JSON.
+pub fn error_message(body: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(body) {
+        Ok(v) => match &v["error"] {
+            serde_json::Value::String(s) => s.clone(),
+            e => e["message"].as_str().unwrap_or_default().to_string(),
+        },
+        Err(_) => body.to_string(),
+    }
+}
+
+/// Whether an error answer is an out-of-memory: a server error (5xx) whose error *message*
+/// says so. A 4xx, or text elsewhere in the body (a 400 that echoes the user's prompt), is not.
+fn is_oom_answer(status: u16, body: &str) -> bool {
+    (500..=599).contains(&status) && is_oom_text(&error_message(body))
+}
+
 /// Classifies one call result.
 pub fn classify(result: &CallResult) -> Verdict {
     match result {
         CallResult::Answered { status, body, .. } => match *status {
             200..=299 => Verdict::Success,
-            _ if is_oom_text(body) => Verdict::OutOfMemory,
+            s if is_oom_answer(s, body) => Verdict::OutOfMemory,
             408 | 409 | 425 | 429 => Verdict::Transient,
             // 499 is Ollama's "client canceled": not the request's fault.
             499 => Verdict::Transient,
@@ -70,6 +98,8 @@ pub fn classify(result: &CallResult) -> Verdict {
             _ => Verdict::Permanent,
         },
         CallResult::Timeout | CallResult::Transport(_) => Verdict::Transient,
+        CallResult::Invalid { retry: true, .. } => Verdict::Transient,
+        CallResult::Invalid { retry: false, .. } => Verdict::Permanent,
         CallResult::Unreachable(_) => Verdict::BackendDown,
     }
 }
@@ -166,6 +196,21 @@ mod tests {
                 r#"{"error":"llama runner process has terminated: CUDA error: out of memory"}"#
             )),
             Verdict::OutOfMemory
+        );
+        // A 400 that echoes the user's text is not an OOM; neither is a 4xx saying so.
+        assert_eq!(
+            classify(&answered(
+                400,
+                r#"{"error":{"message":"prompt 'my laptop ran out of memory' is invalid","type":"invalid_request_error"}}"#
+            )),
+            Verdict::Permanent
+        );
+        assert_eq!(
+            classify(&answered(
+                500,
+                r#"{"error":{"message":"template failed","echo":"out of memory"}}"#
+            )),
+            Verdict::Transient
         );
         assert_eq!(classify(&CallResult::Timeout), Verdict::Transient);
         assert_eq!(

@@ -985,6 +985,16 @@ fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
             )),
             usage: None,
         },
+        CallResult::Invalid { code, message, .. } => ResultRecord {
+            status_code: None,
+            body: None,
+            error_code: Some(code.clone()),
+            error_message: Some(format!(
+                "{message} (attempt {} of {})",
+                o.attempts, cfg.retry.max_attempts
+            )),
+            usage: None,
+        },
         CallResult::Transport(e) | CallResult::Unreachable(e) => ResultRecord {
             status_code: None,
             body: None,
@@ -1008,6 +1018,7 @@ fn describe(r: &CallResult) -> String {
         CallResult::Timeout => "timed out".into(),
         CallResult::Unreachable(e) => format!("unreachable: {e}"),
         CallResult::Transport(e) => format!("connection error: {e}"),
+        CallResult::Invalid { message, .. } => format!("invalid answer: {message}"),
     }
 }
 
