@@ -10,9 +10,9 @@
 //! Re-running the intake of a batch (after a crash during validation) starts from a clean
 //! slate: it first deletes whatever requests an earlier run wrote.
 
-use crate::config::Config;
+use crate::config::{BackendKind, Config};
 use crate::domain::{
-    BatchId, BatchRecord, BatchStatus, LineError, RequestKey, RequestRecord, unix_now,
+    BatchId, BatchRecord, BatchStatus, Endpoint, LineError, RequestKey, RequestRecord, unix_now,
 };
 use crate::store::{Store, StoreError, StoredBody, TransitionError};
 use serde_json::Value;
@@ -88,12 +88,133 @@ fn err(line: u32, code: &str, param: Option<&str>, message: String) -> LineError
     }
 }
 
+/// At most 64 characters of a value quoted in an error message: an error never copies a
+/// large value (a 32 MiB url would otherwise be stored in the batch and sent on every GET).
+fn clip(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(MAX).collect();
+        t.push('…');
+        t
+    }
+}
+
+/// JSON's name for a value's type, for "must be a string, got a number".
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A missing field and a field of the wrong type get different errors.
+fn field_error(line_no: u32, param: &str, v: Option<&Value>, want: &str) -> LineError {
+    match v {
+        None => err(
+            line_no,
+            "missing_required_parameter",
+            Some(param),
+            format!("line {line_no}: {param} is missing (it must be {want})"),
+        ),
+        Some(v) => err(
+            line_no,
+            "invalid_type",
+            Some(param),
+            format!(
+                "line {line_no}: {param} must be {want}, got {}",
+                type_name(v)
+            ),
+        ),
+    }
+}
+
+/// What the body of each endpoint must carry (so that a typo such as `"message"` fails at
+/// validation instead of reaching the backend, which may answer an empty 200).
+fn check_body(line_no: u32, endpoint: Endpoint, body: &Value) -> Result<(), LineError> {
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let ms = body.get("messages");
+            let Some(list) = ms.and_then(Value::as_array) else {
+                return Err(field_error(
+                    line_no,
+                    "body.messages",
+                    ms,
+                    "an array of messages",
+                ));
+            };
+            if list.is_empty() {
+                return Err(err(
+                    line_no,
+                    "invalid_value",
+                    Some("body.messages"),
+                    format!("line {line_no}: body.messages must not be empty"),
+                ));
+            }
+            for (i, m) in list.iter().enumerate() {
+                let role = m.get("role");
+                if !role.is_some_and(Value::is_string) {
+                    let param = format!("body.messages[{i}].role");
+                    return Err(if m.is_object() {
+                        field_error(line_no, &param, role, "a string")
+                    } else {
+                        field_error(
+                            line_no,
+                            &format!("body.messages[{i}]"),
+                            Some(m),
+                            "an object",
+                        )
+                    });
+                }
+            }
+            Ok(())
+        }
+        Endpoint::Embeddings => match body.get("input") {
+            Some(Value::String(_)) => Ok(()),
+            Some(Value::Array(a)) if !a.is_empty() => Ok(()),
+            Some(Value::Array(_)) => Err(err(
+                line_no,
+                "invalid_value",
+                Some("body.input"),
+                format!("line {line_no}: body.input must not be empty"),
+            )),
+            other => Err(field_error(
+                line_no,
+                "body.input",
+                other,
+                "a string or an array",
+            )),
+        },
+        Endpoint::Completions => match body.get("prompt") {
+            Some(Value::String(_) | Value::Array(_)) => Ok(()),
+            other => Err(field_error(
+                line_no,
+                "body.prompt",
+                other,
+                "a string or an array",
+            )),
+        },
+    }
+}
+
 /// The rules of one line that need no other line. Returns the line's custom_id, model and body.
 fn check_line(
     line_no: u32,
     bytes: &[u8],
-    endpoint: &str,
+    endpoint: Endpoint,
+    backend: BackendKind,
 ) -> Result<(String, String, Value), LineError> {
+    // A byte-order mark (Windows editors write one) is not part of the JSON.
+    let bytes = if line_no == 1 {
+        bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes)
+    } else {
+        bytes
+    };
     let v: Value = serde_json::from_slice(bytes).map_err(|e| {
         err(
             line_no,
@@ -107,56 +228,86 @@ fn check_line(
             line_no,
             "invalid_request",
             None,
-            format!("line {line_no} must be a JSON object"),
+            format!(
+                "line {line_no} must be a JSON object, got {}",
+                type_name(&v)
+            ),
         ));
     };
     let custom_id = match obj.get("custom_id") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        _ => {
+        Some(Value::String(_)) => {
             return Err(err(
                 line_no,
-                "missing_required_parameter",
+                "invalid_value",
                 Some("custom_id"),
-                format!("line {line_no}: custom_id must be a non-empty string"),
+                format!("line {line_no}: custom_id must not be empty"),
+            ));
+        }
+        other => {
+            return Err(field_error(
+                line_no,
+                "custom_id",
+                other,
+                "a non-empty string",
             ));
         }
     };
-    if obj.get("method").and_then(Value::as_str) != Some("POST") {
-        return Err(err(
-            line_no,
-            "invalid_method",
-            Some("method"),
-            format!("line {line_no}: method must be \"POST\""),
-        ));
+    match obj.get("method") {
+        Some(Value::String(m)) if m == "POST" => {}
+        Some(Value::String(m)) => {
+            return Err(err(
+                line_no,
+                "invalid_method",
+                Some("method"),
+                format!("line {line_no}: method must be \"POST\", got '{}'", clip(m)),
+            ));
+        }
+        other => return Err(field_error(line_no, "method", other, "\"POST\"")),
     }
-    let url = obj.get("url").and_then(Value::as_str).unwrap_or_default();
-    if url != endpoint {
-        return Err(err(
-            line_no,
-            "invalid_url",
-            Some("url"),
-            format!("line {line_no}: url '{url}' does not match the batch endpoint '{endpoint}'"),
-        ));
+    match obj.get("url") {
+        Some(Value::String(u)) if u == endpoint.as_str() => {}
+        Some(Value::String(u)) => {
+            return Err(err(
+                line_no,
+                "invalid_url",
+                Some("url"),
+                format!(
+                    "line {line_no}: url '{}' does not match the batch endpoint '{}'",
+                    clip(u),
+                    endpoint.as_str()
+                ),
+            ));
+        }
+        other => return Err(field_error(line_no, "url", other, "a string")),
     }
     let body = match obj.remove("body") {
         Some(b @ Value::Object(_)) => b,
-        _ => {
-            return Err(err(
+        other => {
+            return Err(field_error(
                 line_no,
-                "invalid_body",
-                Some("body"),
-                format!("line {line_no}: body must be a JSON object"),
+                "body",
+                other.as_ref(),
+                "a JSON object",
             ));
         }
     };
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
-        _ => {
+        Some(Value::String(_)) => {
             return Err(err(
                 line_no,
-                "missing_required_parameter",
+                "invalid_value",
                 Some("body.model"),
-                format!("line {line_no}: body.model must be a non-empty string"),
+                format!("line {line_no}: body.model must not be empty"),
+            ));
+        }
+        other => {
+            return Err(field_error(
+                line_no,
+                "body.model",
+                other,
+                "a non-empty string",
             ));
         }
     };
@@ -168,6 +319,15 @@ fn check_line(
             format!("line {line_no}: stream: true is not supported in a batch"),
         ));
     }
+    check_body(line_no, endpoint, &body)?;
+    crate::backend::check_line(backend, endpoint, &body).map_err(|reason| {
+        err(
+            line_no,
+            "unsupported_parameter",
+            Some("body"),
+            format!("line {line_no}: {reason}"),
+        )
+    })?;
     Ok((custom_id, model, body))
 }
 
@@ -248,16 +408,41 @@ pub fn materialize(
     Ok(body)
 }
 
-/// Validates and expands the input file of `batch_id`, then moves the batch on.
+/// What validation found, before the batch moves on.
+#[derive(Debug, PartialEq)]
+pub enum Validated {
+    /// Every line is valid and queued (the batch is still `validating`): `total` lines, all on
+    /// `model` (after `--model` / `--model-map`).
+    Valid {
+        /// Lines queued.
+        total: u64,
+        /// The model they run on.
+        model: Option<String>,
+    },
+    /// Already finished (invalid, cancelled, skipped): nothing more to do.
+    Done(IntakeOutcome),
+}
+
+/// Validates and expands the input file of `batch_id` and moves the batch on
+/// (`in_progress`, or `failed`), without asking the backend about the model.
 pub fn run(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<IntakeOutcome, StoreError> {
+    match validate(store, cfg, batch_id)? {
+        Validated::Done(o) => Ok(o),
+        Validated::Valid { total, model } => accept(store, batch_id, total, model),
+    }
+}
+
+/// The streaming pass: every line checked and, if all are valid, queued. An invalid file
+/// fails the batch here; a valid one stays `validating` until [`accept`] or [`reject`].
+pub fn validate(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<Validated, StoreError> {
     let Some(batch) = store.get_batch(batch_id)? else {
-        return Ok(IntakeOutcome::Skipped);
+        return Ok(Validated::Done(IntakeOutcome::Skipped));
     };
     match batch.status {
         BatchStatus::Validating => {}
         // Cancelled before the intake started: the supervisor finalizes it as cancelled.
-        BatchStatus::Cancelling => return Ok(IntakeOutcome::Cancelled),
-        _ => return Ok(IntakeOutcome::Skipped),
+        BatchStatus::Cancelling => return Ok(Validated::Done(IntakeOutcome::Cancelled)),
+        _ => return Ok(Validated::Done(IntakeOutcome::Skipped)),
     }
     store.delete_requests(batch_id)?;
     let (errors, total, model) = match expand(store, cfg, &batch) {
@@ -284,23 +469,44 @@ pub fn run(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<IntakeOutco
         });
     }
     if !errors.is_empty() {
-        store.delete_requests(batch_id)?;
-        let n = errors.len();
-        let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
-            b.status = BatchStatus::Failed;
-            b.failed_at = Some(unix_now());
-            b.errors = errors.clone();
-        });
-        store.flush()?;
-        return finish(result, IntakeOutcome::Invalid(n));
+        return reject(store, batch_id, errors).map(Validated::Done);
     }
     store.flush()?;
-    let mapped = model.map(|m| cfg.map_model(&m));
+    Ok(Validated::Valid {
+        total,
+        model: model.map(|m| cfg.map_model(&m)),
+    })
+}
+
+/// `validating → failed` with these errors; the queued lines are deleted.
+pub fn reject(
+    store: &Store,
+    batch_id: BatchId,
+    errors: Vec<LineError>,
+) -> Result<IntakeOutcome, StoreError> {
+    store.delete_requests(batch_id)?;
+    let n = errors.len();
+    let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
+        b.status = BatchStatus::Failed;
+        b.failed_at = Some(unix_now());
+        b.errors = errors.clone();
+    });
+    store.flush()?;
+    finish(result, IntakeOutcome::Invalid(n))
+}
+
+/// `validating → in_progress`: the batch's `total` lines run on `model`.
+pub fn accept(
+    store: &Store,
+    batch_id: BatchId,
+    total: u64,
+    model: Option<String>,
+) -> Result<IntakeOutcome, StoreError> {
     let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
         b.status = BatchStatus::InProgress;
         b.in_progress_at = Some(unix_now());
         b.request_counts.total = total;
-        b.model = mapped.clone();
+        b.model = model.clone();
     });
     store.flush()?;
     finish(result, IntakeOutcome::Ready(total))
@@ -347,7 +553,7 @@ fn expand(
         ))
     })?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
-    let endpoint = batch.endpoint.as_str();
+    let endpoint = batch.endpoint;
     let mut errors: Vec<LineError> = Vec::new();
     let mut unlisted = 0usize;
     let mut seen: HashSet<String> = HashSet::new();
@@ -383,7 +589,7 @@ fn expand(
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
-        let (custom_id, line_model, body) = match check_line(line_no, &buf, endpoint) {
+        let (custom_id, line_model, body) = match check_line(line_no, &buf, endpoint, cfg.backend) {
             Ok(parts) => parts,
             Err(e) => {
                 push_err(&mut errors, e);
@@ -400,7 +606,9 @@ fn expand(
                         "mismatched_model",
                         Some("body.model"),
                         format!(
-                            "line {line_no}: model '{line_model}' differs from '{m}' on line {first}; a batch runs one model"
+                            "line {line_no}: model '{}' differs from '{}' on line {first}; a batch runs one model",
+                            clip(&line_model),
+                            clip(m)
                         ),
                     ),
                 );
@@ -415,7 +623,10 @@ fn expand(
                     line_no,
                     "duplicate_custom_id",
                     Some("custom_id"),
-                    format!("line {line_no}: custom_id '{custom_id}' is used more than once"),
+                    format!(
+                        "line {line_no}: custom_id '{}' is used more than once",
+                        clip(&custom_id)
+                    ),
                 ),
             );
             continue;
@@ -509,22 +720,89 @@ mod tests {
 
     #[test]
     fn line_rules() {
-        let ok = br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#;
-        assert!(check_line(1, ok, "/v1/chat/completions").is_ok());
-        let cases: &[(&[u8], &str)] = &[
-            (b"not json", "invalid_json_line"),
-            (b"[1,2]", "invalid_request"),
-            (br#"{"method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#, "missing_required_parameter"),
-            (br#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{"model":"m"}}"#, "invalid_method"),
-            (br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m"}}"#, "invalid_url"),
-            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":"x"}"#, "invalid_body"),
-            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","stream":true}}"#, "invalid_value"),
-            (b"\xff\xfe{}", "invalid_json_line"),
+        let chat = Endpoint::ChatCompletions;
+        let ok = br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"role":"user","content":"hi"}]}}"#;
+        assert!(check_line(1, ok, chat, BackendKind::Openai).is_ok());
+        let mut bom = b"\xEF\xBB\xBF".to_vec();
+        bom.extend_from_slice(ok);
+        assert!(
+            check_line(1, &bom, chat, BackendKind::Openai).is_ok(),
+            "a BOM on line 1 is not JSON's business"
+        );
+        let huge_url = format!(
+            r#"{{"custom_id":"a","method":"POST","url":"{}","body":{{"model":"m"}}}}"#,
+            "u".repeat(1 << 20)
+        );
+        let cases: &[(&[u8], &str, Option<&str>)] = &[
+            (b"not json", "invalid_json_line", None),
+            (b"[1,2]", "invalid_request", None),
+            (br#"{"method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#, "missing_required_parameter", Some("custom_id")),
+            (br#"{"custom_id":7,"method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}"#, "invalid_type", Some("custom_id")),
+            (br#"{"custom_id":"a","method":"GET","url":"/v1/chat/completions","body":{"model":"m"}}"#, "invalid_method", Some("method")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m"}}"#, "invalid_url", Some("url")),
+            (huge_url.as_bytes(), "invalid_url", Some("url")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":"x"}"#, "invalid_type", Some("body")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":["m"]}}"#, "invalid_type", Some("body.model")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","stream":true}}"#, "invalid_value", Some("body.stream")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","message":[{"role":"user","content":"hi"}]}}"#, "missing_required_parameter", Some("body.messages")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":"hi"}}"#, "invalid_type", Some("body.messages")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[]}}"#, "invalid_value", Some("body.messages")),
+            (br#"{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{"model":"m","messages":[{"content":"hi"}]}}"#, "missing_required_parameter", Some("body.messages[0].role")),
+            (b"\xff\xfe{}", "invalid_json_line", None),
         ];
-        for (line, code) in cases {
-            let e = check_line(7, line, "/v1/chat/completions").expect_err("must fail");
-            assert_eq!(e.code, *code, "{}", String::from_utf8_lossy(line));
+        for (line, code, param) in cases {
+            let e = check_line(7, line, chat, BackendKind::Openai).expect_err("must fail");
+            assert_eq!(
+                e.code,
+                *code,
+                "{}",
+                String::from_utf8_lossy(&line[..line.len().min(200)])
+            );
+            assert_eq!(e.param.as_deref(), *param);
             assert_eq!(e.line, Some(7));
+            assert!(
+                e.message.len() < 300,
+                "error messages never copy large values: {} bytes",
+                e.message.len()
+            );
         }
+        let emb = br#"{"custom_id":"a","method":"POST","url":"/v1/embeddings","body":{"model":"m","inputs":"x"}}"#;
+        let e = check_line(1, emb, Endpoint::Embeddings, BackendKind::Openai).expect_err("input");
+        assert_eq!(e.param.as_deref(), Some("body.input"));
+    }
+
+    #[test]
+    fn what_ollama_cannot_do_fails_at_validation() {
+        let chat = Endpoint::ChatCompletions;
+        let line = |body: &str| {
+            format!(
+                r#"{{"custom_id":"a","method":"POST","url":"/v1/chat/completions","body":{body}}}"#
+            )
+        };
+        for (body, needle) in [
+            (
+                r#"{"model":"m","n":3,"messages":[{"role":"user","content":"hi"}]}"#,
+                "n must be 1",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://example.com/cat.png"}}]}]}"#,
+                "data URLs",
+            ),
+            (
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"input_audio","input_audio":{}}]}]}"#,
+                "not supported",
+            ),
+        ] {
+            let l = line(body);
+            let e = check_line(1, l.as_bytes(), chat, BackendKind::Ollama).expect_err(body);
+            assert_eq!(e.code, "unsupported_parameter");
+            assert!(e.message.contains(needle), "{}", e.message);
+            // The same line is fine for an OpenAI-compatible server.
+            assert!(check_line(1, l.as_bytes(), chat, BackendKind::Openai).is_ok());
+        }
+        let ok = line(
+            r#"{"model":"m","n":1,"messages":[{"role":"developer","content":"rubric"},{"role":"user","content":"hi"}]}"#,
+        );
+        assert!(check_line(1, ok.as_bytes(), chat, BackendKind::Ollama).is_ok());
     }
 }

@@ -251,8 +251,11 @@ fn spawn_health_probe(
                 if l.backend.down_since.is_none() {
                     l.backend.reachable = Some(ok.is_ok());
                 }
-                if let Err(e) = &ok {
-                    l.backend.last_error = Some(e.clone());
+                match &ok {
+                    Err(e) => l.backend.last_error = Some(e.clone()),
+                    // Back (or never gone): an old error is no longer the backend's state.
+                    Ok(()) if l.backend.down_since.is_none() => l.backend.last_error = None,
+                    Ok(()) => {}
                 }
             });
             if let Err(e) = ok {

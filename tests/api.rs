@@ -66,7 +66,8 @@ async fn invalid_file_fails_the_batch_with_every_bad_line_numbered() {
             (6, "invalid_url"),
             (7, "mismatched_model"),
             (8, "invalid_value"),
-            (9, "missing_required_parameter"),
+            // present but empty: invalid, not missing
+            (9, "invalid_value"),
         ]
     );
     assert_eq!(fake.total_calls(), 0, "nothing runs from an invalid file");

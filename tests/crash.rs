@@ -3,10 +3,10 @@
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Proc, signal, wait_exit};
 use crate::support::{Api, binary, chat_file};
-use std::process::Command;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const CONCURRENCY: usize = 8;

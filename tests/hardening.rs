@@ -2,7 +2,8 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Log, signal, wait_exit};
-use crate::support::{Api, chat_file};
+use crate::support::{Api, chat_file, chat_line, server_with};
+use serde_json::{Value, json};
 use std::time::Duration;
 
 /// Defect 2: every log write fails (stderr is a pipe nobody reads: `| head`, a tee that died).
@@ -133,7 +134,11 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     // Dispatch stopped: no call reaches the backend any more.
     let calls = fake.total_calls();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(fake.total_calls(), calls, "dispatch went on with a failed store");
+    assert_eq!(
+        fake.total_calls(),
+        calls,
+        "dispatch went on with a failed store"
+    );
     std::fs::remove_file(disk.0.join("filler")).expect("free space");
     signal(&p.child, "-TERM");
     wait_exit(&mut p.child, Duration::from_secs(30));
@@ -156,4 +161,498 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     assert_eq!(ids.len(), n, "no line twice");
     p.child.kill().expect("kill");
     p.child.wait().expect("wait");
+}
+
+/// Defect 4: a backend that pretty-prints its JSON. Before: each answer was embedded verbatim,
+/// line breaks included, and the output file was no longer JSONL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pretty_printed_answers_keep_the_output_jsonl() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.pretty = true);
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let n = 5;
+    let done = api
+        .run_file(
+            chat_file(n, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["completed"], n, "{done}");
+    let id = done["output_file_id"].as_str().expect("output");
+    let (_, text) = api.get_text(&format!("/v1/files/{id}/content")).await;
+    let physical: Vec<&str> = text.lines().collect();
+    assert_eq!(physical.len(), n, "one record per line:\n{text}");
+    for l in physical {
+        let v: Value = serde_json::from_str(l).expect("each line is JSON");
+        assert!(
+            v["response"]["body"]["choices"][0]["message"]["content"]
+                .as_str()
+                .is_some_and(|c| c.starts_with("echo:"))
+        );
+    }
+    server.stop().await;
+}
+
+/// Defect 5: a 200 that carries no answer. Before: Ollama's 200 without a message became an
+/// output line with content "", and in OpenAI mode any JSON 200 (even `{"error": …}`) was a
+/// success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_200_without_an_answer_fails_its_line() {
+    for (shape, raw) in [
+        (
+            Shape::Ollama,
+            r#"{"model":"m","created_at":"2026-01-01T00:00:00Z","done":true,"done_reason":"load"}"#,
+        ),
+        (
+            Shape::Ollama,
+            r#"{"model":"m","message":{"role":"assistant","content":null},"done":true}"#,
+        ),
+        (
+            Shape::OpenAi,
+            r#"{"error":{"message":"upstream failed","type":"server_error"}}"#,
+        ),
+        (Shape::OpenAi, r#"{"id":"x","object":"chat.completion"}"#),
+    ] {
+        let fake = Fake::start(shape).await;
+        fake.set(|b| b.raw_answer = Some(raw.to_string()));
+        let (_d, mut server) = server_with(&fake, |c| c.retry.max_attempts = 2).await;
+        let api = Api::new(&server.base);
+        let done = api
+            .run_file(
+                chat_file(3, "m", "s"),
+                "/v1/chat/completions",
+                Duration::from_secs(20),
+            )
+            .await;
+        assert_eq!(done["request_counts"]["completed"], 0, "{raw}: {done}");
+        assert_eq!(done["request_counts"]["failed"], 3, "{raw}: {done}");
+        let errors = api.lines(&done["error_file_id"]).await;
+        assert_eq!(errors.len(), 3);
+        for e in &errors {
+            let code = e["error"]["code"]
+                .as_str()
+                .or_else(|| e["response"]["body"]["error"]["type"].as_str())
+                .unwrap_or_default();
+            assert!(
+                code == "invalid_backend_answer" || code == "server_error",
+                "{raw}: {e}"
+            );
+        }
+        assert_eq!(
+            fake.total_calls(),
+            6,
+            "{raw}: each line tried max_attempts times"
+        );
+        server.stop().await;
+    }
+}
+
+/// Raw HTTP/1.1 on a fresh connection.
+async fn raw_connect(base: &str) -> tokio::net::TcpStream {
+    let addr = base.trim_start_matches("http://");
+    tokio::net::TcpStream::connect(addr).await.expect("connect")
+}
+
+/// Defect 6: a client that goes away during `POST /v1/batches`. Before: 11 of 20 batches stayed
+/// `validating` until a restart (the handler's future was dropped between the write and the
+/// start of the intake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_during_create_leaves_no_batch_behind() {
+    use tokio::io::AsyncWriteExt;
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(3, "m", "s"), "batch")
+        .await;
+    let body = json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions", "completion_window": "24h"}).to_string();
+    for _ in 0..20 {
+        let mut sock = raw_connect(&server.base).await;
+        let req = format!(
+            "POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        sock.write_all(req.as_bytes()).await.expect("send");
+        // Gone before the answer: RST, as a killed client does.
+        #[allow(deprecated)]
+        let _ = sock.set_linger(Some(Duration::ZERO));
+        drop(sock);
+    }
+    // Every batch that exists finishes; none stays `validating`.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, list) = api.get("/v1/batches?limit=100").await;
+        let all = list["data"].as_array().expect("list").clone();
+        let unfinished: Vec<&Value> = all.iter().filter(|b| b["status"] != "completed").collect();
+        if unfinished.is_empty() {
+            println!(
+                "{} of 20 abandoned creates made a batch; all completed",
+                all.len()
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batches left behind: {unfinished:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+/// Defect 7: validation errors copied the offending value (up to 32 MiB) into the batch record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validation_errors_never_copy_large_values() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let huge = "u".repeat(4 << 20);
+    let mut file = String::new();
+    for i in 0..3 {
+        file.push_str(
+            &json!({"custom_id": format!("{i}{huge}"), "method": "POST", "url": huge,
+            "body": {"model": "m"}})
+            .to_string(),
+        );
+        file.push('\n');
+    }
+    file.push_str(&chat_line("a", "m", "s"));
+    file.push('\n');
+    file.push_str(&chat_line(&huge, &huge, "s"));
+    file.push('\n');
+    let done = api
+        .run_file(
+            file.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["status"], "failed");
+    assert_eq!(
+        done["errors"]["data"].as_array().map(Vec::len),
+        Some(4),
+        "{}",
+        &done.to_string()[..2000.min(done.to_string().len())]
+    );
+    let (_, text) = api
+        .get_text(&format!("/v1/batches/{}", done["id"].as_str().expect("id")))
+        .await;
+    assert!(
+        text.len() < 4096,
+        "the batch object is {} bytes",
+        text.len()
+    );
+    server.stop().await;
+}
+
+/// Defect 8: no bound on the size of a backend answer (one 300 MB answer: 1.85 GB peak).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_larger_than_the_limit_fails_its_line_without_retry() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let big = json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": "x".repeat(300_000)}}]}).to_string();
+    fake.set(|b| b.raw_answer = Some(big));
+    let (_d, mut server) = server_with(&fake, |c| c.max_answer_bytes = 64 << 10).await;
+    let api = Api::new(&server.base);
+    let done = api
+        .run_file(
+            chat_file(2, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["failed"], 2, "{done}");
+    let errors = api.lines(&done["error_file_id"]).await;
+    for e in &errors {
+        assert_eq!(e["error"]["code"], "answer_too_large", "{e}");
+    }
+    assert_eq!(fake.total_calls(), 2, "not retried");
+    server.stop().await;
+}
+
+/// Defect 9: "out of memory" was searched in the whole error body, so a 400 that echoes the
+/// user's text was taken for an OOM, retried, and concurrency halved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_400_that_mentions_out_of_memory_is_not_an_oom() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| {
+        b.fail_all = Some((
+            400,
+            "invalid prompt: 'my GPU ran out of memory yesterday, CUDA error: out of memory'"
+                .into(),
+        ))
+    });
+    let (_d, mut server) = server_with(&fake, |c| c.concurrency = 8).await;
+    let api = Api::new(&server.base);
+    let done = api
+        .run_file(
+            chat_file(10, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["failed"], 10, "{done}");
+    assert_eq!(fake.total_calls(), 10, "a 400 is not retried");
+    let (_, status) = api.get("/status").await;
+    assert_eq!(status["counters"]["oom"], 0, "{status}");
+    assert_eq!(status["concurrency"]["current"], 8, "{status}");
+    server.stop().await;
+}
+
+/// Defect 10: no header or body timeouts: a stalled upload kept its connection and its scratch
+/// file, and a client could hold a connection with half a request head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_clients_are_cut_off_and_leave_no_scratch_file() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |c| c.client_timeout = Duration::from_secs(1)).await;
+    // Half a request head, then nothing.
+    let mut sock = raw_connect(&server.base).await;
+    sock.write_all(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut buf)).await;
+    assert!(
+        closed.is_ok(),
+        "a half-sent request head held its connection"
+    );
+
+    // An upload that stops half-way through its file.
+    let mut sock = raw_connect(&server.base).await;
+    let head = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n";
+    let req = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 10000000\r\n\r\n{head}{}",
+        chat_line("a", "m", "s")
+    );
+    sock.write_all(req.as_bytes()).await.expect("send");
+    let mut answer = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut answer)).await;
+    assert!(r.is_ok(), "a stalled upload held its connection");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let parts: Vec<_> = std::fs::read_dir(server.dir.join("files"))
+        .expect("files dir")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "part"))
+        .collect();
+    assert!(parts.is_empty(), "scratch files left: {parts:?}");
+    server.stop().await;
+}
+
+/// Model check: a batch for a model the backend does not have fails at once, with one error
+/// that says how to get it, and no line is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_the_backend_lacks_fails_the_batch_before_any_line_is_sent() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| b.missing_models = vec!["gemma3:27b".into()]);
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let done = api
+        .run_file(
+            chat_file(500, "gemma3:27b", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let errors = done["errors"]["data"].as_array().expect("errors");
+    assert_eq!(errors.len(), 1, "{done}");
+    assert_eq!(errors[0]["code"], "model_not_found");
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ollama pull gemma3:27b")),
+        "{done}"
+    );
+    assert_eq!(fake.total_calls(), 0, "no line was sent");
+    // A model it has runs as usual; --model maps lines onto one it has.
+    let done = api
+        .run_file(
+            chat_file(3, "gemma3:12b", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(fake.stats.shows.load(std::sync::atomic::Ordering::SeqCst) >= 2);
+    server.stop().await;
+
+    // OpenAI-compatible: a listed model runs, an unlisted one fails; an empty list blocks nothing.
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.listed_models = vec!["qwen3".into()]);
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let done = api
+        .run_file(
+            chat_file(3, "llama3", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(
+        done["errors"]["data"][0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("qwen3"))
+    );
+    let done = api
+        .run_file(
+            chat_file(3, "qwen3", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    server.stop().await;
+}
+
+/// Backend errors say why, with a hint, and `/status` clears the error once the backend is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_errors_name_the_cause_and_clear_on_recovery() {
+    let fake = Fake::start(Shape::Ollama).await;
+    let (_d, mut server) = server_with(&fake, |c| c.model_check = false).await;
+    fake.go_down();
+    let api = Api::new(&server.base);
+    let id = api
+        .submit_id(chat_file(3, "m", "s"), "/v1/chat/completions")
+        .await;
+    let status = api
+        .wait_status(Duration::from_secs(20), "backend refusing", |s| {
+            s["backend"]["reachable"] == false
+                && s["backend"]["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("refused"))
+        })
+        .await;
+    let err = status["backend"]["last_error"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("connection refused") && err.contains("ollama serve"),
+        "{status}"
+    );
+    fake.come_up();
+    let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed");
+    let status = api
+        .wait_status(Duration::from_secs(10), "error cleared", |s| {
+            s["backend"]["last_error"].is_null()
+        })
+        .await;
+    assert_eq!(status["backend"]["reachable"], true, "{status}");
+    server.stop().await;
+}
+
+/// API keys: every endpoint but /health needs one, in OpenAI's error shape; the backend gets
+/// its own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_keys_guard_every_endpoint_but_health() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |c| {
+        c.api_keys = vec![
+            "sk-one".parse().expect("key"),
+            "sk-two".parse().expect("key"),
+        ];
+        c.backend_api_key = Some("sk-backend".parse().expect("key"));
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let get = |path: &str, key: Option<&str>| {
+        let mut r = http.get(format!("{}{path}", server.base));
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        r.send()
+    };
+    assert_eq!(get("/health", None).await.expect("health").status(), 200);
+    for path in [
+        "/v1/files",
+        "/v1/batches",
+        "/status",
+        "/v1/batches/batch_x",
+        "/nope",
+    ] {
+        for key in [None, Some("sk-three"), Some("")] {
+            let r = get(path, key).await.expect("answer");
+            assert_eq!(r.status(), 401, "{path} with {key:?}");
+            let v: Value = r.json().await.expect("json");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("API key")),
+                "{v}"
+            );
+        }
+    }
+    assert_eq!(
+        get("/v1/batches", Some("sk-two"))
+            .await
+            .expect("ok")
+            .status(),
+        200
+    );
+    // With a key, the whole flow works; the backend saw its own key, never the client's.
+    let mut api = Api::new(&server.base);
+    api.http = reqwest::Client::builder()
+        .default_headers(
+            [(
+                reqwest::header::AUTHORIZATION,
+                "Bearer sk-one".parse().expect("hdr"),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .expect("client");
+    let done = api
+        .run_file(
+            chat_file(2, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(
+        fake.stats.last_auth.lock().expect("lock").as_deref(),
+        Some("Bearer sk-backend")
+    );
+    server.stop().await;
+}
+
+/// Listening beyond loopback without a key is said loudly at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listening_on_all_interfaces_without_a_key_warns() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let log = tmp.path().join("log");
+    let mut child = std::process::Command::new(crate::support::binary())
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--backend",
+            "openai",
+            "--backend-url",
+            "http://127.0.0.1:9",
+        ])
+        .arg("--state")
+        .arg(tmp.path().join("state"))
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let text = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains("listening") || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    signal(&child, "-TERM");
+    wait_exit(&mut child, Duration::from_secs(15));
+    assert!(text.contains("WITHOUT AN API KEY"), "{text}");
+    assert!(
+        !text.contains("\u{1b}["),
+        "no colour codes in a log file: {text}"
+    );
 }

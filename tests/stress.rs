@@ -5,9 +5,9 @@
 //!
 //! `STRESS_ROUNDS=20 cargo test --release --test main stress -- --nocapture` loops it.
 
+use crate::support::chat_file;
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, signal, wait_exit};
-use crate::support::chat_file;
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,7 +29,10 @@ fn client() -> reqwest::Client {
 async fn upload(http: &reqwest::Client, base: &str, bytes: Vec<u8>) -> Result<String, String> {
     let form = reqwest::multipart::Form::new()
         .text("purpose", "batch")
-        .part("file", reqwest::multipart::Part::bytes(bytes).file_name("in.jsonl"));
+        .part(
+            "file",
+            reqwest::multipart::Part::bytes(bytes).file_name("in.jsonl"),
+        );
     let r = http
         .post(format!("{base}/v1/files"))
         .multipart(form)
@@ -52,7 +55,10 @@ async fn post(http: &reqwest::Client, url: String, body: Value) -> Result<(u16, 
         .await
         .map_err(|e| format!("POST {url}: {e}"))?;
     let status = r.status().as_u16();
-    let v = r.json().await.map_err(|e| format!("POST {url} body: {e}"))?;
+    let v = r
+        .json()
+        .await
+        .map_err(|e| format!("POST {url} body: {e}"))?;
     Ok((status, v))
 }
 
@@ -148,7 +154,11 @@ async fn one_round(round: usize) {
         let (status, v) = c.await.expect("task").expect("every cancel answers");
         // 409 only for a batch that finished before its cancel arrived.
         assert!(
-            status == 200 || (status == 409 && v["error"]["message"].as_str().is_some_and(|m| m.contains("completed") || m.contains("finalizing"))),
+            status == 200
+                || (status == 409
+                    && v["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("completed") || m.contains("finalizing"))),
             "cancel answered {status}: {v}"
         );
     }

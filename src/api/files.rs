@@ -168,7 +168,9 @@ pub async fn upload(
     loop {
         let next = tokio::time::timeout(idle, mp.next_field())
             .await
-            .map_err(|_| ApiError::timeout("the upload stalled between form fields (--client-timeout)"))?;
+            .map_err(|_| {
+                ApiError::timeout("the upload stalled between form fields (--client-timeout)")
+            })?;
         let Some(mut field) = next.map_err(multipart_error)? else {
             break;
         };

@@ -202,7 +202,10 @@ fn key_matches(presented: &str, keys: &[crate::config::Secret]) -> bool {
     let mut any = 0u8;
     for k in keys {
         let h = Sha256::digest(k.expose().as_bytes());
-        let diff = p.iter().zip(h.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        let diff = p
+            .iter()
+            .zip(h.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
         any |= (diff == 0) as u8;
     }
     any == 1

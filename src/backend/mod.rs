@@ -53,7 +53,9 @@ impl Backend {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = &cfg.backend_api_key {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
-                .map_err(|_| "--backend-api-key contains characters not allowed in a header".to_string())?;
+                .map_err(|_| {
+                    "--backend-api-key contains characters not allowed in a header".to_string()
+                })?;
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }

@@ -184,14 +184,20 @@ fn message(i: usize, m: &Value, tool_names: &HashMap<String, String>) -> Result<
                     other => {
                         return Err(format!(
                             "messages[{i}]: content part type {} is not supported by the Ollama backend (text and image_url are)",
-                            other.map(|t| format!("'{}'", clip(t, 40))).unwrap_or_else(|| "(missing)".into())
+                            other
+                                .map(|t| format!("'{}'", clip(t, 40)))
+                                .unwrap_or_else(|| "(missing)".into())
                         ));
                     }
                 }
             }
             text
         }
-        _ => return Err(format!("messages[{i}].content must be a string or an array of parts")),
+        _ => {
+            return Err(format!(
+                "messages[{i}].content must be a string or an array of parts"
+            ));
+        }
     };
     out.insert("content".into(), json!(content));
     if !images.is_empty() {
@@ -203,7 +209,9 @@ fn message(i: usize, m: &Value, tool_names: &HashMap<String, String>) -> Result<
             .map(|c| {
                 let args = &c["function"]["arguments"];
                 let args = match args {
-                    Value::String(s) => serde_json::from_str::<Value>(s).unwrap_or_else(|_| args.clone()),
+                    Value::String(s) => {
+                        serde_json::from_str::<Value>(s).unwrap_or_else(|_| args.clone())
+                    }
                     other => other.clone(),
                 };
                 json!({"function": {"name": c["function"]["name"], "arguments": args}})
@@ -212,14 +220,11 @@ fn message(i: usize, m: &Value, tool_names: &HashMap<String, String>) -> Result<
         out.insert("tool_calls".into(), Value::Array(calls));
     }
     if role == "tool" {
-        let name = obj
-            .get("name")
-            .and_then(Value::as_str)
-            .or_else(|| {
-                obj.get("tool_call_id")
-                    .and_then(Value::as_str)
-                    .and_then(|id| tool_names.get(id).map(String::as_str))
-            });
+        let name = obj.get("name").and_then(Value::as_str).or_else(|| {
+            obj.get("tool_call_id")
+                .and_then(Value::as_str)
+                .and_then(|id| tool_names.get(id).map(String::as_str))
+        });
         if let Some(n) = name {
             out.insert("tool_name".into(), json!(n));
         }
@@ -408,9 +413,7 @@ fn chat_response(answer: &Value, model: &str) -> Result<(Value, Usage), String> 
         _ if calls.is_some() => String::new(),
         _ if message.is_object() => return Err("with a message that has no content".into()),
         _ => {
-            return Err(
-                "without a message (an empty 'messages' list only loads the model)".into(),
-            );
+            return Err("without a message (an empty 'messages' list only loads the model)".into());
         }
     };
     let mut msg = json!({

@@ -25,7 +25,7 @@ pub(crate) fn interpret(endpoint: Endpoint, status: u16, text: &str) -> CallResu
                 Endpoint::ChatCompletions | Endpoint::Completions => "choices",
                 Endpoint::Embeddings => "data",
             };
-            if !v[expected].as_array().is_some_and(|a| !a.is_empty()) {
+            if v[expected].as_array().is_none_or(|a| a.is_empty()) {
                 // Some gateways answer an error with a 200.
                 if let Some(e) = v.get("error").filter(|e| !e.is_null()) {
                     let message = e
@@ -118,7 +118,10 @@ mod tests {
             (Endpoint::Completions, "not json"),
         ] {
             let r = interpret(endpoint, 200, text);
-            assert!(matches!(r, CallResult::Invalid { retry: true, .. }), "{text}: {r:?}");
+            assert!(
+                matches!(r, CallResult::Invalid { retry: true, .. }),
+                "{text}: {r:?}"
+            );
             assert_eq!(classify(&r), Verdict::Transient);
         }
         let r = interpret(

@@ -61,6 +61,8 @@ pub struct SupervisorHandle {
     cmds: mpsc::Sender<Command>,
     /// The published snapshot.
     pub live: Arc<LiveView>,
+    /// The backend, for the intake's model check (the API never calls it).
+    pub(crate) backend: Backend,
 }
 
 impl SupervisorHandle {
@@ -301,6 +303,9 @@ pub struct Supervisor {
     pending: Vec<(BatchId, bool, Option<Usage>)>,
     first_pending: Option<Instant>,
     backend_down: bool,
+    /// A call was answered since the last publish: the backend is reachable, whatever an
+    /// earlier probe said (its error is cleared).
+    answered_since_publish: bool,
     /// Set once the store cannot write: dispatch stops for good (until a restart).
     store_failure: Option<String>,
     last_rescue_scan: Instant,
@@ -335,7 +340,7 @@ impl Supervisor {
             .iter()
             .map(|r| r.requeued_from_in_flight)
             .sum();
-        let s = Supervisor {
+        let mut s = Supervisor {
             store: parts.store,
             cfg: parts.cfg,
             backend: parts.backend,
@@ -353,6 +358,7 @@ impl Supervisor {
             first_pending: None,
             backend_down: false,
             store_failure: None,
+            answered_since_publish: false,
             last_rescue_scan: Instant::now(),
             counters: live::Counters {
                 requeued_at_start: requeued,
@@ -360,11 +366,13 @@ impl Supervisor {
             },
         };
         s.publish();
+        let backend = s.backend.clone();
         (
             s,
             SupervisorHandle {
                 cmds: cmds_tx,
                 live,
+                backend,
             },
         )
     }
@@ -466,6 +474,7 @@ impl Supervisor {
                     l.backend.down_since = None;
                     l.backend.next_probe_at = None;
                     l.backend.last_probe_at = Some(unix_now());
+                    l.backend.last_error = None;
                 });
             }
             Command::Finalized(id) => {
@@ -535,6 +544,9 @@ impl Supervisor {
             return;
         };
         active.in_flight = active.in_flight.saturating_sub(1);
+        if matches!(o.result, CallResult::Answered { .. }) {
+            self.answered_since_publish = true;
+        }
         match o.verdict {
             Verdict::OutOfMemory => self.counters.oom += 1,
             _ if o.result == CallResult::Timeout => self.counters.timeouts += 1,
@@ -891,7 +903,7 @@ impl Supervisor {
         }
     }
 
-    fn publish(&self) {
+    fn publish(&mut self) {
         let batches: HashMap<BatchId, BatchLive> = self
             .batches
             .iter()
@@ -915,9 +927,14 @@ impl Supervisor {
             })
             .collect();
         let counters = self.counters.clone();
+        let answered = std::mem::take(&mut self.answered_since_publish) && !self.backend_down;
         self.live.with(|l| {
             l.batches = batches;
             l.counters = counters;
+            if answered {
+                l.backend.reachable = Some(true);
+                l.backend.last_error = None;
+            }
         });
     }
 
@@ -1022,7 +1039,9 @@ fn describe(r: &CallResult) -> String {
     }
 }
 
-/// Exposed for the API: who may ask the supervisor to adopt a batch after its intake.
+/// Runs a batch's intake in the background: validation, then (unless `--no-model-check`) the
+/// question to the backend whether it has the batch's model, then `in_progress` (and the
+/// supervisor adopts it) or `failed`. Started by the API on create and by start-up recovery.
 pub fn spawn_intake(
     store: Arc<Store>,
     cfg: Arc<Config>,
@@ -1031,20 +1050,65 @@ pub fn spawn_intake(
     id: BatchId,
 ) {
     tracker.spawn(async move {
-        let s = store.clone();
-        let outcome = tokio::task::spawn_blocking(move || intake::run(&s, &cfg, id)).await;
+        let (s, c) = (store.clone(), cfg.clone());
+        let validated = match tokio::task::spawn_blocking(move || intake::validate(&s, &c, id)).await
+        {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                tracing::error!(batch = %id, error = %e, "intake failed; it runs again at the next start");
+                return;
+            }
+            Err(e) => {
+                tracing::error!(batch = %id, error = %e, "intake panicked");
+                return;
+            }
+        };
+        let outcome = match validated {
+            intake::Validated::Done(o) => Ok(o),
+            intake::Validated::Valid { total, model } => {
+                let missing = match (&model, cfg.model_check) {
+                    (Some(m), true) => match handle.backend.check_model(m).await {
+                        crate::backend::ModelCheck::Present => None,
+                        crate::backend::ModelCheck::Missing(why) => Some(why),
+                        crate::backend::ModelCheck::Unknown(why) => {
+                            tracing::info!(batch = %id, model = %m, reason = %why, "the backend cannot say whether it has the model; the batch runs");
+                            None
+                        }
+                    },
+                    _ => None,
+                };
+                let s = store.clone();
+                tokio::task::spawn_blocking(move || match missing {
+                    Some(why) => {
+                        tracing::error!(batch = %id, error = %why, "model not found: batch failed, no line sent");
+                        intake::reject(
+                            &s,
+                            id,
+                            vec![crate::domain::LineError {
+                                code: "model_not_found".into(),
+                                message: why,
+                                param: Some("body.model".into()),
+                                line: None,
+                            }],
+                        )
+                    }
+                    None => intake::accept(&s, id, total, model),
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e.to_string()))))
+            }
+        };
         match outcome {
-            Ok(Ok(intake::IntakeOutcome::Ready(n))) => {
+            Ok(intake::IntakeOutcome::Ready(n)) => {
                 tracing::info!(batch = %id, lines = n, "validated");
                 handle.send(Command::BatchReady(id)).await;
             }
-            Ok(Ok(intake::IntakeOutcome::Cancelled)) => handle.send(Command::BatchReady(id)).await,
-            Ok(Ok(intake::IntakeOutcome::Invalid(n))) => {
+            Ok(intake::IntakeOutcome::Cancelled) => handle.send(Command::BatchReady(id)).await,
+            Ok(intake::IntakeOutcome::Invalid(n)) => {
                 tracing::info!(batch = %id, errors = n, "validation failed")
             }
-            Ok(Ok(intake::IntakeOutcome::Skipped)) => {}
-            Ok(Err(e)) => tracing::error!(batch = %id, error = %e, "intake failed; it runs again at the next start"),
-            Err(e) => tracing::error!(batch = %id, error = %e, "intake panicked"),
+            Ok(intake::IntakeOutcome::Skipped) => {}
+            Err(e) => tracing::error!(batch = %id, error = %e, "intake failed; it runs again at the next start"),
         }
     });
 }

@@ -45,6 +45,14 @@ pub struct Behaviour {
     pub busy_permille: u32,
     /// Answer every call with this status and Ollama/OpenAI-shaped error text.
     pub fail_all: Option<(u16, String)>,
+    /// Models the fake says it does not have (Ollama `/api/show` 404; left out of `/v1/models`).
+    pub missing_models: Vec<String>,
+    /// `/v1/models` lists these (empty: an empty list, which blocks nothing).
+    pub listed_models: Vec<String>,
+    /// Instead of a normal answer, answer 200 with this exact body text (a hostile backend).
+    pub raw_answer: Option<String>,
+    /// Answers are pretty-printed over many lines.
+    pub pretty: bool,
 }
 
 #[derive(Default)]
@@ -63,6 +71,10 @@ pub struct Stats {
     pub hangs: AtomicU64,
     pub resets: AtomicU64,
     pub busy: AtomicU64,
+    /// `/api/show` calls (model checks).
+    pub shows: AtomicU64,
+    /// The Authorization header of the last request, if any.
+    pub last_auth: Mutex<Option<String>>,
 }
 
 pub struct Fake {
@@ -218,6 +230,7 @@ struct Ctx {
 
 enum Reply {
     Json(u16, Value),
+    Raw(u16, String),
     Hang,
     Reset,
 }
@@ -242,6 +255,11 @@ impl Ctx {
             let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
             let mut lines = head.lines();
             let request_line = lines.next().unwrap_or_default().to_string();
+            *self.stats.last_auth.lock().expect("lock") = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("authorization"))
+                .map(|(_, v)| v.trim().to_string());
             let len: usize = lines
                 .filter_map(|l| l.split_once(':'))
                 .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
@@ -267,6 +285,13 @@ impl Ctx {
                 r = self.handle(&method, &path, &body) => r,
                 _ = self.went_down() => Reply::Reset,
             };
+            let pretty = self.behaviour.lock().expect("lock").pretty;
+            let reply = match reply {
+                Reply::Json(status, v) if pretty => {
+                    Reply::Raw(status, serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
+                r => r,
+            };
             match reply {
                 Reply::Json(status, v) => {
                     let text = v.to_string();
@@ -275,6 +300,17 @@ impl Ctx {
                         text.len()
                     );
                     if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                Reply::Raw(status, text) => {
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                        text.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err()
+                        || sock.write_all(text.as_bytes()).await.is_err()
+                    {
                         return;
                     }
                 }
@@ -302,11 +338,32 @@ impl Ctx {
         let b = self.behaviour.lock().expect("lock").clone();
         if method == "GET" {
             return match path {
-                "/api/tags" | "/v1/models" => Reply::Json(200, json!({"models": [], "data": []})),
+                "/api/tags" => Reply::Json(200, json!({"models": []})),
+                "/v1/models" => {
+                    let data: Vec<Value> = b
+                        .listed_models
+                        .iter()
+                        .filter(|m| !b.missing_models.contains(m))
+                        .map(|m| json!({"id": m, "object": "model", "owned_by": "fake"}))
+                        .collect();
+                    Reply::Json(200, json!({"object": "list", "data": data}))
+                }
                 _ => Reply::Json(404, json!({"error": "not found"})),
             };
         }
         let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if path == "/api/show" {
+            self.stats.shows.fetch_add(1, Ordering::SeqCst);
+            let model = req["model"].as_str().unwrap_or_default();
+            return if b.missing_models.iter().any(|m| m == model) {
+                Reply::Json(404, json!({"error": format!("model '{model}' not found")}))
+            } else {
+                Reply::Json(
+                    200,
+                    json!({"details": {"family": "fake"}, "model_info": {}}),
+                )
+            };
+        }
         if self.keep_bodies.load(Ordering::SeqCst) {
             self.stats.bodies.lock().expect("lock").push(req.clone());
         }
@@ -370,6 +427,9 @@ impl Ctx {
             .expect("lock")
             .entry(user.clone())
             .or_insert(0) += 1;
+        if let Some(raw) = &b.raw_answer {
+            return Reply::Raw(200, raw.clone());
+        }
         let answer = format!("echo:{user}");
         let prompt_tokens = req.to_string().len() as u64 / 4;
         match (self.shape, path) {
