@@ -203,7 +203,7 @@ fn check_body(line_no: u32, endpoint: Endpoint, body: &Value) -> Result<(), Line
 }
 
 /// The rules of one line that need no other line. Returns the line's custom_id, model and body.
-fn check_line(
+pub(crate) fn check_line(
     line_no: u32,
     bytes: &[u8],
     endpoint: Endpoint,

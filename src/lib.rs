@@ -19,4 +19,7 @@ pub mod server;
 pub mod store;
 pub mod supervisor;
 pub mod wire;
+
+#[cfg(test)]
+mod proptests;
 pub mod worker;
