@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod bench;
+mod conformance;
 mod crash;
 mod faults;
 mod hardening;
