@@ -63,6 +63,14 @@ pub enum StoreError {
         "another ollama-batch is using {0} (sled holds a lock on it); stop it or pass a different --state"
     )]
     InUse(PathBuf),
+    /// The state directory cannot be created, opened or read.
+    #[error("cannot use the state directory {path}: {source} (check --state and its permissions and free space)")]
+    Open {
+        /// The path that failed.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// sled failed.
     #[error("store: {0}")]
     Sled(#[from] sled::Error),
@@ -97,7 +105,7 @@ impl StoreError {
     /// Whether the disk is full (ENOSPC), however deep in the error it is.
     pub fn is_disk_full(&self) -> bool {
         match self {
-            StoreError::Io(e) => is_enospc(e),
+            StoreError::Io(e) | StoreError::Open { source: e, .. } => is_enospc(e),
             StoreError::Sled(sled::Error::Io(e)) => is_enospc(e),
             _ => self.to_string().contains("No space left on device"),
         }
@@ -154,7 +162,8 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`. `cache_bytes` bounds sled's page cache.
     pub fn open(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(dir.join("files"))?;
+        let at = |path: PathBuf| move |source: std::io::Error| StoreError::Open { path, source };
+        std::fs::create_dir_all(dir.join("files")).map_err(at(dir.join("files")))?;
         let db = sled::Config::new()
             .path(dir.join("db"))
             .cache_capacity(cache_bytes)
@@ -164,6 +173,11 @@ impl Store {
                 let text = e.to_string();
                 if text.contains("WouldBlock") || text.contains("could not acquire lock") {
                     StoreError::InUse(dir.to_path_buf())
+                } else if let sled::Error::Io(io) = e {
+                    StoreError::Open {
+                        path: dir.join("db"),
+                        source: io,
+                    }
                 } else {
                     StoreError::Sled(e)
                 }
@@ -171,7 +185,10 @@ impl Store {
         // Scratch files of uploads or finalizations that a crash interrupted: nothing refers
         // to them (records are written only after the rename), and nothing writes while the
         // store is being opened.
-        for entry in std::fs::read_dir(dir.join("files"))?.flatten() {
+        for entry in std::fs::read_dir(dir.join("files"))
+            .map_err(at(dir.join("files")))?
+            .flatten()
+        {
             if entry.path().extension().is_some_and(|e| e == "part") {
                 let _ = std::fs::remove_file(entry.path());
             }
@@ -566,6 +583,16 @@ mod tests {
             s.get_request(key).expect("get").expect("some").state,
             RequestState::Leased
         );
+    }
+
+    #[test]
+    fn a_state_directory_that_cannot_be_used_is_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("not-a-dir");
+        std::fs::write(&file, b"x").expect("file");
+        let e = Store::open(&file, 8 << 20).err().expect("must fail").to_string();
+        assert!(e.contains(&file.display().to_string()), "{e}");
+        assert!(e.contains("--state"), "{e}");
     }
 
     #[test]
