@@ -64,7 +64,9 @@ pub enum StoreError {
     )]
     InUse(PathBuf),
     /// The state directory cannot be created, opened or read.
-    #[error("cannot use the state directory {path}: {source} (check --state and its permissions and free space)")]
+    #[error(
+        "cannot use the state directory {path}: {source} (check --state and its permissions and free space)"
+    )]
     Open {
         /// The path that failed.
         path: PathBuf,
@@ -590,7 +592,10 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("not-a-dir");
         std::fs::write(&file, b"x").expect("file");
-        let e = Store::open(&file, 8 << 20).err().expect("must fail").to_string();
+        let e = Store::open(&file, 8 << 20)
+            .err()
+            .expect("must fail")
+            .to_string();
         assert!(e.contains(&file.display().to_string()), "{e}");
         assert!(e.contains("--state"), "{e}");
     }
