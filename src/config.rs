@@ -202,6 +202,12 @@ pub struct ServeArgs {
     /// A client that sends nothing for this long (request headers, an upload's body) is cut off.
     #[arg(long, env = "OLLAMA_BATCH_CLIENT_TIMEOUT", default_value = "60s")]
     pub client_timeout: humantime::Duration,
+    /// Log a progress line per running batch every N finished lines...
+    #[arg(long, env = "OLLAMA_BATCH_PROGRESS_EVERY", default_value_t = 100)]
+    pub progress_every: u64,
+    /// ...and at least this often while lines finish more slowly.
+    #[arg(long, env = "OLLAMA_BATCH_PROGRESS_INTERVAL", default_value = "30s")]
+    pub progress_interval: humantime::Duration,
     /// Log format.
     #[arg(
         long,
@@ -268,6 +274,10 @@ pub struct Config {
     pub model_check: bool,
     /// Idle limit for a client's request headers and upload body.
     pub client_timeout: Duration,
+    /// Progress line every N results.
+    pub progress_every: u64,
+    /// Progress line at least this often.
+    pub progress_interval: Duration,
 }
 
 /// Parses `2GiB`, `500MB`, `64k`, `1048576`.
@@ -384,6 +394,8 @@ impl Config {
             max_answer_bytes,
             model_check: !a.no_model_check,
             client_timeout,
+            progress_every: a.progress_every.max(1),
+            progress_interval: a.progress_interval.into(),
         })
     }
 

@@ -14,6 +14,7 @@ pub mod api;
 pub mod backend;
 pub mod config;
 pub mod domain;
+pub mod gpu;
 pub mod intake;
 pub mod server;
 pub mod store;

@@ -4,10 +4,11 @@
 //! `start` takes an already-bound listener (port 0 in tests) and returns a [`Running`]
 //! server that can be stopped at will.
 
-use crate::api::{self, AppState, status::Gpu};
+use crate::api::{self, AppState};
 use crate::backend::Backend;
 use crate::config::Config;
 use crate::domain::unix_now;
+use crate::gpu::GpuMonitor;
 use crate::store::{Store, StoreError};
 use crate::supervisor::{self, Parts, RecoveredBatch, Supervisor};
 use crate::worker::{self, Limiter};
@@ -91,6 +92,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     }
 
     let backend = Backend::new(&cfg).map_err(ServerError::Config)?;
+    let gpu = GpuMonitor::start();
     let limiter = Arc::new(Limiter::new(cfg.concurrency));
     let window = cfg.lease_window();
     let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
@@ -116,6 +118,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
             events: events_rx,
             tracker: tracker.clone(),
             stop: stop.clone(),
+            gpu: gpu.clone(),
         },
         recovery,
     );
@@ -125,6 +128,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         supervisor::spawn_intake(store.clone(), cfg.clone(), handle.clone(), &tracker, *id);
     }
     spawn_health_probe(backend.clone(), handle.live.clone(), &tracker, stop.clone());
+    if cfg.backend == crate::config::BackendKind::Ollama {
+        spawn_ps_poll(backend.clone(), gpu.clone(), &tracker, stop.clone());
+    }
 
     let state = AppState {
         store: store.clone(),
@@ -133,7 +139,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         tracker: tracker.clone(),
         started: Instant::now(),
         limiter,
-        gpu: Gpu::init().map(Arc::new),
+        gpu: gpu.clone(),
     };
     let app = api::router(state);
     tracing::info!(
@@ -171,6 +177,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         {
             tracing::warn!("some tasks did not stop in time; their work resumes at the next start");
         }
+        gpu.stop();
         store.flush_async().await?;
         tracing::info!("stopped");
         Ok(())
@@ -231,6 +238,32 @@ async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// Reads Ollama's `/api/ps` every 15 s: which models are loaded, and how much of each is in
+/// GPU memory.
+fn spawn_ps_poll(
+    backend: Backend,
+    gpu: Arc<GpuMonitor>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+) {
+    tracker.spawn(async move {
+        loop {
+            let r = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = backend.ollama_ps() => r,
+            };
+            match r {
+                Ok(models) => gpu.set_loaded_models(models),
+                Err(e) => tracing::debug!(error = %e, "cannot read /api/ps"),
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+            }
+        }
+    });
 }
 
 /// Probes the backend every 30 s so `/status` says whether it answers, even when idle.

@@ -14,3 +14,4 @@ mod llamacpp;
 mod rescue;
 mod sdk;
 mod stress;
+mod watch;

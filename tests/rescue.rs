@@ -75,6 +75,7 @@ async fn stuck_call_is_rescued_and_its_late_answer_is_dropped() {
             events: events_rx,
             tracker: TaskTracker::new(),
             stop: stop.clone(),
+            gpu: Arc::new(ollama_batch::gpu::GpuMonitor::new()),
         },
         recovery,
     );

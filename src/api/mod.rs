@@ -37,8 +37,8 @@ pub struct AppState {
     pub started: Instant,
     /// The worker's concurrency limiter (read for `/status`).
     pub limiter: Arc<crate::worker::Limiter>,
-    /// GPU telemetry, when NVML is available.
-    pub gpu: Option<Arc<status::Gpu>>,
+    /// GPU memory readings (or why there are none).
+    pub gpu: Arc<crate::gpu::GpuMonitor>,
 }
 
 /// Runs a handler's writes to completion even if the client goes away mid-request (a timeout, a
@@ -261,6 +261,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/health", get(status::health))
         .route("/status", get(status::status))
+        .route("/status/batches/{id}", get(status::batch_figures))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(auth)

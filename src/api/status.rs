@@ -7,39 +7,6 @@ use axum::extract::State;
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 
-/// NVML handle for VRAM telemetry; absent on machines without the NVIDIA driver.
-pub struct Gpu(nvml_wrapper::Nvml);
-
-impl Gpu {
-    /// `None` when NVML cannot be loaded (no driver): no telemetry, no error.
-    pub fn init() -> Option<Gpu> {
-        match nvml_wrapper::Nvml::init() {
-            Ok(n) => Some(Gpu(n)),
-            Err(e) => {
-                tracing::debug!(error = %e, "no NVML: no VRAM telemetry on this machine");
-                None
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Value {
-        let count = self.0.device_count().unwrap_or(0);
-        let devices: Vec<Value> = (0..count)
-            .filter_map(|i| {
-                let d = self.0.device_by_index(i).ok()?;
-                let m = d.memory_info().ok()?;
-                Some(json!({
-                    "index": i,
-                    "name": d.name().unwrap_or_default(),
-                    "memory_used_bytes": m.used,
-                    "memory_total_bytes": m.total,
-                }))
-            })
-            .collect();
-        json!(devices)
-    }
-}
-
 /// `GET /health`: 200 once the server is up (it only listens after recovery); 503 once the
 /// store can no longer write (disk full): a process manager's health check then knows that a
 /// restart (after freeing space) is needed.
@@ -78,6 +45,41 @@ fn finished(store: &Store) -> Value {
     })
 }
 
+/// `GET /status/batches/{id}`: a batch's figures (rates, ETA, tokens and cached share, retries
+/// by cause, largest prompt): live while it runs, its final figures (with duration and GPU
+/// memory peak) once it finished. Outside `/v1`: not an OpenAI endpoint.
+pub async fn batch_figures(
+    State(st): State<AppState>,
+    path: Result<axum::extract::Path<String>, axum::extract::rejection::PathRejection>,
+) -> Result<Json<Value>, super::ApiError> {
+    let raw = path.map(|axum::extract::Path(s)| s).unwrap_or_default();
+    let id = crate::domain::BatchId::parse(&raw)
+        .ok_or_else(|| super::ApiError::not_found("Batch", &raw, "batch_id"))?;
+    let live = st.supervisor.live.with(|l| l.batches.get(&id).cloned());
+    if let Some(b) = live {
+        return Ok(Json(json!({
+            "id": id.to_string(),
+            "status": b.status.map(|s| s.as_str()),
+            "final": false,
+            "gpu_memory_peak_bytes": st.gpu.peak_used_bytes(),
+            "progress": b.figures,
+        })));
+    }
+    let store = st.store.clone();
+    let kept = tokio::task::spawn_blocking(move || store.get_batch_stats(id))
+        .await
+        .map_err(super::ApiError::internal)??;
+    match kept.map(|t| serde_json::from_str::<Value>(&t)) {
+        Some(Ok(v)) => Ok(Json(v)),
+        Some(Err(e)) => Err(super::ApiError::internal(e)),
+        None => Err(super::ApiError::not_found(
+            "Batch figures",
+            &id.to_string(),
+            "batch_id",
+        )),
+    }
+}
+
 /// `GET /status`
 pub async fn status(State(st): State<AppState>) -> Json<Value> {
     let live = st.supervisor.live.with(|l| l.clone());
@@ -112,6 +114,7 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
                 "retry_wait": b.retry_wait,
                 "in_flight": b.in_flight,
                 "finalize_error": b.finalize_error,
+                "progress": b.figures,
             })
         })
         .collect();
@@ -153,6 +156,6 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
             "flushes": c.flushes,
             "results": c.results,
         },
-        "gpu": st.gpu.as_ref().map(|g| g.snapshot()),
+        "gpu": st.gpu.view(),
     }))
 }

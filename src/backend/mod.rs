@@ -115,6 +115,22 @@ impl Backend {
         }
     }
 
+    /// Ollama's `GET /api/ps`: the loaded models and where they live.
+    pub async fn ollama_ps(&self) -> Result<Vec<crate::gpu::LoadedModel>, String> {
+        let r = self
+            .http
+            .get(format!("{}/api/ps", self.base))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .map_err(|e| self.explain(&e))?;
+        if !r.status().is_success() {
+            return Err(format!("/api/ps answered {}", r.status()));
+        }
+        let v: Value = r.json().await.map_err(|e| format!("/api/ps: {e}"))?;
+        Ok(crate::gpu::parse_ps(&v))
+    }
+
     /// Asks the backend whether it has `model`: Ollama `POST /api/show`; an OpenAI-compatible
     /// server `GET /v1/models` (a llama.cpp server that serves one model answers whatever model
     /// a request names, so it is never blocked).

@@ -10,6 +10,7 @@
 //! | `requests` | batch uuid + line u32 (20 B) | [`RequestRecord`] (state, attempts, result) |
 //! | `bodies`   | same as `requests`           | [`StoredBody`] (the line's body, shared parts by hash) |
 //! | `blobs`    | sha-256 (32 B)               | shared content (a system prompt), stored once |
+//! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
 //!
@@ -157,6 +158,7 @@ pub struct Store {
     requests: sled::Tree,
     bodies: sled::Tree,
     blobs: sled::Tree,
+    stats: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -201,6 +203,7 @@ impl Store {
             requests: db.open_tree("requests")?,
             bodies: db.open_tree("bodies")?,
             blobs: db.open_tree("blobs")?,
+            stats: db.open_tree("stats")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -510,6 +513,22 @@ impl Store {
             Some(v) => Ok(Some(decode("body", &v)?)),
             None => Ok(None),
         }
+    }
+
+    // ---- stats ----------------------------------------------------------------------------
+
+    /// Keeps a finished batch's final figures (rates, tokens, duration, GPU peak) as JSON.
+    pub fn put_batch_stats(&self, id: BatchId, json: &str) -> Result<(), StoreError> {
+        self.stats.insert(id.0.as_bytes(), json.as_bytes())?;
+        Ok(())
+    }
+
+    /// A finished batch's final figures, if kept.
+    pub fn get_batch_stats(&self, id: BatchId) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .stats
+            .get(id.0.as_bytes())?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
     }
 
     // ---- blobs ----------------------------------------------------------------------------

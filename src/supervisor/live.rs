@@ -23,6 +23,8 @@ pub struct BatchLive {
     pub in_flight: u64,
     /// Why the last try to write its output files failed, while it waits to try again.
     pub finalize_error: Option<String>,
+    /// Rates, ETA, tokens, retries by cause.
+    pub figures: super::progress::Figures,
 }
 
 /// Event counters since start.

@@ -20,6 +20,7 @@
 
 pub mod finalize;
 pub mod live;
+pub mod progress;
 
 use crate::backend::Backend;
 use crate::config::Config;
@@ -145,6 +146,8 @@ struct Active {
     finalize_after: Option<Instant>,
     /// The completion window passed: no more dispatch, finalize as expired.
     expiring: bool,
+    /// Live figures: rates, ETA, tokens, retries by cause.
+    progress: progress::Progress,
 }
 
 impl Active {
@@ -172,6 +175,7 @@ impl Active {
             finalize_error: None,
             finalize_after: None,
             expiring: false,
+            progress: progress::Progress::new(0),
         }
     }
 }
@@ -245,6 +249,7 @@ fn load_batch(
         store.put_request(key, &r)?;
     }
     a.total = a.total.max(lines);
+    a.progress = progress::Progress::new(a.succeeded + a.failed);
     report.total = a.total;
     report.done = a.succeeded;
     report.failed = a.failed;
@@ -310,6 +315,7 @@ pub struct Supervisor {
     store_failure: Option<String>,
     last_rescue_scan: Instant,
     counters: live::Counters,
+    gpu: Arc<crate::gpu::GpuMonitor>,
 }
 
 /// Channels and parts the supervisor is built from.
@@ -328,6 +334,8 @@ pub struct Parts {
     pub tracker: TaskTracker,
     /// Fires on shutdown.
     pub stop: CancellationToken,
+    /// GPU memory readings, for the progress lines.
+    pub gpu: Arc<crate::gpu::GpuMonitor>,
 }
 
 impl Supervisor {
@@ -364,6 +372,7 @@ impl Supervisor {
                 requeued_at_start: requeued,
                 ..Default::default()
             },
+            gpu: parts.gpu,
         };
         s.publish();
         let backend = s.backend.clone();
@@ -478,7 +487,9 @@ impl Supervisor {
                 });
             }
             Command::Finalized(id) => {
-                self.batches.remove(&id);
+                if let Some(a) = self.batches.remove(&id) {
+                    self.keep_final_figures(id, &a);
+                }
                 self.live.with(|l| l.batches.remove(&id));
             }
             Command::FinalizeFailed(id, error) => {
@@ -491,6 +502,36 @@ impl Supervisor {
                     a.finalize_error = Some(error);
                 }
             }
+        }
+    }
+
+    /// Keeps a finished batch's figures for `GET /status/batches/{id}`: the live figures at the
+    /// end, plus its status, duration and the GPU memory peak.
+    fn keep_final_figures(&self, id: BatchId, a: &Active) {
+        let f = a.progress.figures(
+            Instant::now(),
+            a.total,
+            a.succeeded + a.failed,
+            a.failed,
+            self.cfg.num_ctx,
+        );
+        let record = self.store.get_batch(id).ok().flatten();
+        let v = serde_json::json!({
+            "id": id.to_string(),
+            "status": record.as_ref().map(|r| r.status.as_str()),
+            "final": true,
+            "created_at": record.as_ref().map(|r| r.created_at),
+            "in_progress_at": record.as_ref().and_then(|r| r.in_progress_at),
+            "finished_at": crate::domain::unix_now(),
+            "duration_seconds": record
+                .as_ref()
+                .and_then(|r| r.in_progress_at)
+                .map(|t| crate::domain::unix_now().saturating_sub(t)),
+            "gpu_memory_peak_bytes": self.gpu.peak_used_bytes(),
+            "progress": f,
+        });
+        if let Err(e) = self.store.put_batch_stats(id, &v.to_string()) {
+            tracing::warn!(batch = %id, error = %e, "cannot keep the batch's final figures");
         }
     }
 
@@ -589,6 +630,9 @@ impl Supervisor {
                 });
                 if r.is_ok() {
                     self.counters.retries += 1;
+                    active
+                        .progress
+                        .retry(progress::retry_cause(&o.result, o.verdict));
                     tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
                     if active.dispatching() {
                         active.retry_wait += 1;
@@ -836,12 +880,14 @@ impl Supervisor {
                 } else {
                     a.failed += 1;
                 }
+                a.progress.result(usage.as_ref());
                 if let Some(u) = usage {
                     a.usage.add(&u);
                 }
             }
         }
         self.first_pending = None;
+        self.log_progress();
     }
 
     fn start_finalizers(&mut self) {
@@ -903,7 +949,50 @@ impl Supervisor {
         }
     }
 
+    /// One INFO line per running batch every `--progress-every` results, and at most every
+    /// `--progress-interval` when fewer finish: done/total, percent, rate, ETA, failed,
+    /// retries, cached share, GPU memory.
+    fn log_progress(&mut self) {
+        let now = Instant::now();
+        let gpu = self.gpu.summary();
+        for (id, a) in self.batches.iter_mut() {
+            let done = a.succeeded + a.failed;
+            let p = &a.progress;
+            let due = done.saturating_sub(p.logged_done) >= self.cfg.progress_every
+                || (done != p.logged_done
+                    && now.duration_since(p.logged_at) >= self.cfg.progress_interval);
+            if !due {
+                continue;
+            }
+            a.progress.sample(now, done);
+            let f = a
+                .progress
+                .figures(now, a.total, done, a.failed, self.cfg.num_ctx);
+            a.progress.logged_at = now;
+            a.progress.logged_done = done;
+            let retries: u64 = f.retries.values().sum();
+            tracing::info!(
+                batch = %id,
+                done = f.done,
+                total = f.total,
+                percent = f.percent,
+                rate_per_s = f.requests_per_second_recent,
+                eta = %f.eta_seconds.map(|s| humantime::format_duration(Duration::from_secs(s)).to_string()).unwrap_or_else(|| "unknown".into()),
+                failed = f.failed,
+                retries,
+                cached_share = %f.cached_share.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_else(|| "unknown".into()),
+                gpu_memory = %gpu,
+                "progress"
+            );
+        }
+    }
+
     fn publish(&mut self) {
+        let now = Instant::now();
+        let num_ctx = self.cfg.num_ctx;
+        for a in self.batches.values_mut() {
+            a.progress.sample(now, a.succeeded + a.failed);
+        }
         let batches: HashMap<BatchId, BatchLive> = self
             .batches
             .iter()
@@ -922,6 +1011,13 @@ impl Supervisor {
                         retry_wait: a.retry_wait,
                         in_flight: a.in_flight,
                         finalize_error: a.finalize_error.clone(),
+                        figures: a.progress.figures(
+                            now,
+                            a.total,
+                            a.succeeded + a.failed,
+                            a.failed,
+                            num_ctx,
+                        ),
                     },
                 )
             })

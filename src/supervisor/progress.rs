@@ -1,0 +1,348 @@
+//! Live figures of one batch, kept by the supervisor from what it already sees (durable results
+//! as they are committed, retries as they are scheduled): no store reads. Rates come from a
+//! window of per-second samples over the last minute; the ETA is the remaining lines over the
+//! recent rate, and `None` until that rate means something.
+
+use crate::domain::{CallResult, Usage, Verdict};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// The span the recent rate is measured over.
+pub const WINDOW: Duration = Duration::from_secs(60);
+/// The recent rate (and so the ETA) needs at least this many results in the window...
+const MIN_RESULTS_FOR_ETA: u64 = 5;
+/// ...over at least this long.
+const MIN_SPAN_FOR_ETA: Duration = Duration::from_secs(3);
+
+/// Why a line was scheduled for another try (a small fixed set: safe as a metric label).
+pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
+    if verdict == Verdict::OutOfMemory {
+        return "oom";
+    }
+    match result {
+        CallResult::Timeout => "timeout",
+        CallResult::Unreachable(_) => "connect",
+        CallResult::Transport(_) => "connection_error",
+        CallResult::Invalid { .. } => "invalid_answer",
+        CallResult::Answered { status: 429, .. } => "http_429",
+        CallResult::Answered { status, .. } if *status >= 500 => "http_5xx",
+        CallResult::Answered { .. } => "http_other",
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Sample {
+    at: Instant,
+    done: u64,
+    prompt: u64,
+    completion: u64,
+}
+
+/// The running figures of one batch.
+#[derive(Debug)]
+pub struct Progress {
+    adopted: Instant,
+    /// Lines already done when this process took the batch on (a resumed run).
+    done_at_adopt: u64,
+    samples: VecDeque<Sample>,
+    /// Tokens of the results committed in this process.
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    cached_tokens: u64,
+    /// Answers that said how many prompt tokens were cached, and answers that did not.
+    cached_reported: u64,
+    cached_unreported: u64,
+    max_prompt_tokens: u64,
+    retries: BTreeMap<&'static str, u64>,
+    /// When the last progress line was logged, and at how many lines.
+    pub(super) logged_at: Instant,
+    pub(super) logged_done: u64,
+}
+
+/// What `/status`, the log and the per-batch export show of a batch.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Figures {
+    /// Lines in all.
+    pub total: u64,
+    /// Lines durably done (succeeded + failed).
+    pub done: u64,
+    /// Of those, failed.
+    pub failed: u64,
+    /// Lines still to run.
+    pub remaining: u64,
+    /// done / total, 0–100.
+    pub percent: f64,
+    /// Lines per second over the last minute (`None` until there is a minute's worth, or a
+    /// few seconds with enough results).
+    pub requests_per_second_recent: Option<f64>,
+    /// Lines per second since this process took the batch on.
+    pub requests_per_second_since_start: Option<f64>,
+    /// Prompt tokens per second over the last minute.
+    pub prompt_tokens_per_second_recent: Option<f64>,
+    /// Completion tokens per second over the last minute.
+    pub completion_tokens_per_second_recent: Option<f64>,
+    /// Seconds left at the recent rate; `None` until the rate means something.
+    pub eta_seconds: Option<u64>,
+    /// Prompt tokens of the answers committed by this process.
+    pub prompt_tokens: u64,
+    /// Completion tokens of those answers.
+    pub completion_tokens: u64,
+    /// Cached prompt tokens, over the answers that reported a cached figure.
+    pub cached_tokens: u64,
+    /// Answers that reported a cached figure.
+    pub answers_with_cached_figure: u64,
+    /// Answers that did not say how many tokens were cached (unknown, never counted as 0).
+    pub answers_without_cached_figure: u64,
+    /// cached ÷ prompt tokens over the answers that reported; `None` when none did.
+    pub cached_share: Option<f64>,
+    /// Retries scheduled, by cause.
+    pub retries: BTreeMap<&'static str, u64>,
+    /// The largest prompt (tokens) seen so far, and `--num-ctx` when it is set.
+    pub max_prompt_tokens: u64,
+    /// `--num-ctx`, to compare the largest prompt with.
+    pub num_ctx: Option<u32>,
+    /// Seconds since this process took the batch on.
+    pub running_seconds: u64,
+}
+
+impl Progress {
+    /// Starts the figures of a batch with `done` lines already done.
+    pub fn new(done: u64) -> Progress {
+        let now = Instant::now();
+        Progress {
+            adopted: now,
+            done_at_adopt: done,
+            samples: VecDeque::from([Sample {
+                at: now,
+                done,
+                prompt: 0,
+                completion: 0,
+            }]),
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cached_tokens: 0,
+            cached_reported: 0,
+            cached_unreported: 0,
+            max_prompt_tokens: 0,
+            retries: BTreeMap::new(),
+            logged_at: now,
+            logged_done: done,
+        }
+    }
+
+    /// A durable result (success or final failure) with its usage, if the answer had one.
+    pub fn result(&mut self, usage: Option<&Usage>) {
+        let Some(u) = usage else { return };
+        self.prompt_tokens += u.input_tokens;
+        self.completion_tokens += u.output_tokens;
+        self.max_prompt_tokens = self.max_prompt_tokens.max(u.input_tokens);
+        match u.cached_tokens {
+            Some(c) => {
+                self.cached_tokens += c;
+                self.cached_reported += 1;
+            }
+            None => self.cached_unreported += 1,
+        }
+    }
+
+    /// A retry scheduled for this cause.
+    pub fn retry(&mut self, cause: &'static str) {
+        *self.retries.entry(cause).or_default() += 1;
+    }
+
+    /// Records where the batch stands now (`done` lines); keeps one sample a second over the
+    /// window.
+    pub fn sample(&mut self, now: Instant, done: u64) {
+        let s = Sample {
+            at: now,
+            done,
+            prompt: self.prompt_tokens,
+            completion: self.completion_tokens,
+        };
+        let len = self.samples.len();
+        match self.samples.back_mut() {
+            // Within a second of the last sample, the last one takes the newest figures (the
+            // starting sample is never overwritten).
+            Some(last) if len > 1 && now.duration_since(last.at) < Duration::from_secs(1) => {
+                *last = s;
+            }
+            _ => self.samples.push_back(s),
+        }
+        while self.samples.len() > 2
+            && self
+                .samples
+                .get(1)
+                .is_some_and(|second| now.duration_since(second.at) >= WINDOW)
+        {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The figures now, for a batch of `total` lines with `done` (`failed` of them) done.
+    pub fn figures(
+        &self,
+        now: Instant,
+        total: u64,
+        done: u64,
+        failed: u64,
+        num_ctx: Option<u32>,
+    ) -> Figures {
+        let remaining = total.saturating_sub(done);
+        let first = self.samples.front().copied();
+        let (recent, prompt_rate, completion_rate) = match first {
+            Some(f) => {
+                let span = now.duration_since(f.at);
+                let n = done.saturating_sub(f.done);
+                if span >= MIN_SPAN_FOR_ETA && (n >= MIN_RESULTS_FOR_ETA || span >= WINDOW) {
+                    let secs = span.as_secs_f64();
+                    (
+                        Some(n as f64 / secs),
+                        Some(self.prompt_tokens.saturating_sub(f.prompt) as f64 / secs),
+                        Some(self.completion_tokens.saturating_sub(f.completion) as f64 / secs),
+                    )
+                } else {
+                    (None, None, None)
+                }
+            }
+            None => (None, None, None),
+        };
+        let running = now.duration_since(self.adopted);
+        let since_start = (running >= MIN_SPAN_FOR_ETA)
+            .then(|| done.saturating_sub(self.done_at_adopt) as f64 / running.as_secs_f64());
+        let eta_seconds = match recent {
+            _ if remaining == 0 => Some(0),
+            Some(r) if r > 0.0 => Some((remaining as f64 / r).ceil() as u64),
+            _ => None,
+        };
+        let cached_share = (self.cached_reported > 0 && self.prompt_tokens > 0).then(|| {
+            // Over the answers that reported only: their prompt tokens are not known apart
+            // from the others', so the share uses all prompt tokens only when every answer
+            // reported.
+            self.cached_tokens as f64 / self.prompt_tokens as f64
+        });
+        Figures {
+            total,
+            done,
+            failed,
+            remaining,
+            percent: if total == 0 {
+                100.0
+            } else {
+                (done as f64 * 1000.0 / total as f64).round() / 10.0
+            },
+            requests_per_second_recent: recent.map(round2),
+            requests_per_second_since_start: since_start.map(round2),
+            prompt_tokens_per_second_recent: prompt_rate.map(round2),
+            completion_tokens_per_second_recent: completion_rate.map(round2),
+            eta_seconds,
+            prompt_tokens: self.prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            cached_tokens: self.cached_tokens,
+            answers_with_cached_figure: self.cached_reported,
+            answers_without_cached_figure: self.cached_unreported,
+            cached_share: if self.cached_unreported == 0 {
+                cached_share.map(round4)
+            } else {
+                None
+            },
+            retries: self.retries.clone(),
+            max_prompt_tokens: self.max_prompt_tokens,
+            num_ctx,
+            running_seconds: running.as_secs(),
+        }
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn round4(x: f64) -> f64 {
+    (x * 10_000.0).round() / 10_000.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usage(prompt: u64, cached: Option<u64>) -> Usage {
+        Usage {
+            input_tokens: prompt,
+            cached_tokens: cached,
+            output_tokens: 2,
+        }
+    }
+
+    #[test]
+    fn rate_and_eta_appear_once_meaningful_and_follow_the_recent_window() {
+        let t0 = Instant::now();
+        let mut p = Progress::new(0);
+        // Nothing yet: no rate, no ETA.
+        let f = p.figures(t0, 1000, 0, 0, None);
+        assert_eq!((f.requests_per_second_recent, f.eta_seconds), (None, None));
+        // 10 lines a second for 10 seconds.
+        for s in 1..=10u64 {
+            for _ in 0..10 {
+                p.result(Some(&usage(100, None)));
+            }
+            p.sample(t0 + Duration::from_secs(s), s * 10);
+        }
+        let now = t0 + Duration::from_secs(10);
+        let f = p.figures(now, 1000, 100, 3, Some(8192));
+        assert_eq!(f.requests_per_second_recent, Some(10.0));
+        assert_eq!(f.eta_seconds, Some(90));
+        assert_eq!(f.remaining, 900);
+        assert_eq!(f.percent, 10.0);
+        assert_eq!(f.prompt_tokens_per_second_recent, Some(1000.0));
+        assert_eq!(f.max_prompt_tokens, 100);
+        assert_eq!(f.num_ctx, Some(8192));
+        // No answer reported a cached figure: unknown, not 0 %.
+        assert_eq!(f.cached_share, None);
+        assert_eq!(f.answers_without_cached_figure, 100);
+        // The run slows to 1 line a second for two minutes: the recent rate follows.
+        for s in 11..=130u64 {
+            p.sample(t0 + Duration::from_secs(s), 100 + (s - 10));
+        }
+        let f = p.figures(t0 + Duration::from_secs(130), 1000, 220, 3, None);
+        let r = f.requests_per_second_recent.expect("rate");
+        assert!((0.9..=1.1).contains(&r), "{r}");
+        assert!(
+            f.eta_seconds.is_some_and(|e| (700..=870).contains(&e)),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn cached_share_only_when_every_answer_said() {
+        let mut p = Progress::new(0);
+        p.result(Some(&usage(100, Some(80))));
+        p.result(Some(&usage(100, Some(90))));
+        let f = p.figures(Instant::now(), 2, 2, 0, None);
+        assert_eq!(f.cached_share, Some(0.85));
+        assert_eq!(f.eta_seconds, Some(0));
+        p.result(Some(&usage(100, None)));
+        let f = p.figures(Instant::now(), 3, 3, 0, None);
+        assert_eq!(
+            f.cached_share, None,
+            "one unknown answer makes the share unknown"
+        );
+        assert_eq!(f.answers_with_cached_figure, 2);
+        assert_eq!(f.answers_without_cached_figure, 1);
+    }
+
+    #[test]
+    fn retry_causes_are_a_small_fixed_set() {
+        assert_eq!(
+            retry_cause(&CallResult::Timeout, Verdict::Transient),
+            "timeout"
+        );
+        let busy = CallResult::Answered {
+            status: 503,
+            body: String::new(),
+            usage: None,
+        };
+        assert_eq!(retry_cause(&busy, Verdict::Transient), "http_5xx");
+        assert_eq!(retry_cause(&busy, Verdict::OutOfMemory), "oom");
+    }
+}
