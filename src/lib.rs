@@ -16,6 +16,7 @@ pub mod config;
 pub mod domain;
 pub mod gpu;
 pub mod intake;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod supervisor;

@@ -101,9 +101,11 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     let tracker = TaskTracker::new();
     let stop = CancellationToken::new();
 
+    let metrics = Arc::new(crate::metrics::Metrics::new());
     worker::spawn(
         backend.clone(),
         limiter.clone(),
+        metrics.clone(),
         jobs_rx,
         events_tx,
         &tracker,
@@ -140,6 +142,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         started: Instant::now(),
         limiter,
         gpu: gpu.clone(),
+        metrics,
     };
     let app = api::router(state);
     tracing::info!(

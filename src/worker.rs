@@ -153,6 +153,7 @@ impl Limiter {
 pub fn spawn(
     backend: Backend,
     limiter: Arc<Limiter>,
+    metrics: Arc<crate::metrics::Metrics>,
     mut jobs: mpsc::Receiver<Job>,
     events: mpsc::Sender<Event>,
     tracker: &TaskTracker,
@@ -172,6 +173,7 @@ pub fn spawn(
             let backend = backend.clone();
             let limiter = limiter.clone();
             let events = events.clone();
+            let metrics = metrics.clone();
             calls.spawn(async move {
                 // The supervisor may already be gone at shutdown: nothing to do then.
                 let _ = events
@@ -180,8 +182,19 @@ pub fn spawn(
                         lease: job.lease,
                     })
                     .await;
+                let started = std::time::Instant::now();
                 let result = backend.call(job.endpoint, job.body).await;
                 let verdict = classify(&result);
+                metrics.observe_call(
+                    started.elapsed().as_secs_f64(),
+                    match verdict {
+                        Verdict::Success => "success",
+                        Verdict::Permanent => "permanent",
+                        Verdict::Transient => "transient",
+                        Verdict::OutOfMemory => "oom",
+                        Verdict::BackendDown => "backend_down",
+                    },
+                );
                 limiter.release(generation, verdict);
                 let _ = events
                     .send(Event::Finished(Outcome {

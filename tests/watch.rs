@@ -202,3 +202,207 @@ async fn progress_lines_appear_in_the_log_of_a_real_process() {
         );
     }
 }
+
+/// A parsed scrape: (name, labels) → value. Comment lines are checked for shape, every sample
+/// line must parse.
+fn parse_metrics(text: &str) -> std::collections::BTreeMap<(String, Vec<(String, String)>), f64> {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let kw = rest.split_whitespace().next().unwrap_or_default();
+            assert!(
+                matches!(kw, "HELP" | "TYPE" | "UNIT" | "EOF"),
+                "bad comment: {line}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                let l = l
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels: {line}"));
+                let labels: Vec<(String, String)> = l
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("bad label: {line}"));
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        assert!(name.starts_with("obatch_"), "one prefix: {line}");
+        out.insert((name, labels), value);
+    }
+    out
+}
+
+fn metric(
+    m: &std::collections::BTreeMap<(String, Vec<(String, String)>), f64>,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Option<f64> {
+    let key = (
+        name.to_string(),
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    m.get(&key).copied()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_during_a_run_and_agree_with_the_output_at_the_end() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| {
+        b.delay = Duration::from_millis(5);
+        b.busy_permille = 50;
+    });
+    let (_d, mut server) = server_with(&fake, |c| c.concurrency = 2).await;
+    let api = Api::new(&server.base);
+    let n = 400u64;
+    let id = api
+        .submit_id(chat_file(n as usize, "m", "rubric"), "/v1/chat/completions")
+        .await;
+    let mut mid = Vec::new();
+    loop {
+        let (code, text) = api.get_text("/metrics").await;
+        assert_eq!(code, 200);
+        let m = parse_metrics(&text);
+        mid.push(
+            metric(
+                &m,
+                "obatch_requests_finished_total",
+                &[("outcome", "succeeded")],
+            )
+            .expect("finished series"),
+        );
+        let (_, b) = api.get(&format!("/v1/batches/{id}")).await;
+        if b["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        mid.windows(2).all(|w| w[0] <= w[1]),
+        "a counter never goes back: {mid:?}"
+    );
+    assert!(
+        mid.iter().any(|v| *v > 0.0 && *v < n as f64),
+        "seen mid-run: {mid:?}"
+    );
+    let done = api.wait_terminal(&id, Duration::from_secs(10)).await;
+    let out = api.lines(&done["output_file_id"]).await;
+    let (_, text) = api.get_text("/metrics").await;
+    let m = parse_metrics(&text);
+    assert_eq!(
+        metric(
+            &m,
+            "obatch_requests_finished_total",
+            &[("outcome", "succeeded")]
+        ),
+        Some(out.len() as f64)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "obatch_requests_finished_total",
+            &[("outcome", "failed")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "obatch_batches", &[("status", "completed")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&m, "obatch_batches", &[("status", "validating")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "obatch_prompt_tokens_total", &[]),
+        Some(usage_sum(&out, "prompt_tokens") as f64)
+    );
+    assert_eq!(
+        metric(&m, "obatch_completion_tokens_total", &[]),
+        Some(usage_sum(&out, "completion_tokens") as f64)
+    );
+    // The fake Ollama reports no cached figure: counted apart, never as 0 cached.
+    assert_eq!(
+        metric(&m, "obatch_answers_without_cached_figure_total", &[]),
+        Some(n as f64)
+    );
+    let busy = fake.stats.busy.load(std::sync::atomic::Ordering::SeqCst) as f64;
+    assert!(busy > 0.0);
+    assert_eq!(
+        metric(&m, "obatch_retries_total", &[("cause", "http_5xx")]),
+        Some(busy)
+    );
+    assert_eq!(
+        metric(&m, "obatch_retries_total", &[("cause", "oom")]),
+        Some(0.0),
+        "every cause exists from the start"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "obatch_backend_request_duration_seconds_count",
+            &[("outcome", "success")]
+        ),
+        Some(n as f64)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "obatch_backend_request_duration_seconds_count",
+            &[("outcome", "transient")]
+        ),
+        Some(busy)
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "obatch_backend_request_duration_seconds_bucket",
+            &[("le", "600.0"), ("outcome", "success")]
+        ),
+        Some(n as f64)
+    );
+    assert_eq!(metric(&m, "obatch_backend_up", &[]), Some(1.0));
+    assert_eq!(
+        metric(&m, "obatch_backend_concurrency_limit", &[]),
+        Some(2.0)
+    );
+    assert_eq!(metric(&m, "obatch_gpu_info_available", &[]), Some(0.0));
+    assert!(
+        !m.keys().any(|(k, _)| k.starts_with("obatch_gpu_memory")),
+        "no GPU: no zero readings"
+    );
+    assert!(metric(&m, "obatch_store_size_bytes", &[]).is_some_and(|b| b > 0.0));
+    // No per-batch or per-line labels anywhere.
+    for (name, labels) in m.keys() {
+        for (k, _) in labels {
+            assert!(
+                [
+                    "state", "status", "outcome", "cause", "gpu", "le", "version"
+                ]
+                .contains(&k.as_str()),
+                "{name}: label {k}"
+            );
+        }
+    }
+    server.stop().await;
+}

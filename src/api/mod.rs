@@ -39,6 +39,8 @@ pub struct AppState {
     pub limiter: Arc<crate::worker::Limiter>,
     /// GPU memory readings (or why there are none).
     pub gpu: Arc<crate::gpu::GpuMonitor>,
+    /// What `/metrics` reports beyond the snapshot.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Runs a handler's writes to completion even if the client goes away mid-request (a timeout, a
@@ -261,6 +263,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/batches/{id}/cancel", post(batches::cancel))
         .route("/health", get(status::health))
         .route("/status", get(status::status))
+        .route("/metrics", get(status::metrics))
         .route("/status/batches/{id}", get(status::batch_figures))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -80,6 +80,69 @@ pub async fn batch_figures(
     }
 }
 
+/// `GET /metrics`: Prometheus / OpenMetrics text (see `crate::metrics`).
+pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let live = st.supervisor.live.with(|l| l.clone());
+    let (limit, in_flight) = st.limiter.snapshot();
+    let mut requests: BTreeMap<&'static str, u64> = [
+        ("queued", 0),
+        ("retry_wait", 0),
+        ("in_flight", 0),
+        ("succeeded", 0),
+        ("failed", 0),
+    ]
+    .into_iter()
+    .collect();
+    let mut by_status: BTreeMap<&'static str, u64> = crate::domain::BatchStatus::ALL
+        .iter()
+        .map(|s| (s.as_str(), 0))
+        .collect();
+    for b in live.batches.values() {
+        *requests.entry("queued").or_default() += b.queued;
+        *requests.entry("retry_wait").or_default() += b.retry_wait;
+        *requests.entry("in_flight").or_default() += b.in_flight;
+        *requests.entry("succeeded").or_default() += b.counts.completed;
+        *requests.entry("failed").or_default() += b.counts.failed;
+    }
+    let store = st.store.clone();
+    let (size, all) = tokio::task::spawn_blocking(move || {
+        (
+            store.size_on_disk(),
+            store
+                .list_batches(None, usize::MAX)
+                .map(|(b, _)| b)
+                .unwrap_or_default(),
+        )
+    })
+    .await
+    .unwrap_or_default();
+    for b in &all {
+        *by_status.entry(b.status.as_str()).or_default() += 1;
+    }
+    let requests: Vec<(&'static str, u64)> = requests.into_iter().collect();
+    let batches: Vec<(&'static str, u64)> = by_status.into_iter().collect();
+    let gpu = st.gpu.view();
+    let text = st.metrics.render(&crate::metrics::Scrape {
+        requests: &requests,
+        batches: &batches,
+        counters: &live.counters,
+        backend_up: live.backend.reachable,
+        in_flight: in_flight as u64,
+        concurrency_limit: limit as u64,
+        gpu: &gpu,
+        store_bytes: size,
+    });
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 /// `GET /status`
 pub async fn status(State(st): State<AppState>) -> Json<Value> {
     let live = st.supervisor.live.with(|l| l.clone());

@@ -37,6 +37,18 @@ pub enum BatchStatus {
 }
 
 impl BatchStatus {
+    /// Every status, in the order of the OpenAI documentation.
+    pub const ALL: [BatchStatus; 8] = [
+        BatchStatus::Validating,
+        BatchStatus::Failed,
+        BatchStatus::InProgress,
+        BatchStatus::Finalizing,
+        BatchStatus::Completed,
+        BatchStatus::Expired,
+        BatchStatus::Cancelling,
+        BatchStatus::Cancelled,
+    ];
+
     /// The name in the OpenAI API.
     pub fn as_str(&self) -> &'static str {
         match self {

@@ -48,6 +48,20 @@ pub struct Counters {
     pub flushes: u64,
     /// Results made durable.
     pub results: u64,
+    /// Of those, successes.
+    pub succeeded: u64,
+    /// Of those, failures.
+    pub failed: u64,
+    /// Retries by cause.
+    pub retries_by_cause: std::collections::BTreeMap<&'static str, u64>,
+    /// Prompt tokens of durable answers.
+    pub prompt_tokens: u64,
+    /// Completion tokens of durable answers.
+    pub completion_tokens: u64,
+    /// Cached prompt tokens over the answers that reported a figure.
+    pub cached_tokens: u64,
+    /// Answers that reported no cached figure.
+    pub answers_without_cached_figure: u64,
 }
 
 /// Backend health as last seen.

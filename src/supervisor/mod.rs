@@ -630,9 +630,9 @@ impl Supervisor {
                 });
                 if r.is_ok() {
                     self.counters.retries += 1;
-                    active
-                        .progress
-                        .retry(progress::retry_cause(&o.result, o.verdict));
+                    let cause = progress::retry_cause(&o.result, o.verdict);
+                    active.progress.retry(cause);
+                    *self.counters.retries_by_cause.entry(cause).or_default() += 1;
                     tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
                     if active.dispatching() {
                         active.retry_wait += 1;
@@ -881,6 +881,19 @@ impl Supervisor {
                     a.failed += 1;
                 }
                 a.progress.result(usage.as_ref());
+                if ok {
+                    self.counters.succeeded += 1;
+                } else {
+                    self.counters.failed += 1;
+                }
+                if let Some(u) = &usage {
+                    self.counters.prompt_tokens += u.input_tokens;
+                    self.counters.completion_tokens += u.output_tokens;
+                    match u.cached_tokens {
+                        Some(c) => self.counters.cached_tokens += c,
+                        None => self.counters.answers_without_cached_figure += 1,
+                    }
+                }
                 if let Some(u) = usage {
                     a.usage.add(&u);
                 }

@@ -15,6 +15,17 @@ const MIN_RESULTS_FOR_ETA: u64 = 5;
 /// ...over at least this long.
 const MIN_SPAN_FOR_ETA: Duration = Duration::from_secs(3);
 
+/// Every cause [`retry_cause`] gives.
+pub const RETRY_CAUSES: [&str; 7] = [
+    "timeout",
+    "connect",
+    "connection_error",
+    "invalid_answer",
+    "http_429",
+    "http_5xx",
+    "oom",
+];
+
 /// Why a line was scheduled for another try (a small fixed set: safe as a metric label).
 pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
     if verdict == Verdict::OutOfMemory {
@@ -26,8 +37,8 @@ pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
         CallResult::Transport(_) => "connection_error",
         CallResult::Invalid { .. } => "invalid_answer",
         CallResult::Answered { status: 429, .. } => "http_429",
-        CallResult::Answered { status, .. } if *status >= 500 => "http_5xx",
-        CallResult::Answered { .. } => "http_other",
+        // Any other answer that is retried is a server-side failure.
+        CallResult::Answered { .. } => "http_5xx",
     }
 }
 
