@@ -203,9 +203,12 @@ async fn progress_lines_appear_in_the_log_of_a_real_process() {
     }
 }
 
+/// (metric name, labels) → value.
+type Scrape = std::collections::BTreeMap<(String, Vec<(String, String)>), f64>;
+
 /// A parsed scrape: (name, labels) → value. Comment lines are checked for shape, every sample
 /// line must parse.
-fn parse_metrics(text: &str) -> std::collections::BTreeMap<(String, Vec<(String, String)>), f64> {
+fn parse_metrics(text: &str) -> Scrape {
     let mut out = std::collections::BTreeMap::new();
     for line in text.lines() {
         if line.is_empty() {
@@ -250,11 +253,7 @@ fn parse_metrics(text: &str) -> std::collections::BTreeMap<(String, Vec<(String,
     out
 }
 
-fn metric(
-    m: &std::collections::BTreeMap<(String, Vec<(String, String)>), f64>,
-    name: &str,
-    labels: &[(&str, &str)],
-) -> Option<f64> {
+fn metric(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let key = (
         name.to_string(),
         labels
