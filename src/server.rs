@@ -143,6 +143,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         limiter,
         gpu: gpu.clone(),
         metrics,
+        stop: stop.clone(),
     };
     let app = api::router(state);
     tracing::info!(

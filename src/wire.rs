@@ -21,11 +21,17 @@ pub fn file_object(f: &FileRecord) -> Value {
     })
 }
 
-/// The usage object of a batch.
+/// The usage object of a batch. OpenAI's schema requires an integer `cached_tokens`; when no
+/// answer of the batch said how many tokens were cached, it is 0 and the extension field
+/// `cached_tokens_reported: false` says that the 0 means unknown.
 pub fn usage_object(u: &Usage) -> Value {
+    let details = match u.cached_tokens {
+        Some(c) => json!({"cached_tokens": c}),
+        None => json!({"cached_tokens": 0, "cached_tokens_reported": false}),
+    };
     json!({
         "input_tokens": u.input_tokens,
-        "input_tokens_details": {"cached_tokens": u.cached_tokens.unwrap_or(0)},
+        "input_tokens_details": details,
         "output_tokens": u.output_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": u.input_tokens + u.output_tokens,

@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod conformance;
 mod crash;
+mod dashboard;
 mod faults;
 mod hardening;
 mod lifecycle;

@@ -120,6 +120,9 @@ async fn live_figures_move_and_agree_with_the_output() {
             Shape::Ollama => {
                 assert_eq!(p["answers_without_cached_figure"], n, "{f}");
                 assert!(p["cached_share"].is_null(), "{f}");
+                // The batch object must say 0 (OpenAI's schema), and says that 0 means unknown.
+                let d = &done["usage"]["input_tokens_details"];
+                assert_eq!(d["cached_tokens_reported"], false, "{done}");
             }
             Shape::OpenAi => {
                 let cached: u64 = out

@@ -143,6 +143,11 @@ pub async fn create(
         s.store.put_batch(&rec)?;
         s.store.flush_async().await?;
         tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
+        s.supervisor
+            .notices
+            .send(crate::supervisor::live::Notice::BatchCreated {
+                id: rec.id.to_string(),
+            });
         spawn_intake(
             s.store.clone(),
             s.cfg.clone(),

@@ -6,6 +6,8 @@
 //! (unknown route, wrong method, malformed multipart, body too large).
 
 mod batches;
+mod dashboard;
+mod events;
 mod files;
 pub mod status;
 
@@ -41,6 +43,8 @@ pub struct AppState {
     pub gpu: Arc<crate::gpu::GpuMonitor>,
     /// What `/metrics` reports beyond the snapshot.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Fires on shutdown (ends `/events` streams).
+    pub stop: tokio_util::sync::CancellationToken,
 }
 
 /// Runs a handler's writes to completion even if the client goes away mid-request (a timeout, a
@@ -213,15 +217,50 @@ fn key_matches(presented: &str, keys: &[crate::config::Secret]) -> bool {
     any == 1
 }
 
+/// `%XX` escapes of a query value decoded (a malformed escape is kept as it is).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// With `--api-key`: every route but `/health` needs `Authorization: Bearer <key>`.
 async fn require_key(
     axum::extract::State(st): axum::extract::State<AppState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if st.cfg.api_keys.is_empty() || req.uri().path() == "/health" {
+    let path = req.uri().path();
+    // The dashboard's files carry no data; the page sends the key with its calls.
+    let public = path == "/health" || path == "/" || path.starts_with("/dashboard/");
+    if st.cfg.api_keys.is_empty() || public {
         return next.run(req).await;
     }
+    // A browser cannot set a header on an EventSource or a download link: GETs may carry the
+    // key as `?access_token=`.
+    let from_query = (req.method() == axum::http::Method::GET)
+        .then(|| {
+            req.uri().query().and_then(|q| {
+                q.split('&')
+                    .find_map(|kv| kv.strip_prefix("access_token="))
+                    .map(percent_decode)
+            })
+        })
+        .flatten();
     let presented = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
@@ -230,7 +269,9 @@ async fn require_key(
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
         })
-        .map(str::trim);
+        .map(|v| v.trim().to_string())
+        .or(from_query);
+    let presented = presented.as_deref();
     match presented {
         Some(k) if key_matches(k, &st.cfg.api_keys) => next.run(req).await,
         Some(_) => ApiError::unauthorized(
@@ -264,6 +305,9 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(status::health))
         .route("/status", get(status::status))
         .route("/metrics", get(status::metrics))
+        .route("/events", get(events::events))
+        .route("/", get(dashboard::index))
+        .route("/dashboard/{file}", get(dashboard::asset))
         .route("/status/batches/{id}", get(status::batch_figures))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -143,8 +143,9 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
         .into_response()
 }
 
-/// `GET /status`
-pub async fn status(State(st): State<AppState>) -> Json<Value> {
+/// The part of `/status` that needs no store read: unfinished batches with their figures,
+/// request totals, concurrency, backend, counters, recent errors, GPU. `/events` streams it.
+pub fn live_snapshot(st: &AppState) -> Value {
     let live = st.supervisor.live.with(|l| l.clone());
     let (limit, in_flight) = st.limiter.snapshot();
     let mut totals = json!({"queued": 0u64, "retry_wait": 0u64, "in_flight": 0u64, "succeeded": 0u64, "failed": 0u64, "remaining": 0u64});
@@ -183,25 +184,17 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
         .collect();
     batches.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let c = &live.counters;
-    let store = st.store.clone();
-    let (size, finished) =
-        tokio::task::spawn_blocking(move || (store.size_on_disk(), finished(&store)))
-            .await
-            .unwrap_or((0, Value::Null));
-    Json(json!({
-        "uptime_s": st.started.elapsed().as_secs(),
+    json!({
         "state_dir": st.store.dir().display().to_string(),
         "store_error": st.store.failure(),
-        "store_size_bytes": size,
-        "shared_contents": st.store.blob_count(),
         "requests": totals,
         "batches": batches,
-        "finished": finished,
         "in_flight": in_flight,
         "concurrency": {"max": st.cfg.concurrency, "current": limit},
         "backend": {
             "kind": st.cfg.backend.as_str(),
             "url": st.cfg.backend_url,
+            "model": st.cfg.model,
             "reachable": live.backend.reachable,
             "last_probe_at": live.backend.last_probe_at,
             "down_since": live.backend.down_since,
@@ -212,13 +205,37 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
             "rescued": c.rescued,
             "requeued_at_start": c.requeued_at_start,
             "retries": c.retries,
+            "retries_by_cause": c.retries_by_cause,
             "oom": c.oom,
             "timeouts": c.timeouts,
             "backend_outages": c.backend_outages,
             "stale_outcomes": c.stale_outcomes,
             "flushes": c.flushes,
             "results": c.results,
+            "succeeded": c.succeeded,
+            "failed": c.failed,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "cached_tokens": c.cached_tokens,
+            "answers_without_cached_figure": c.answers_without_cached_figure,
         },
+        "recent_errors": live.recent_errors,
         "gpu": st.gpu.view(),
-    }))
+        "version": env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// `GET /status`: [`live_snapshot`] plus what needs the store (size on disk, finished batches).
+pub async fn status(State(st): State<AppState>) -> Json<Value> {
+    let mut v = live_snapshot(&st);
+    let store = st.store.clone();
+    let (size, finished) =
+        tokio::task::spawn_blocking(move || (store.size_on_disk(), finished(&store)))
+            .await
+            .unwrap_or((0, Value::Null));
+    v["uptime_s"] = json!(st.started.elapsed().as_secs());
+    v["store_size_bytes"] = json!(size);
+    v["shared_contents"] = json!(st.store.blob_count());
+    v["finished"] = finished;
+    Json(v)
 }

@@ -79,9 +79,98 @@ pub struct BackendHealth {
     pub last_error: Option<String>,
 }
 
+/// A line's failed try, kept among the last few for the dashboard.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RecentError {
+    /// Unix seconds.
+    pub at: i64,
+    /// Which batch.
+    pub batch: String,
+    /// Which input line (1-based).
+    pub line: u32,
+    /// The try it was.
+    pub attempt: u32,
+    /// Whether the line failed for good (else it is retried).
+    pub is_final: bool,
+    /// What happened (at most 300 characters).
+    pub error: String,
+}
+
+/// How many recent errors are kept.
+pub const RECENT_ERRORS: usize = 20;
+
+/// Something that happened, for `/events` (discrete events beside the snapshots).
+#[derive(Clone, Debug, serde::Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Notice {
+    /// A batch was created (`validating`).
+    BatchCreated {
+        /// Its id.
+        id: String,
+    },
+    /// Its file was valid (and the model present): `in_progress`.
+    BatchValidated {
+        /// Its id.
+        id: String,
+        /// Lines queued.
+        lines: u64,
+    },
+    /// It failed at validation (or the model check).
+    BatchFailed {
+        /// Its id.
+        id: String,
+        /// How many errors.
+        errors: usize,
+    },
+    /// It reached a terminal status with its files written.
+    BatchFinished {
+        /// Its id.
+        id: String,
+        /// `completed`, `cancelled` or `expired`.
+        status: String,
+    },
+    /// The backend became unreachable; dispatch paused.
+    BackendDown {
+        /// Why.
+        error: String,
+    },
+    /// The backend answers again; dispatch resumed.
+    BackendUp,
+    /// An out-of-memory answer.
+    OutOfMemory {
+        /// The batch whose line got it.
+        batch: String,
+    },
+}
+
+/// The channel of [`Notice`]s: anyone may send; `/events` streams subscribe. Sending never
+/// waits (a slow reader misses events and is told so).
+#[derive(Clone, Debug)]
+pub struct Notices(tokio::sync::broadcast::Sender<Notice>);
+
+impl Default for Notices {
+    fn default() -> Self {
+        Notices(tokio::sync::broadcast::channel(256).0)
+    }
+}
+
+impl Notices {
+    /// Sends to whoever listens (nobody is fine).
+    pub fn send(&self, n: Notice) {
+        let _ = self.0.send(n);
+    }
+
+    /// A new listener.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Notice> {
+        self.0.subscribe()
+    }
+}
+
 /// The published snapshot.
 #[derive(Clone, Debug, Default)]
 pub struct Live {
+    /// The last failed tries, newest last.
+    pub recent_errors: std::collections::VecDeque<RecentError>,
     /// Unfinished batches the supervisor runs.
     pub batches: HashMap<BatchId, BatchLive>,
     /// Counters.

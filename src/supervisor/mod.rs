@@ -62,6 +62,8 @@ pub struct SupervisorHandle {
     cmds: mpsc::Sender<Command>,
     /// The published snapshot.
     pub live: Arc<LiveView>,
+    /// Discrete events for `/events`.
+    pub notices: live::Notices,
     /// The backend, for the intake's model check (the API never calls it).
     pub(crate) backend: Backend,
 }
@@ -316,6 +318,11 @@ pub struct Supervisor {
     last_rescue_scan: Instant,
     counters: live::Counters,
     gpu: Arc<crate::gpu::GpuMonitor>,
+    notices: live::Notices,
+    /// The last failed tries (for the dashboard), and whether they changed since the last
+    /// publish.
+    recent_errors: std::collections::VecDeque<live::RecentError>,
+    recent_errors_changed: bool,
 }
 
 /// Channels and parts the supervisor is built from.
@@ -373,15 +380,20 @@ impl Supervisor {
                 ..Default::default()
             },
             gpu: parts.gpu,
+            notices: live::Notices::default(),
+            recent_errors: std::collections::VecDeque::new(),
+            recent_errors_changed: false,
         };
         s.publish();
         let backend = s.backend.clone();
+        let notices = s.notices.clone();
         (
             s,
             SupervisorHandle {
                 cmds: cmds_tx,
                 live,
                 backend,
+                notices,
             },
         )
     }
@@ -476,6 +488,7 @@ impl Supervisor {
             Command::BackendUp => {
                 if self.backend_down {
                     tracing::info!("backend reachable again: dispatch resumes");
+                    self.notices.send(live::Notice::BackendUp);
                 }
                 self.backend_down = false;
                 self.live.with(|l| {
@@ -488,7 +501,11 @@ impl Supervisor {
             }
             Command::Finalized(id) => {
                 if let Some(a) = self.batches.remove(&id) {
-                    self.keep_final_figures(id, &a);
+                    let status = self.keep_final_figures(id, &a);
+                    self.notices.send(live::Notice::BatchFinished {
+                        id: id.to_string(),
+                        status: status.unwrap_or("unknown").into(),
+                    });
                 }
                 self.live.with(|l| l.batches.remove(&id));
             }
@@ -507,7 +524,7 @@ impl Supervisor {
 
     /// Keeps a finished batch's figures for `GET /status/batches/{id}`: the live figures at the
     /// end, plus its status, duration and the GPU memory peak.
-    fn keep_final_figures(&self, id: BatchId, a: &Active) {
+    fn keep_final_figures(&self, id: BatchId, a: &Active) -> Option<&'static str> {
         let f = a.progress.figures(
             Instant::now(),
             a.total,
@@ -533,6 +550,7 @@ impl Supervisor {
         if let Err(e) = self.store.put_batch_stats(id, &v.to_string()) {
             tracing::warn!(batch = %id, error = %e, "cannot keep the batch's final figures");
         }
+        record.map(|r| r.status.as_str())
     }
 
     /// Takes on a batch the intake finished.
@@ -588,8 +606,29 @@ impl Supervisor {
         if matches!(o.result, CallResult::Answered { .. }) {
             self.answered_since_publish = true;
         }
+        if !matches!(o.verdict, Verdict::Success | Verdict::BackendDown) {
+            let is_final = matches!(o.verdict, Verdict::Permanent)
+                || o.attempts >= self.cfg.retry.max_attempts;
+            if self.recent_errors.len() == live::RECENT_ERRORS {
+                self.recent_errors.pop_front();
+            }
+            self.recent_errors.push_back(live::RecentError {
+                at: unix_now(),
+                batch: o.key.batch.to_string(),
+                line: o.key.line,
+                attempt: o.attempts,
+                is_final,
+                error: describe(&o.result).chars().take(300).collect(),
+            });
+            self.recent_errors_changed = true;
+        }
         match o.verdict {
-            Verdict::OutOfMemory => self.counters.oom += 1,
+            Verdict::OutOfMemory => {
+                self.counters.oom += 1;
+                self.notices.send(live::Notice::OutOfMemory {
+                    batch: o.key.batch.to_string(),
+                });
+            }
             _ if o.result == CallResult::Timeout => self.counters.timeouts += 1,
             _ => {}
         }
@@ -687,6 +726,8 @@ impl Supervisor {
         self.backend_down = true;
         self.counters.backend_outages += 1;
         tracing::warn!(error = %err, url = self.backend.url(), "backend unreachable: dispatch paused, probing");
+        self.notices
+            .send(live::Notice::BackendDown { error: err.clone() });
         self.live.with(|l| {
             l.backend.reachable = Some(false);
             l.backend.down_since = Some(unix_now());
@@ -1037,7 +1078,12 @@ impl Supervisor {
             .collect();
         let counters = self.counters.clone();
         let answered = std::mem::take(&mut self.answered_since_publish) && !self.backend_down;
+        let errors =
+            std::mem::take(&mut self.recent_errors_changed).then(|| self.recent_errors.clone());
         self.live.with(|l| {
+            if let Some(e) = errors {
+                l.recent_errors = e;
+            }
             l.batches = batches;
             l.counters = counters;
             if answered {
@@ -1210,11 +1256,19 @@ pub fn spawn_intake(
         match outcome {
             Ok(intake::IntakeOutcome::Ready(n)) => {
                 tracing::info!(batch = %id, lines = n, "validated");
+                handle.notices.send(live::Notice::BatchValidated {
+                    id: id.to_string(),
+                    lines: n,
+                });
                 handle.send(Command::BatchReady(id)).await;
             }
             Ok(intake::IntakeOutcome::Cancelled) => handle.send(Command::BatchReady(id)).await,
             Ok(intake::IntakeOutcome::Invalid(n)) => {
-                tracing::info!(batch = %id, errors = n, "validation failed")
+                tracing::info!(batch = %id, errors = n, "validation failed");
+                handle.notices.send(live::Notice::BatchFailed {
+                    id: id.to_string(),
+                    errors: n,
+                });
             }
             Ok(intake::IntakeOutcome::Skipped) => {}
             Err(e) => tracing::error!(batch = %id, error = %e, "intake failed; it runs again at the next start"),

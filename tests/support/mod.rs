@@ -3,6 +3,7 @@
 //! OpenAI-API client.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod fake;
 pub mod process;
 
