@@ -50,3 +50,64 @@ async fn bench_throughput() {
         server.stop().await;
     }
 }
+
+/// p50 / p99 / max of a list of durations, in ms.
+fn quantiles(mut v: Vec<Duration>) -> (f64, f64, f64) {
+    v.sort();
+    let at = |q: f64| v[((v.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1000.0;
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// `/status` and `/metrics` latency while a 50,000-line batch runs at full speed (concurrency
+/// 64 against a backend that answers at once): `scripts/bench-status.sh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-status.sh"]
+async fn bench_status_latency() {
+    let n: usize = std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(50_000);
+    let fake = Fake::start(Shape::OpenAi).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.concurrency = 64;
+    cfg.flush_interval = Duration::from_millis(20);
+    cfg.cache_bytes = 64 << 20;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
+        b["status"] != "validating"
+    })
+    .await;
+    let t0 = Instant::now();
+    let (mut status, mut metrics) = (Vec::new(), Vec::new());
+    loop {
+        for (path, into) in [("/status", &mut status), ("/metrics", &mut metrics)] {
+            let t = Instant::now();
+            let (code, _) = api.get_text(path).await;
+            into.push(t.elapsed());
+            assert_eq!(code, 200);
+        }
+        let (_, b) = api.get(&format!("/v1/batches/{id}")).await;
+        if b["status"] == "completed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    println!();
+    println!("| endpoint | samples | p50 ms | p99 ms | max ms | during |");
+    println!("|---|---|---|---|---|---|");
+    for (name, v) in [("/status", status), ("/metrics", metrics)] {
+        let count = v.len();
+        let (p50, p99, max) = quantiles(v);
+        println!(
+            "| {name} | {count} | {p50:.2} | {p99:.2} | {max:.2} | {n} lines in {secs:.1} s ({:.0}/s) |",
+            n as f64 / secs
+        );
+    }
+    server.stop().await;
+}
