@@ -14,6 +14,16 @@ pub struct Proc {
     pub report: Vec<String>,
 }
 
+impl Drop for Proc {
+    /// A test that fails (panics) must not leave its server running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Where the child's stderr (the log) goes.
 pub enum Log {
     /// Appended to `<state>.log`.
