@@ -87,7 +87,15 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.delay = Duration::from_millis(1));
     let state = disk.0.join("state");
-    let mut p = process::spawn(&state, &fake.url(), 4, &["--shutdown-grace", "5s"]);
+    // The log lives off the small disk, or the message about the full disk could not be written.
+    let log_path = tmp.path().join("server.log");
+    let mut p = process::spawn_with(
+        &state,
+        &fake.url(),
+        4,
+        &["--shutdown-grace", "5s"],
+        Log::At(log_path.clone()),
+    );
     let api = Api::new(&p.addr);
     let n = 4000;
     let mut file = String::new();
@@ -142,11 +150,11 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     std::fs::remove_file(disk.0.join("filler")).expect("free space");
     signal(&p.child, "-TERM");
     wait_exit(&mut p.child, Duration::from_secs(30));
-    let log = std::fs::read_to_string(state.with_extension("log")).unwrap_or_default();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(log.contains("store failed: dispatch stopped"), "{log}");
 
     // The restart resumes: every line exactly once.
-    let mut p = process::spawn(&state, &fake.url(), 4, &[]);
+    let mut p = process::spawn_with(&state, &fake.url(), 4, &[], Log::At(log_path));
     let api = Api::new(&p.addr);
     let done = api.wait_terminal(&id, Duration::from_secs(120)).await;
     assert_eq!(done["status"], "completed", "{done}");

@@ -191,8 +191,10 @@ async fn one_round(round: usize) {
     }
     stop_health.store(true, Ordering::SeqCst);
     let (worst, polls) = health.await.expect("health task");
+    // Fast: a wedge makes it hang (30 s and more); 2 s allows a debug build sharing 2 cores
+    // with the rest of the suite.
     assert!(
-        worst < Duration::from_secs(1),
+        worst < Duration::from_secs(2),
         "/health took {worst:?} at worst"
     );
 

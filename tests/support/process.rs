@@ -28,6 +28,8 @@ impl Drop for Proc {
 pub enum Log {
     /// Appended to `<state>.log`.
     File,
+    /// Appended to this file.
+    At(std::path::PathBuf),
     /// A pipe whose reading end is closed at once: every log write fails (EPIPE).
     Broken,
 }
@@ -46,14 +48,18 @@ pub fn spawn_with(
     extra: &[&str],
     log: Log,
 ) -> Proc {
-    let stderr = match log {
-        Log::File => Stdio::from(
+    let file = |path: std::path::PathBuf| {
+        Stdio::from(
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(state.with_extension("log"))
+                .open(path)
                 .expect("log file"),
-        ),
+        )
+    };
+    let stderr = match log {
+        Log::File => file(state.with_extension("log")),
+        Log::At(path) => file(path),
         Log::Broken => Stdio::piped(),
     };
     let mut child = Command::new(binary())
