@@ -24,6 +24,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Print a recovery report for each unfinished batch, then serve as `serve` does.
     Resume(ServeArgs),
+    /// Turn a CSV of candidates into a Batch API input file (JSONL), one chat request per row;
+    /// or, with --sample N, write a synthetic candidates CSV.
+    CsvToBatch(crate::client::csv_to_batch::CsvArgs),
 }
 
 /// Which kind of model server runs the requests.

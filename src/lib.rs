@@ -12,6 +12,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod domain;
 pub mod gpu;

@@ -99,11 +99,49 @@ async fn run(args: ServeArgs, print_report: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `csv-to-batch`: no server, no runtime.
+fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
+    use ollama_batch::client::csv_to_batch::{convert, summary, write_sample};
+    if let Some(n) = args.sample {
+        return match write_sample(&args.csv, n) {
+            Ok(()) => {
+                complain(&format!(
+                    "wrote {n} synthetic candidates to {}",
+                    args.csv.display()
+                ));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                complain(&e);
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let result = match &args.output {
+        Some(path) => std::fs::File::create(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))
+            .and_then(|mut f| convert(&args, &mut f)),
+        None => convert(&args, &mut std::io::stdout().lock()),
+    };
+    match result {
+        Ok(report) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{}", summary(&report, args.rate));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            complain(&e);
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (args, report) = match cli.command {
         Command::Serve(a) => (a, false),
         Command::Resume(a) => (a, true),
+        Command::CsvToBatch(a) => return csv_to_batch(a),
     };
     init_logs(args.log_format);
     let rt = match tokio::runtime::Runtime::new() {

@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod bench;
+mod client;
 mod conformance;
 mod crash;
 mod dashboard;

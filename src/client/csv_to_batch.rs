@@ -1,0 +1,436 @@
+//! `ollama-batch csv-to-batch`: a CSV of candidates → a Batch API input file (JSONL), one chat
+//! request per row, streamed (170,000 rows in seconds, memory bounded by the set of ids seen).
+//! `--sample N` writes a synthetic candidates CSV to try everything without real data.
+
+use clap::Args;
+use serde_json::{Value, json};
+use std::collections::HashSet;
+use std::io::{BufWriter, Write};
+use std::path::PathBuf;
+
+/// Flags of `csv-to-batch`.
+#[derive(Args, Debug, Clone)]
+pub struct CsvArgs {
+    /// The CSV (with a header row). With --sample, the CSV to create.
+    pub csv: PathBuf,
+    /// Write the JSONL here (default: standard output).
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// The column with each row's id (its custom_id). Default: `candidate_id` when the CSV has
+    /// it, else the row number (`row-1`, `row-2`, …).
+    #[arg(long)]
+    pub id_column: Option<String>,
+    /// The system prompt (the rubric), read from this file; sent identically on every line.
+    #[arg(long)]
+    pub system: Option<PathBuf>,
+    /// The user message, with `{column}` for a column's value (`{{` and `}}` for braces; `\n`
+    /// and `\t` for a line break and a tab). Default: every non-empty column but the id as
+    /// `Column: value` lines.
+    #[arg(long)]
+    pub template: Option<String>,
+    /// The model each line names (the server's --model / --model-map can still map it).
+    #[arg(long, required_unless_present = "sample")]
+    pub model: Option<String>,
+    /// `max_tokens` of each request.
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// `temperature` of each request.
+    #[arg(long)]
+    pub temperature: Option<f64>,
+    /// A JSON schema (file) the answer must follow: sent as `response_format` (the Ollama
+    /// backend turns it into `format`).
+    #[arg(long)]
+    pub json_schema: Option<PathBuf>,
+    /// Requests per second measured on your setup, to estimate the run's duration.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Instead: write N synthetic candidate rows to CSV (which must not exist yet) and stop.
+    #[arg(long, value_name = "N")]
+    pub sample: Option<u64>,
+}
+
+/// One piece of a parsed template.
+#[derive(Debug, PartialEq)]
+enum Piece {
+    Text(String),
+    Column(usize),
+}
+
+/// Parses a template against the header: unknown columns are an error naming the known ones.
+fn parse_template(t: &str, header: &[String]) -> Result<Vec<Piece>, String> {
+    let t = t.replace("\\n", "\n").replace("\\t", "\t");
+    let mut pieces = Vec::new();
+    let mut text = String::new();
+    let mut chars = t.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '{' if chars.peek() == Some(&'{') => {
+                chars.next();
+                text.push('{');
+            }
+            '}' if chars.peek() == Some(&'}') => {
+                chars.next();
+                text.push('}');
+            }
+            '{' => {
+                let mut name = String::new();
+                loop {
+                    match chars.next() {
+                        Some('}') => break,
+                        Some(ch) => name.push(ch),
+                        None => return Err(format!("--template: '{{{name}' is not closed")),
+                    }
+                }
+                let i = header
+                    .iter()
+                    .position(|h| h == name.trim())
+                    .ok_or_else(|| {
+                        format!(
+                            "--template: no column '{}' in the CSV (its columns: {})",
+                            name.trim(),
+                            header.join(", ")
+                        )
+                    })?;
+                if !text.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(Piece::Column(i));
+            }
+            '}' => return Err("--template: a lone '}' (write '}}' for a brace)".into()),
+            c => text.push(c),
+        }
+    }
+    if !text.is_empty() {
+        pieces.push(Piece::Text(text));
+    }
+    Ok(pieces)
+}
+
+/// What a conversion did.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Data rows read.
+    pub rows: u64,
+    /// Lines written.
+    pub written: u64,
+    /// Rows without an id.
+    pub missing_id: Vec<u64>,
+    /// Rows whose id came earlier: (row, id).
+    pub duplicate_id: Vec<(u64, String)>,
+    /// Characters of every request's messages (system prompt included on every line).
+    pub message_chars: u64,
+}
+
+const FIRST: [&str; 16] = [
+    "Ana",
+    "Bilal",
+    "Chloé",
+    "Dmitri",
+    "Efua",
+    "Felipe",
+    "Grace",
+    "Hiroshi",
+    "Ines",
+    "Jamal",
+    "Katarzyna",
+    "Liam",
+    "Mei",
+    "Nikolai",
+    "Olga",
+    "Priya",
+];
+const LAST: [&str; 12] = [
+    "Silva", "Okafor", "Müller", "Nguyen", "García", "Kowalski", "Haddad", "Tanaka", "Olsen",
+    "Ivanova", "O'Brien", "Sharma",
+];
+const ROLES: [&str; 8] = [
+    "Backend Engineer",
+    "Data Scientist",
+    "Site Reliability Engineer",
+    "Frontend Developer",
+    "ML Engineer",
+    "Engineering Manager",
+    "Security Analyst",
+    "Mobile Developer",
+];
+const SKILLS: [&str; 14] = [
+    "Rust",
+    "Python",
+    "Go",
+    "Kubernetes",
+    "PostgreSQL",
+    "PyTorch",
+    "React",
+    "AWS",
+    "Terraform",
+    "Kafka",
+    "TypeScript",
+    "Swift",
+    "CUDA",
+    "Spark",
+];
+
+/// Writes `n` synthetic candidates (deterministic) as CSV.
+pub fn write_sample(path: &std::path::Path, n: u64) -> Result<(), String> {
+    if path.exists() {
+        return Err(format!(
+            "{} exists: remove it or name another file for --sample",
+            path.display()
+        ));
+    }
+    let file = std::fs::File::create(path)
+        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    let mut w = csv::Writer::from_writer(BufWriter::with_capacity(1 << 20, file));
+    let err = |e: csv::Error| format!("cannot write {}: {e}", path.display());
+    w.write_record([
+        "candidate_id",
+        "name",
+        "current_role",
+        "years_experience",
+        "skills",
+        "summary",
+    ])
+    .map_err(err)?;
+    let mut rng = fastrand::Rng::with_seed(170_000);
+    for i in 1..=n {
+        let name = format!(
+            "{} {}",
+            FIRST[rng.usize(..FIRST.len())],
+            LAST[rng.usize(..LAST.len())]
+        );
+        let role = ROLES[rng.usize(..ROLES.len())];
+        let years = rng.u32(0..25);
+        let mut skills: Vec<&str> = (0..rng.usize(2..6))
+            .map(|_| SKILLS[rng.usize(..SKILLS.len())])
+            .collect();
+        skills.sort();
+        skills.dedup();
+        let summary = format!(
+            "{years} year{} as {role}; led {} projects, \"{}\" was the largest. Prefers {} teams.",
+            if years == 1 { "" } else { "s" },
+            rng.u32(1..12),
+            [
+                "a payments rewrite",
+                "an ML platform",
+                "a mobile launch",
+                "a data lake"
+            ][rng.usize(..4)],
+            ["small", "remote", "cross-functional", "research"][rng.usize(..4)]
+        );
+        w.write_record([
+            format!("cand-{i:06}"),
+            name,
+            role.to_string(),
+            years.to_string(),
+            skills.join(", "),
+            summary,
+        ])
+        .map_err(err)?;
+    }
+    w.flush()
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    Ok(())
+}
+
+/// Converts the CSV; the JSONL goes to `out`.
+pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
+    let model = args
+        .model
+        .clone()
+        .ok_or("--model is required (the model each line names)")?;
+    let system = match &args.system {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read --system {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    let schema: Option<Value> = match &args.json_schema {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read --json-schema {}: {e}", p.display()))?;
+            Some(
+                serde_json::from_str(&text)
+                    .map_err(|e| format!("--json-schema {} is not JSON: {e}", p.display()))?,
+            )
+        }
+        None => None,
+    };
+    let file = std::fs::File::open(&args.csv)
+        .map_err(|e| format!("cannot read {}: {e}", args.csv.display()))?;
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
+    let header: Vec<String> = reader
+        .headers()
+        .map_err(|e| format!("{}: cannot read the header row: {e}", args.csv.display()))?
+        .iter()
+        .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
+        .collect();
+    let id_col = match &args.id_column {
+        Some(c) => Some(header.iter().position(|h| h == c).ok_or_else(|| {
+            format!(
+                "--id-column: no column '{c}' in the CSV (its columns: {})",
+                header.join(", ")
+            )
+        })?),
+        None => header.iter().position(|h| h == "candidate_id"),
+    };
+    let template = match &args.template {
+        Some(t) => Some(parse_template(t, &header)?),
+        None => None,
+    };
+    let mut report = Report::default();
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let mut record = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut record) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(format!("{}: {e}", args.csv.display())),
+        }
+        report.rows += 1;
+        let row = report.rows;
+        let id = match id_col {
+            Some(i) => record.get(i).map(str::trim).unwrap_or_default().to_string(),
+            None => format!("row-{row}"),
+        };
+        if id.is_empty() {
+            report.missing_id.push(row);
+            continue;
+        }
+        if !seen.insert(id.clone()) {
+            report.duplicate_id.push((row, id));
+            continue;
+        }
+        let user = match &template {
+            Some(pieces) => pieces
+                .iter()
+                .map(|p| match p {
+                    Piece::Text(t) => t.as_str(),
+                    Piece::Column(i) => record.get(*i).unwrap_or_default(),
+                })
+                .collect::<String>(),
+            None => header
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| Some(*i) != id_col)
+                .filter_map(|(i, h)| {
+                    let v = record.get(i).map(str::trim).unwrap_or_default();
+                    (!v.is_empty()).then(|| format!("{h}: {v}"))
+                })
+                .collect::<Vec<_>>()
+                .join("\n"),
+        };
+        let mut messages = Vec::with_capacity(2);
+        if let Some(s) = &system {
+            messages.push(json!({"role": "system", "content": s}));
+            report.message_chars += s.chars().count() as u64;
+        }
+        report.message_chars += user.chars().count() as u64;
+        messages.push(json!({"role": "user", "content": user}));
+        let mut body = json!({"model": model, "messages": messages});
+        if let Some(n) = args.max_tokens {
+            body["max_tokens"] = json!(n);
+        }
+        if let Some(t) = args.temperature {
+            body["temperature"] = json!(t);
+        }
+        if let Some(s) = &schema {
+            body["response_format"] = json!({"type": "json_schema", "json_schema": {"name": "answer", "schema": s, "strict": true}});
+        }
+        let line =
+            json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions", "body": body});
+        writeln!(out, "{line}").map_err(|e| format!("cannot write the output: {e}"))?;
+        report.written += 1;
+    }
+    out.flush()
+        .map_err(|e| format!("cannot write the output: {e}"))?;
+    Ok(report)
+}
+
+/// The summary printed on standard error.
+pub fn summary(r: &Report, rate: Option<f64>) -> String {
+    let mut s = format!(
+        "{} rows read, {} lines written, {} skipped",
+        r.rows,
+        r.written,
+        r.missing_id.len() + r.duplicate_id.len()
+    );
+    if !r.missing_id.is_empty() {
+        let rows: Vec<String> = r.missing_id.iter().take(5).map(|n| n.to_string()).collect();
+        s.push_str(&format!(
+            "\n  {} without an id (rows {}{})",
+            r.missing_id.len(),
+            rows.join(", "),
+            if r.missing_id.len() > 5 { ", …" } else { "" }
+        ));
+    }
+    if !r.duplicate_id.is_empty() {
+        let rows: Vec<String> = r
+            .duplicate_id
+            .iter()
+            .take(5)
+            .map(|(n, id)| format!("row {n}: '{}'", id.chars().take(40).collect::<String>()))
+            .collect();
+        s.push_str(&format!(
+            "\n  {} with an id seen before, kept the first ({}{})",
+            r.duplicate_id.len(),
+            rows.join(", "),
+            if r.duplicate_id.len() > 5 {
+                ", …"
+            } else {
+                ""
+            }
+        ));
+    }
+    s.push_str(&format!(
+        "\nprompt tokens: about {} (an approximation: characters ÷ 4, the system prompt counted on every line; the backend's tokenizer gives the real count)",
+        r.message_chars / 4
+    ));
+    match rate {
+        Some(rate) if rate > 0.0 => {
+            let secs = (r.written as f64 / rate).ceil() as u64;
+            s.push_str(&format!(
+                "\nduration: about {} at {rate} requests/s",
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            ));
+        }
+        _ => s.push_str(
+            "\nduration: pass --rate (requests/s measured on your setup) for an estimate",
+        ),
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_name_columns_and_escape_braces() {
+        let header: Vec<String> = ["id", "name", "years"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let p = parse_template("Name: {name}\\nYears: {years} {{x}}", &header).expect("ok");
+        assert_eq!(
+            p,
+            vec![
+                Piece::Text("Name: ".into()),
+                Piece::Column(1),
+                Piece::Text("\nYears: ".into()),
+                Piece::Column(2),
+                Piece::Text(" {x}".into()),
+            ]
+        );
+        let e = parse_template("{nope}", &header).expect_err("unknown");
+        assert!(
+            e.contains("no column 'nope'") && e.contains("id, name, years"),
+            "{e}"
+        );
+        assert!(parse_template("{name", &header).is_err());
+        assert!(parse_template("a } b", &header).is_err());
+    }
+}

@@ -1,0 +1,4 @@
+//! The client layer: subcommands that prepare and analyse work for the server. They use the
+//! server only as any client does, over HTTP; the server knows nothing of them.
+
+pub mod csv_to_batch;
