@@ -27,6 +27,9 @@ pub enum Command {
     /// Turn a CSV of candidates into a Batch API input file (JSONL), one chat request per row;
     /// or, with --sample N, write a synthetic candidates CSV.
     CsvToBatch(crate::client::csv_to_batch::CsvArgs),
+    /// Report on a batch's output: successes and failures, a field's distribution, answers
+    /// that did not parse, tokens; optionally a CSV of every line.
+    Analyze(crate::client::analyze::AnalyzeArgs),
 }
 
 /// Which kind of model server runs the requests.

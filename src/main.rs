@@ -142,6 +142,15 @@ fn main() -> ExitCode {
         Command::Serve(a) => (a, false),
         Command::Resume(a) => (a, true),
         Command::CsvToBatch(a) => return csv_to_batch(a),
+        Command::Analyze(a) => {
+            return match ollama_batch::client::analyze::analyze(&a, &mut std::io::stdout().lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    complain(&e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     init_logs(args.log_format);
     let rt = match tokio::runtime::Runtime::new() {

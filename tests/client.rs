@@ -189,3 +189,114 @@ async fn a_sample_csv_becomes_a_batch_the_server_runs() {
     assert_eq!(done["request_counts"]["completed"], n as u64);
     server.stop().await;
 }
+
+/// An output line as the server writes it, with a chat answer.
+fn out_line(id: &str, content: &str, prompt: u64) -> String {
+    serde_json::json!({"id": format!("batch_req_{id}"), "custom_id": id, "response": {"status_code": 200, "request_id": "r",
+        "body": {"choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                 "usage": {"prompt_tokens": prompt, "completion_tokens": 5, "total_tokens": prompt + 5}}}, "error": null})
+    .to_string()
+}
+
+#[test]
+fn analyze_reports_statistics_that_match_an_independent_computation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Scores as JSON, as fenced JSON, as bare numbers; garbage; a categorical field.
+    let scores: Vec<f64> = vec![7.0, 3.0, 9.0, 5.5, 8.0, 1.0, 10.0, 6.0];
+    let mut lines = Vec::new();
+    for (i, s) in scores.iter().enumerate() {
+        let content = match i % 3 {
+            0 => format!(
+                "{{\"score\": {s}, \"verdict\": \"{}\"}}",
+                if *s >= 6.0 { "Yes" } else { "No" }
+            ),
+            1 => format!(
+                "Sure!\n```json\n{{\"score\": {s}, \"verdict\": \"{}\"}}\n```",
+                if *s >= 6.0 { "Yes" } else { "No" }
+            ),
+            _ => format!("{s}"),
+        };
+        lines.push(out_line(&format!("c{i}"), &content, 100 + i as u64));
+    }
+    lines.push(out_line("g1", "I cannot score this candidate.", 50));
+    lines.push(out_line("g2", "{broken json", 50));
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&output, lines.join("\n")).expect("out");
+    let errors = dir.path().join("err.jsonl");
+    std::fs::write(
+        &errors,
+        [
+            r#"{"id":"x","custom_id":"e1","response":null,"error":{"code":"request_timeout","message":"no answer"}}"#,
+            r#"{"id":"y","custom_id":"e2","response":{"status_code":400,"request_id":"r","body":{"error":{"message":"too long","type":"invalid_request_error","code":"context_length_exceeded"}}},"error":null}"#,
+            r#"{"id":"z","custom_id":"e3","response":null,"error":{"code":"request_timeout","message":"no answer"}}"#,
+        ]
+        .join("\n"),
+    )
+    .expect("err");
+    let csv = dir.path().join("scores.csv");
+    let (ok, stdout, err) = run(&[
+        "analyze",
+        output.to_str().expect("p"),
+        "--errors",
+        errors.to_str().expect("p"),
+        "--field",
+        "score",
+        "--csv",
+        csv.to_str().expect("p"),
+    ]);
+    assert!(ok, "{err}");
+    // Independent figures.
+    let n = scores.len();
+    let mean = scores.iter().sum::<f64>() / n as f64;
+    let mut sorted = scores.clone();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    let median = (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0;
+    let prompt: u64 = (0..n as u64).map(|i| 100 + i).sum::<u64>() + 100;
+    assert!(
+        stdout.contains("lines: 13 (10 succeeded, 3 failed)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("failed request_timeout: 2"), "{stdout}");
+    assert!(
+        stdout.contains("failed context_length_exceeded: 1"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("answers that did not parse: 2"), "{stdout}");
+    assert!(
+        stdout.contains(&format!(
+            "count {n} min 1 max 10 mean {mean:.3} median {median}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("tokens: {prompt} prompt, 50 completion")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("cached share unknown"), "{stdout}");
+    // The CSV: one row per custom_id, parsed fields as columns.
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    let mut rows = text.lines();
+    assert_eq!(
+        rows.next(),
+        Some("custom_id,value,score,verdict,status,error,prompt_tokens,completion_tokens")
+    );
+    let all: Vec<&str> = text.lines().collect();
+    assert_eq!(all.len(), 1 + 13);
+    assert!(all.contains(&"c0,,7,Yes,succeeded,,100,5"), "{text}");
+    assert!(all.contains(&"c2,9,,,succeeded,,102,5"), "{text}");
+    assert!(
+        all.contains(&"e2,,,,failed,context_length_exceeded,0,0"),
+        "{text}"
+    );
+    // Categories.
+    let (ok, stdout, _) = run(&["analyze", output.to_str().expect("p"), "--field", "verdict"]);
+    assert!(ok);
+    let yes = scores
+        .iter()
+        .enumerate()
+        .filter(|(i, s)| i % 3 != 2 && **s >= 6.0)
+        .count();
+    assert!(stdout.contains(&format!("  Yes: {yes}")), "{stdout}");
+    let (ok, _, err) = run(&["analyze", "/nope.jsonl"]);
+    assert!(!ok && err.contains("cannot read /nope.jsonl"), "{err}");
+}

@@ -1,4 +1,5 @@
 //! The client layer: subcommands that prepare and analyse work for the server. They use the
 //! server only as any client does, over HTTP; the server knows nothing of them.
 
+pub mod analyze;
 pub mod csv_to_batch;
