@@ -142,6 +142,32 @@ fn main() -> ExitCode {
         Command::Serve(a) => (a, false),
         Command::Resume(a) => (a, true),
         Command::CsvToBatch(a) => return csv_to_batch(a),
+        Command::Retry(a) => {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    complain(&format!("cannot start the runtime: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            return match rt.block_on(ollama_batch::client::retry::retry(&a)) {
+                Ok((file, id)) => {
+                    complain(&format!(
+                        "new batch of the lines of {} that did not succeed (input file {file}):",
+                        a.batch_id
+                    ));
+                    say(&id);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    complain(&e);
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Analyze(a) => {
             return match ollama_batch::client::analyze::analyze(&a, &mut std::io::stdout().lock()) {
                 Ok(()) => ExitCode::SUCCESS,

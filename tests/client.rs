@@ -300,3 +300,81 @@ fn analyze_reports_statistics_that_match_an_independent_computation() {
     let (ok, _, err) = run(&["analyze", "/nope.jsonl"]);
     assert!(!ok && err.contains("cannot read /nope.jsonl"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_makes_a_batch_of_exactly_the_lines_that_did_not_succeed() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.busy_permille = 300);
+    let (_d, mut server) = server_with(&fake, |c| c.retry.max_attempts = 1).await;
+    let api = Api::new(&server.base);
+    let n = 40;
+    let input = crate::support::chat_file(n, "m", &"long shared rubric ".repeat(20));
+    let original: std::collections::HashMap<String, Value> = String::from_utf8(input.clone())
+        .expect("utf8")
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json");
+            (v["custom_id"].as_str().expect("id").to_string(), v)
+        })
+        .collect();
+    let done = api
+        .run_file(input, "/v1/chat/completions", Duration::from_secs(30))
+        .await;
+    let failed: Vec<String> = api
+        .lines(&done["error_file_id"])
+        .await
+        .iter()
+        .map(|l| l["custom_id"].as_str().expect("id").to_string())
+        .collect();
+    assert!(
+        !failed.is_empty() && failed.len() < n,
+        "{} failed",
+        failed.len()
+    );
+    let id = done["id"].as_str().expect("id").to_string();
+    // The backend is healthy again (before the retry batch starts running).
+    fake.set(|b| b.busy_permille = 0);
+    let base = server.base.clone();
+    let (ok, stdout, err) =
+        tokio::task::spawn_blocking(move || run(&["retry", &id, "--server", &base]))
+            .await
+            .expect("retry runs");
+    assert!(ok, "{err}");
+    let new_id = stdout.lines().last().expect("id line").to_string();
+    let (_, b) = api.get(&format!("/v1/batches/{new_id}")).await;
+    assert_eq!(b["metadata"]["retry_of"], done["id"], "{b}");
+    // Its input is exactly the failed lines, with their original bodies (the shared rubric put
+    // back), in input order.
+    let (_, text) = api
+        .get_text(&format!(
+            "/v1/files/{}/content",
+            b["input_file_id"].as_str().expect("file")
+        ))
+        .await;
+    let retried: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    let ids: Vec<&str> = retried
+        .iter()
+        .map(|l| l["custom_id"].as_str().expect("id"))
+        .collect();
+    assert_eq!(ids, failed.iter().map(String::as_str).collect::<Vec<_>>());
+    for l in &retried {
+        assert_eq!(l, &original[l["custom_id"].as_str().expect("id")]);
+    }
+    let second = api.wait_terminal(&new_id, Duration::from_secs(30)).await;
+    assert_eq!(second["status"], "completed");
+    assert_eq!(second["request_counts"]["completed"], failed.len() as u64);
+    // Nothing left to retry: a clear refusal and a non-zero exit.
+    let base = server.base.clone();
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || run(&["retry", &new_id, "--server", &base]))
+            .await
+            .expect("retry runs");
+    assert!(
+        !ok && err.contains("no failed, expired or cancelled lines"),
+        "{err}"
+    );
+    server.stop().await;
+}

@@ -126,6 +126,18 @@ pub async fn create(
             ),
         ));
     }
+    let rec = start_batch(&st, endpoint, file_id, metadata).await?;
+    Ok(Json(batch_object(&rec, None)))
+}
+
+/// Writes a new batch (`validating`) on an input file and starts its intake. From the first
+/// write on, the batch exists: its intake starts whether or not the client is still there.
+async fn start_batch(
+    st: &AppState,
+    endpoint: Endpoint,
+    file_id: crate::domain::FileId,
+    metadata: Option<BTreeMap<String, String>>,
+) -> Result<BatchRecord, ApiError> {
     let now = unix_now();
     let rec = BatchRecord::new(
         endpoint,
@@ -136,10 +148,8 @@ pub async fn create(
             .then_some(now + st.cfg.completion_window.as_secs() as i64),
         metadata,
     );
-    // From the first write on, the batch exists: its intake must start whether or not the
-    // client is still there to read the answer.
     let s = st.clone();
-    let rec = super::detached(&st, async move {
+    super::detached(st, async move {
         s.store.put_batch(&rec)?;
         s.store.flush_async().await?;
         tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
@@ -157,8 +167,56 @@ pub async fn create(
         );
         Ok(rec)
     })
-    .await?;
-    Ok(Json(batch_object(&rec, None)))
+    .await
+}
+
+/// `POST /batches/{id}/retry` (an extension, outside `/v1`): a new batch of exactly the lines of
+/// a finished batch that did not succeed (failed, expired, cancelled, never run), with their
+/// original bodies, in input order. Its metadata says `retry_of`. 409 when the batch is not
+/// finished or has no such line.
+pub async fn retry(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let id = batch_id(path)?;
+    let b = st
+        .store
+        .get_batch(id)?
+        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    if !matches!(
+        b.status,
+        BatchStatus::Completed | BatchStatus::Cancelled | BatchStatus::Expired
+    ) {
+        return Err(ApiError::conflict(format!(
+            "Cannot retry a batch with status '{}': only completed, cancelled or expired batches have lines to retry.",
+            b.status.as_str()
+        )));
+    }
+    let file_id = crate::domain::FileId::new();
+    let store = st.store.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        crate::intake::write_unsucceeded_lines(&store, id, b.endpoint, file_id)
+    })
+    .await
+    .map_err(ApiError::internal)??;
+    let Some(bytes) = written else {
+        return Err(ApiError::conflict(format!(
+            "batch {id} has no failed, expired or cancelled lines to retry"
+        )));
+    };
+    let rec = crate::store::FileRecord {
+        id: file_id,
+        bytes,
+        created_at: unix_now(),
+        filename: format!("{id}_retry.jsonl"),
+        purpose: "batch".into(),
+        expires_at: None,
+    };
+    st.store.put_file(&rec)?;
+    let mut metadata = b.metadata.clone().unwrap_or_default();
+    metadata.insert("retry_of".into(), id.to_string());
+    let new = start_batch(&st, b.endpoint, file_id, Some(metadata)).await?;
+    Ok(Json(batch_object(&new, None)))
 }
 
 fn batch_id(path: Result<Path<String>, PathRejection>) -> Result<BatchId, ApiError> {

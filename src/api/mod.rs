@@ -309,6 +309,7 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(dashboard::index))
         .route("/dashboard/{file}", get(dashboard::asset))
         .route("/status/batches/{id}", get(status::batch_figures))
+        .route("/batches/{id}/retry", post(batches::retry))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(auth)

@@ -3,3 +3,4 @@
 
 pub mod analyze;
 pub mod csv_to_batch;
+pub mod retry;
