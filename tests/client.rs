@@ -378,3 +378,64 @@ async fn retry_makes_a_batch_of_exactly_the_lines_that_did_not_succeed() {
     );
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_so_far_stream_in_input_order_while_the_batch_runs() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |c| c.concurrency = 2).await;
+    let api = Api::new(&server.base);
+    let n = 300;
+    let id = api
+        .submit_id(
+            crate::support::chat_file(n, "m", "s"),
+            "/v1/chat/completions",
+        )
+        .await;
+    api.wait_completed(&id, 30, Duration::from_secs(20)).await;
+    fake.hold();
+    let (code, text) = api.get_text(&format!("/batches/{id}/results")).await;
+    assert_eq!(code, 200, "{text}");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert!(
+        lines.len() >= 30 && lines.len() < n,
+        "{} lines so far",
+        lines.len()
+    );
+    let numbers: Vec<usize> = lines
+        .iter()
+        .map(|l| {
+            let id = l["custom_id"].as_str().expect("id");
+            assert_eq!(
+                l["response"]["body"]["choices"][0]["message"]["content"],
+                format!("echo:score {id}")
+            );
+            id.trim_start_matches("c-").parse().expect("number")
+        })
+        .collect();
+    assert!(
+        numbers.windows(2).all(|w| w[0] < w[1]),
+        "input order: {numbers:?}"
+    );
+    let (_, b) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(b["status"], "in_progress", "read while it runs");
+    let (_, failed) = api
+        .get_text(&format!("/batches/{id}/results?status=failed"))
+        .await;
+    assert!(failed.is_empty(), "{failed}");
+    let (code, _) = api
+        .get_text(&format!("/batches/{id}/results?status=maybe"))
+        .await;
+    assert_eq!(code, 400);
+    fake.release();
+    let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    let out_id = done["output_file_id"].as_str().expect("output");
+    let (_, file) = api.get_text(&format!("/v1/files/{out_id}/content")).await;
+    let (_, all) = api
+        .get_text(&format!("/batches/{id}/results?status=succeeded"))
+        .await;
+    assert_eq!(all, file, "at the end, the results are the output file");
+    server.stop().await;
+}

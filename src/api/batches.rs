@@ -318,3 +318,82 @@ pub async fn list(
         more,
     )))
 }
+
+/// Query of `GET /batches/{id}/results`.
+#[derive(Deserialize)]
+pub struct ResultsQuery {
+    status: Option<String>,
+}
+
+/// `GET /batches/{id}/results` (an extension, outside `/v1`): the lines of a batch that are
+/// done so far, in input order, in the output / error file line format, streamed; works while
+/// the batch runs (a long run is not all-or-nothing). `?status=succeeded|failed|all` (default
+/// all). A result shows as soon as it is written, at most `--flush-interval` before it is
+/// durable.
+pub async fn results(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    q: Result<Query<ResultsQuery>, QueryRejection>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    let id = batch_id(path)?;
+    let Query(q) = q.map_err(|e| ApiError::bad(None, format!("invalid query: {e}")))?;
+    let (want_ok, want_failed) = match q.status.as_deref() {
+        None | Some("all") => (true, true),
+        Some("succeeded") => (true, false),
+        Some("failed") => (false, true),
+        Some(other) => {
+            return Err(ApiError::bad(
+                Some("status"),
+                format!(
+                    "status must be succeeded, failed or all, got '{}'",
+                    other.chars().take(32).collect::<String>()
+                ),
+            ));
+        }
+    };
+    st.store
+        .get_batch(id)?
+        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+    let store = st.store.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut chunk = String::with_capacity(256 << 10);
+        for item in store.batch_requests(id) {
+            let (key, rec) = match item {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
+                    return;
+                }
+            };
+            let wanted = match rec.state {
+                crate::domain::RequestState::Succeeded => want_ok,
+                crate::domain::RequestState::Failed => want_failed,
+                _ => false,
+            };
+            let Some(result) = rec.result.as_ref().filter(|_| wanted) else {
+                continue;
+            };
+            chunk.push_str(&crate::wire::output_line(key, &rec.custom_id, result));
+            chunk.push('\n');
+            if chunk.len() >= 256 << 10 {
+                let full = std::mem::replace(&mut chunk, String::with_capacity(256 << 10));
+                if tx.blocking_send(Ok(full.into())).is_err() {
+                    return; // the client went away
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = tx.blocking_send(Ok(chunk.into()));
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/jsonl")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response())
+}

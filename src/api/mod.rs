@@ -310,6 +310,7 @@ pub fn router(state: AppState) -> Router {
         .route("/dashboard/{file}", get(dashboard::asset))
         .route("/status/batches/{id}", get(status::batch_figures))
         .route("/batches/{id}/retry", post(batches::retry))
+        .route("/batches/{id}/results", get(batches::results))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(auth)
