@@ -192,30 +192,35 @@ pub async fn retry(
             b.status.as_str()
         )));
     }
-    let file_id = crate::domain::FileId::new();
-    let store = st.store.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        crate::intake::write_unsucceeded_lines(&store, id, b.endpoint, file_id)
+    // The file, its record and the new batch are made together even if the client leaves.
+    let s = st.clone();
+    let new = super::detached(&st, async move {
+        let file_id = crate::domain::FileId::new();
+        let store = s.store.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            crate::intake::write_unsucceeded_lines(&store, id, b.endpoint, file_id)
+        })
+        .await
+        .map_err(ApiError::internal)??;
+        let Some(bytes) = written else {
+            return Err(ApiError::conflict(format!(
+                "batch {id} has no failed, expired or cancelled lines to retry"
+            )));
+        };
+        let rec = crate::store::FileRecord {
+            id: file_id,
+            bytes,
+            created_at: unix_now(),
+            filename: format!("{id}_retry.jsonl"),
+            purpose: "batch".into(),
+            expires_at: None,
+        };
+        s.store.put_file(&rec)?;
+        let mut metadata = b.metadata.clone().unwrap_or_default();
+        metadata.insert("retry_of".into(), id.to_string());
+        start_batch(&s, b.endpoint, file_id, Some(metadata)).await
     })
-    .await
-    .map_err(ApiError::internal)??;
-    let Some(bytes) = written else {
-        return Err(ApiError::conflict(format!(
-            "batch {id} has no failed, expired or cancelled lines to retry"
-        )));
-    };
-    let rec = crate::store::FileRecord {
-        id: file_id,
-        bytes,
-        created_at: unix_now(),
-        filename: format!("{id}_retry.jsonl"),
-        purpose: "batch".into(),
-        expires_at: None,
-    };
-    st.store.put_file(&rec)?;
-    let mut metadata = b.metadata.clone().unwrap_or_default();
-    metadata.insert("retry_of".into(), id.to_string());
-    let new = start_batch(&st, b.endpoint, file_id, Some(metadata)).await?;
+    .await?;
     Ok(Json(batch_object(&new, None)))
 }
 

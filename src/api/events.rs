@@ -33,7 +33,6 @@ pub async fn events(
         tick,
         last: None,
     };
-    let stop = st.stop.clone();
     let stream = futures_util::stream::unfold(reader, |mut r| async move {
         loop {
             tokio::select! {
@@ -66,6 +65,5 @@ pub async fn events(
             }
         }
     });
-    drop(stop);
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
