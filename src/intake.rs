@@ -88,17 +88,13 @@ fn err(line: u32, code: &str, param: Option<&str>, message: String) -> LineError
     }
 }
 
-/// At most 64 characters of a value quoted in an error message: an error never copies a
-/// large value (a 32 MiB url would otherwise be stored in the batch and sent on every GET).
+/// Characters of a value quoted in a validation error: an error never copies a large value (a
+/// 32 MiB url would otherwise be stored in the batch and sent on every GET).
+const QUOTED: usize = 64;
+
+/// A value as a validation error quotes it.
 fn clip(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(MAX).collect();
-        t.push('…');
-        t
-    }
+    crate::domain::clip(s, QUOTED)
 }
 
 /// JSON's name for a value's type, for "must be a string, got a number".
@@ -473,15 +469,6 @@ pub enum Validated {
     Done(IntakeOutcome),
 }
 
-/// Validates and expands the input file of `batch_id` and moves the batch on
-/// (`in_progress`, or `failed`), without asking the backend about the model.
-pub fn run(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<IntakeOutcome, StoreError> {
-    match validate(store, cfg, batch_id)? {
-        Validated::Done(o) => Ok(o),
-        Validated::Valid { total, model } => accept(store, batch_id, total, model),
-    }
-}
-
 /// The streaming pass: every line checked and, if all are valid, queued. An invalid file
 /// fails the batch here; a valid one stays `validating` until [`accept`] or [`reject`].
 pub fn validate(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<Validated, StoreError> {
@@ -740,8 +727,8 @@ mod tests {
         batch.status = BatchStatus::Cancelling;
         store.put_batch(&batch).expect("batch");
         assert_eq!(
-            run(&store, &cfg, batch.id).expect("intake"),
-            IntakeOutcome::Cancelled
+            validate(&store, &cfg, batch.id).expect("intake"),
+            Validated::Done(IntakeOutcome::Cancelled)
         );
     }
 

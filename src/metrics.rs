@@ -212,25 +212,25 @@ impl Metrics {
             &mut r,
             "prompt_tokens",
             "Prompt tokens of durable answers since start",
-            c.prompt_tokens,
+            c.tokens.prompt,
         );
         counter(
             &mut r,
             "completion_tokens",
             "Completion tokens of durable answers since start",
-            c.completion_tokens,
+            c.tokens.completion,
         );
         counter(
             &mut r,
             "cached_prompt_tokens",
             "Cached prompt tokens, over the answers that reported a figure",
-            c.cached_tokens,
+            c.tokens.cached,
         );
         counter(
             &mut r,
             "answers_without_cached_figure",
             "Answers that did not say how many prompt tokens were cached (unknown, not 0)",
-            c.answers_without_cached_figure,
+            c.tokens.without_cached_figure,
         );
         if let Some(up) = s.backend_up {
             gauge(

@@ -1,7 +1,9 @@
 //! `/health` and `/status`: the operator's view.
 
 use super::AppState;
+use crate::domain::BatchStatus;
 use crate::store::Store;
+use crate::supervisor::live::Live;
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};
@@ -22,27 +24,85 @@ pub async fn health(State(st): State<AppState>) -> axum::response::Response {
     }
 }
 
-/// Batches in a terminal state: how many of each, and their lines that succeeded and failed.
-/// Read from the batch records (one small record per batch), not from the requests.
+/// What the batch records say (one small record per batch, not the requests): how many
+/// batches are in each status (every status present, 0 included), and the lines of terminal
+/// batches that succeeded and failed.
+struct BatchTally {
+    by_status: BTreeMap<&'static str, u64>,
+    succeeded: u64,
+    failed: u64,
+}
+
+impl BatchTally {
+    fn empty() -> BatchTally {
+        BatchTally {
+            by_status: BatchStatus::ALL.iter().map(|s| (s.as_str(), 0)).collect(),
+            succeeded: 0,
+            failed: 0,
+        }
+    }
+}
+
+fn tally_batches(store: &Store) -> Result<BatchTally, crate::store::StoreError> {
+    let (all, _) = store.list_batches(None, usize::MAX)?;
+    let mut t = BatchTally::empty();
+    for b in &all {
+        *t.by_status.entry(b.status.as_str()).or_default() += 1;
+        if b.status.is_terminal() {
+            t.succeeded += b.request_counts.completed;
+            t.failed += b.request_counts.failed;
+        }
+    }
+    Ok(t)
+}
+
+/// `/status`'s `finished`: terminal batches by status (those present), their lines that
+/// succeeded and failed.
 fn finished(store: &Store) -> Value {
-    let all = match store.list_batches(None, usize::MAX) {
-        Ok((all, _)) => all,
+    let t = match tally_batches(store) {
+        Ok(t) => t,
         Err(e) => {
             tracing::warn!(error = %e, "cannot read batches for /status");
             return Value::Null;
         }
     };
-    let mut by_status: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let (mut succeeded, mut failed) = (0u64, 0u64);
-    for b in all.iter().filter(|b| b.status.is_terminal()) {
-        *by_status.entry(b.status.as_str()).or_default() += 1;
-        succeeded += b.request_counts.completed;
-        failed += b.request_counts.failed;
-    }
+    let by_status: BTreeMap<&'static str, u64> = BatchStatus::ALL
+        .iter()
+        .filter(|s| s.is_terminal())
+        .map(|s| (s.as_str(), t.by_status[s.as_str()]))
+        .filter(|(_, n)| *n > 0)
+        .collect();
     json!({
         "batches": by_status,
-        "requests": {"succeeded": succeeded, "failed": failed},
+        "requests": {"succeeded": t.succeeded, "failed": t.failed},
     })
+}
+
+/// Lines of the unfinished batches by state, summed over the batches.
+fn request_totals(live: &Live) -> [(&'static str, u64); 6] {
+    let mut t = [
+        ("queued", 0),
+        ("retry_wait", 0),
+        ("in_flight", 0),
+        ("succeeded", 0),
+        ("failed", 0),
+        ("remaining", 0),
+    ];
+    for b in live.batches.values() {
+        let c = &b.counts;
+        let values = [
+            b.queued,
+            b.retry_wait,
+            b.in_flight,
+            c.completed,
+            c.failed,
+            c.total.saturating_sub(c.completed + c.failed),
+        ];
+        for (slot, v) in t.iter_mut().zip(values) {
+            slot.1 += v;
+        }
+    }
+    t
 }
 
 /// `GET /status/batches/{id}`: a batch's figures (rates, ETA, tokens and cached share, retries
@@ -85,43 +145,22 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let live = st.supervisor.live.with(|l| l.clone());
     let (limit, in_flight) = st.limiter.snapshot();
-    let mut requests: BTreeMap<&'static str, u64> = [
-        ("queued", 0),
-        ("retry_wait", 0),
-        ("in_flight", 0),
-        ("succeeded", 0),
-        ("failed", 0),
-    ]
-    .into_iter()
-    .collect();
-    let mut by_status: BTreeMap<&'static str, u64> = crate::domain::BatchStatus::ALL
-        .iter()
-        .map(|s| (s.as_str(), 0))
+    // `remaining` overlaps the other states: a sum over `state` must make sense.
+    let requests: Vec<(&'static str, u64)> = request_totals(&live)
+        .into_iter()
+        .filter(|(k, _)| *k != "remaining")
         .collect();
-    for b in live.batches.values() {
-        *requests.entry("queued").or_default() += b.queued;
-        *requests.entry("retry_wait").or_default() += b.retry_wait;
-        *requests.entry("in_flight").or_default() += b.in_flight;
-        *requests.entry("succeeded").or_default() += b.counts.completed;
-        *requests.entry("failed").or_default() += b.counts.failed;
-    }
     let store = st.store.clone();
-    let (size, all) = tokio::task::spawn_blocking(move || {
-        (
-            store.size_on_disk(),
-            store
-                .list_batches(None, usize::MAX)
-                .map(|(b, _)| b)
-                .unwrap_or_default(),
-        )
-    })
-    .await
-    .unwrap_or_default();
-    for b in &all {
-        *by_status.entry(b.status.as_str()).or_default() += 1;
-    }
-    let requests: Vec<(&'static str, u64)> = requests.into_iter().collect();
-    let batches: Vec<(&'static str, u64)> = by_status.into_iter().collect();
+    let (size, tally) =
+        tokio::task::spawn_blocking(move || (store.size_on_disk(), tally_batches(&store)))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|(size, t)| t.map(|t| (size, t)).map_err(|e| e.to_string()))
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "cannot read batches for /metrics");
+                (0, BatchTally::empty())
+            });
+    let batches: Vec<(&'static str, u64)> = tally.by_status.into_iter().collect();
     let gpu = st.gpu.view();
     let text = st.metrics.render(&crate::metrics::Scrape {
         requests: &requests,
@@ -148,26 +187,11 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
 pub fn live_snapshot(st: &AppState) -> Value {
     let live = st.supervisor.live.with(|l| l.clone());
     let (limit, in_flight) = st.limiter.snapshot();
-    let mut totals = json!({"queued": 0u64, "retry_wait": 0u64, "in_flight": 0u64, "succeeded": 0u64, "failed": 0u64, "remaining": 0u64});
+    let totals: BTreeMap<&'static str, u64> = request_totals(&live).into_iter().collect();
     let mut batches: Vec<Value> = live
         .batches
         .iter()
         .map(|(id, b)| {
-            for (k, v) in [
-                ("queued", b.queued),
-                ("retry_wait", b.retry_wait),
-                ("in_flight", b.in_flight),
-                ("succeeded", b.counts.completed),
-                ("failed", b.counts.failed),
-                (
-                    "remaining",
-                    b.counts
-                        .total
-                        .saturating_sub(b.counts.completed + b.counts.failed),
-                ),
-            ] {
-                totals[k] = json!(totals[k].as_u64().unwrap_or(0) + v);
-            }
             json!({
                 "id": id.to_string(),
                 "status": b.status.map(|s| s.as_str()),
@@ -214,10 +238,10 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "results": c.results,
             "succeeded": c.succeeded,
             "failed": c.failed,
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "cached_tokens": c.cached_tokens,
-            "answers_without_cached_figure": c.answers_without_cached_figure,
+            "prompt_tokens": c.tokens.prompt,
+            "completion_tokens": c.tokens.completion,
+            "cached_tokens": c.tokens.cached,
+            "answers_without_cached_figure": c.tokens.without_cached_figure,
         },
         "recent_errors": live.recent_errors,
         "gpu": st.gpu.view(),

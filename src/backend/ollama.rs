@@ -5,6 +5,7 @@
 //! translated back into OpenAI's shapes.
 
 use super::{Backend, wrap_error};
+use crate::domain::clip;
 use crate::domain::{CallResult, Endpoint, Usage};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
@@ -233,17 +234,6 @@ fn message(i: usize, m: &Value, tool_names: &HashMap<String, String>) -> Result<
         out.insert("tool_name".into(), n.clone());
     }
     Ok(Value::Object(out))
-}
-
-/// At most `n` characters of `s` (for error messages: never copy a large value).
-fn clip(s: &str, n: usize) -> String {
-    if s.chars().count() <= n {
-        s.to_string()
-    } else {
-        let mut t: String = s.chars().take(n).collect();
-        t.push('…');
-        t
-    }
 }
 
 /// The chat parameters the Ollama backend cannot honour, refused rather than dropped.

@@ -54,14 +54,8 @@ pub struct Counters {
     pub failed: u64,
     /// Retries by cause.
     pub retries_by_cause: std::collections::BTreeMap<&'static str, u64>,
-    /// Prompt tokens of durable answers.
-    pub prompt_tokens: u64,
-    /// Completion tokens of durable answers.
-    pub completion_tokens: u64,
-    /// Cached prompt tokens over the answers that reported a figure.
-    pub cached_tokens: u64,
-    /// Answers that reported no cached figure.
-    pub answers_without_cached_figure: u64,
+    /// Tokens of durable answers.
+    pub tokens: super::progress::Tokens,
 }
 
 /// Backend health as last seen.

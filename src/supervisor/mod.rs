@@ -159,6 +159,17 @@ impl Active {
         self.status == BatchStatus::InProgress && !self.expiring
     }
 
+    /// Its live figures now.
+    fn figures(&self, now: Instant, num_ctx: Option<u32>) -> progress::Figures {
+        self.progress.figures(
+            now,
+            self.total,
+            self.succeeded + self.failed,
+            self.failed,
+            num_ctx,
+        )
+    }
+
     fn from_record(rec: &crate::domain::BatchRecord) -> Active {
         Active {
             status: rec.status,
@@ -525,13 +536,7 @@ impl Supervisor {
     /// Keeps a finished batch's figures for `GET /status/batches/{id}`: the live figures at the
     /// end, plus its status, duration and the GPU memory peak.
     fn keep_final_figures(&self, id: BatchId, a: &Active) -> Option<&'static str> {
-        let f = a.progress.figures(
-            Instant::now(),
-            a.total,
-            a.succeeded + a.failed,
-            a.failed,
-            self.cfg.num_ctx,
-        );
+        let f = a.figures(Instant::now(), self.cfg.num_ctx);
         let record = self.store.get_batch(id).ok().flatten();
         let v = serde_json::json!({
             "id": id.to_string(),
@@ -928,12 +933,7 @@ impl Supervisor {
                     self.counters.failed += 1;
                 }
                 if let Some(u) = &usage {
-                    self.counters.prompt_tokens += u.input_tokens;
-                    self.counters.completion_tokens += u.output_tokens;
-                    match u.cached_tokens {
-                        Some(c) => self.counters.cached_tokens += c,
-                        None => self.counters.answers_without_cached_figure += 1,
-                    }
+                    self.counters.tokens.add(u);
                 }
                 if let Some(u) = usage {
                     a.usage.add(&u);
@@ -1019,9 +1019,7 @@ impl Supervisor {
                 continue;
             }
             a.progress.sample(now, done);
-            let f = a
-                .progress
-                .figures(now, a.total, done, a.failed, self.cfg.num_ctx);
+            let f = a.figures(now, self.cfg.num_ctx);
             a.progress.logged_at = now;
             a.progress.logged_done = done;
             let retries: u64 = f.retries.values().sum();
@@ -1065,13 +1063,7 @@ impl Supervisor {
                         retry_wait: a.retry_wait,
                         in_flight: a.in_flight,
                         finalize_error: a.finalize_error.clone(),
-                        figures: a.progress.figures(
-                            now,
-                            a.total,
-                            a.succeeded + a.failed,
-                            a.failed,
-                            num_ctx,
-                        ),
+                        figures: a.figures(now, num_ctx),
                     },
                 )
             })

@@ -42,6 +42,40 @@ pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
     }
 }
 
+/// Token sums over answers, with the answers that did and did not report a cached figure kept
+/// apart (unknown is never 0). Kept per batch here and over the whole run in the counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tokens {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+    /// Cached prompt tokens, over the answers that reported a figure.
+    pub cached: u64,
+    /// Answers that reported a cached figure.
+    pub with_cached_figure: u64,
+    /// Answers that did not.
+    pub without_cached_figure: u64,
+    /// The largest prompt.
+    pub max_prompt: u64,
+}
+
+impl Tokens {
+    /// Counts one answer's usage.
+    pub fn add(&mut self, u: &Usage) {
+        self.prompt += u.input_tokens;
+        self.completion += u.output_tokens;
+        self.max_prompt = self.max_prompt.max(u.input_tokens);
+        match u.cached_tokens {
+            Some(c) => {
+                self.cached += c;
+                self.with_cached_figure += 1;
+            }
+            None => self.without_cached_figure += 1,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     at: Instant,
@@ -58,13 +92,7 @@ pub struct Progress {
     done_at_adopt: u64,
     samples: VecDeque<Sample>,
     /// Tokens of the results committed in this process.
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    cached_tokens: u64,
-    /// Answers that said how many prompt tokens were cached, and answers that did not.
-    cached_reported: u64,
-    cached_unreported: u64,
-    max_prompt_tokens: u64,
+    tokens: Tokens,
     retries: BTreeMap<&'static str, u64>,
     /// When the last progress line was logged, and at how many lines.
     pub(super) logged_at: Instant,
@@ -130,12 +158,7 @@ impl Progress {
                 prompt: 0,
                 completion: 0,
             }]),
-            prompt_tokens: 0,
-            completion_tokens: 0,
-            cached_tokens: 0,
-            cached_reported: 0,
-            cached_unreported: 0,
-            max_prompt_tokens: 0,
+            tokens: Tokens::default(),
             retries: BTreeMap::new(),
             logged_at: now,
             logged_done: done,
@@ -144,16 +167,8 @@ impl Progress {
 
     /// A durable result (success or final failure) with its usage, if the answer had one.
     pub fn result(&mut self, usage: Option<&Usage>) {
-        let Some(u) = usage else { return };
-        self.prompt_tokens += u.input_tokens;
-        self.completion_tokens += u.output_tokens;
-        self.max_prompt_tokens = self.max_prompt_tokens.max(u.input_tokens);
-        match u.cached_tokens {
-            Some(c) => {
-                self.cached_tokens += c;
-                self.cached_reported += 1;
-            }
-            None => self.cached_unreported += 1,
+        if let Some(u) = usage {
+            self.tokens.add(u);
         }
     }
 
@@ -168,8 +183,8 @@ impl Progress {
         let s = Sample {
             at: now,
             done,
-            prompt: self.prompt_tokens,
-            completion: self.completion_tokens,
+            prompt: self.tokens.prompt,
+            completion: self.tokens.completion,
         };
         let len = self.samples.len();
         match self.samples.back_mut() {
@@ -209,8 +224,8 @@ impl Progress {
                     let secs = span.as_secs_f64();
                     (
                         Some(n as f64 / secs),
-                        Some(self.prompt_tokens.saturating_sub(f.prompt) as f64 / secs),
-                        Some(self.completion_tokens.saturating_sub(f.completion) as f64 / secs),
+                        Some(self.tokens.prompt.saturating_sub(f.prompt) as f64 / secs),
+                        Some(self.tokens.completion.saturating_sub(f.completion) as f64 / secs),
                     )
                 } else {
                     (None, None, None)
@@ -226,12 +241,11 @@ impl Progress {
             Some(r) if r > 0.0 => Some((remaining as f64 / r).ceil() as u64),
             _ => None,
         };
-        let cached_share = (self.cached_reported > 0 && self.prompt_tokens > 0).then(|| {
-            // Over the answers that reported only: their prompt tokens are not known apart
-            // from the others', so the share uses all prompt tokens only when every answer
-            // reported.
-            self.cached_tokens as f64 / self.prompt_tokens as f64
-        });
+        let t = &self.tokens;
+        // Known only when every answer said how many tokens were cached.
+        let cached_share =
+            (t.without_cached_figure == 0 && t.with_cached_figure > 0 && t.prompt > 0)
+                .then(|| round4(t.cached as f64 / t.prompt as f64));
         Figures {
             total,
             done,
@@ -247,18 +261,14 @@ impl Progress {
             prompt_tokens_per_second_recent: prompt_rate.map(round2),
             completion_tokens_per_second_recent: completion_rate.map(round2),
             eta_seconds,
-            prompt_tokens: self.prompt_tokens,
-            completion_tokens: self.completion_tokens,
-            cached_tokens: self.cached_tokens,
-            answers_with_cached_figure: self.cached_reported,
-            answers_without_cached_figure: self.cached_unreported,
-            cached_share: if self.cached_unreported == 0 {
-                cached_share.map(round4)
-            } else {
-                None
-            },
+            prompt_tokens: t.prompt,
+            completion_tokens: t.completion,
+            cached_tokens: t.cached,
+            answers_with_cached_figure: t.with_cached_figure,
+            answers_without_cached_figure: t.without_cached_figure,
+            cached_share,
             retries: self.retries.clone(),
-            max_prompt_tokens: self.max_prompt_tokens,
+            max_prompt_tokens: t.max_prompt,
             num_ctx,
             running_seconds: running.as_secs(),
         }
