@@ -599,6 +599,21 @@ async fn api_keys_guard_every_endpoint_but_health() {
             .status(),
         200
     );
+    // A GET may carry the key in the query (EventSource, download links), URL-encoded.
+    assert_eq!(
+        get("/v1/batches?access_token=sk%2Dtwo", None)
+            .await
+            .expect("ok")
+            .status(),
+        200
+    );
+    assert_eq!(
+        get("/v1/batches?access_token=sk-three", None)
+            .await
+            .expect("401")
+            .status(),
+        401
+    );
     // With a key, the whole flow works; the backend saw its own key, never the client's.
     let mut api = Api::new(&server.base);
     api.http = reqwest::Client::builder()

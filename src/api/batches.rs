@@ -179,10 +179,7 @@ pub async fn retry(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = batch_id(path)?;
-    let b = st
-        .store
-        .get_batch(id)?
-        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    let b = load(&st, id)?;
     if !matches!(
         b.status,
         BatchStatus::Completed | BatchStatus::Cancelled | BatchStatus::Expired
@@ -224,6 +221,13 @@ pub async fn retry(
     Ok(Json(batch_object(&new, None)))
 }
 
+/// A batch's record, or 404.
+fn load(st: &AppState, id: BatchId) -> Result<BatchRecord, ApiError> {
+    st.store
+        .get_batch(id)?
+        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))
+}
+
 fn batch_id(path: Result<Path<String>, PathRejection>) -> Result<BatchId, ApiError> {
     let raw = path.map(|Path(s)| s).unwrap_or_default();
     BatchId::parse(&raw).ok_or_else(|| ApiError::not_found("Batch", &raw, "batch_id"))
@@ -235,10 +239,7 @@ pub async fn retrieve(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let id = batch_id(path)?;
-    let b = st
-        .store
-        .get_batch(id)?
-        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    let b = load(&st, id)?;
     Ok(Json(render(&st, &b)))
 }
 
@@ -276,10 +277,7 @@ pub async fn cancel(
         }
         Err(TransitionError::Conflict(state)) => {
             if state == "cancelling" || state == "cancelled" {
-                let b = st
-                    .store
-                    .get_batch(id)?
-                    .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+                let b = load(&st, id)?;
                 return Ok(Json(render(&st, &b)));
             }
             Err(ApiError::conflict(format!(
@@ -357,9 +355,7 @@ pub async fn results(
             ));
         }
     };
-    st.store
-        .get_batch(id)?
-        .ok_or_else(|| ApiError::not_found("Batch", &id.to_string(), "batch_id"))?;
+    load(&st, id)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
     let store = st.store.clone();
     tokio::task::spawn_blocking(move || {

@@ -217,27 +217,6 @@ fn key_matches(presented: &str, keys: &[crate::config::Secret]) -> bool {
     any == 1
 }
 
-/// `%XX` escapes of a query value decoded (a malformed escape is kept as it is).
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(if b[i] == b'+' { b' ' } else { b[i] });
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// With `--api-key`: every route but `/health` needs `Authorization: Bearer <key>`.
 async fn require_key(
     axum::extract::State(st): axum::extract::State<AppState>,
@@ -254,11 +233,11 @@ async fn require_key(
     // key as `?access_token=`.
     let from_query = (req.method() == axum::http::Method::GET)
         .then(|| {
-            req.uri().query().and_then(|q| {
-                q.split('&')
-                    .find_map(|kv| kv.strip_prefix("access_token="))
-                    .map(percent_decode)
-            })
+            axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                req.uri(),
+            )
+            .ok()
+            .and_then(|axum::extract::Query(mut q)| q.remove("access_token"))
         })
         .flatten();
     let presented = req

@@ -94,6 +94,32 @@ impl Backend {
         }
     }
 
+    /// `GET path` with its own deadline: the answer when it is a 2xx, else the failure in words
+    /// (transport errors explained, or the status).
+    async fn get(&self, path: &str, deadline: Duration) -> Result<reqwest::Response, String> {
+        let resp = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .timeout(deadline)
+            .send()
+            .await
+            .map_err(|e| self.explain(&e))?;
+        if resp.status().is_success() {
+            Ok(resp)
+        } else {
+            Err(format!("{}{} answered {}", self.base, path, resp.status()))
+        }
+    }
+
+    /// [`Backend::get`] of a JSON document.
+    async fn get_json(&self, path: &str, deadline: Duration) -> Result<Value, String> {
+        self.get(path, deadline)
+            .await?
+            .json()
+            .await
+            .map_err(|e| format!("{}{}: {e}", self.base, path))
+    }
+
     /// A cheap liveness check: `GET /api/tags` (Ollama) or `GET /v1/models`. The error says
     /// why in words (connection refused, timed out, DNS, TLS) with a hint for the common case.
     pub async fn probe(&self) -> Result<(), String> {
@@ -101,33 +127,12 @@ impl Backend {
             BackendKind::Ollama => "/api/tags",
             BackendKind::Openai => "/v1/models",
         };
-        let resp = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| self.explain(&e))?;
-        if resp.status().is_success() {
-            Ok(())
-        } else {
-            Err(format!("{}{} answered {}", self.base, path, resp.status()))
-        }
+        self.get(path, Duration::from_secs(10)).await.map(|_| ())
     }
 
     /// Ollama's `GET /api/ps`: the loaded models and where they live.
     pub async fn ollama_ps(&self) -> Result<Vec<crate::gpu::LoadedModel>, String> {
-        let r = self
-            .http
-            .get(format!("{}/api/ps", self.base))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .map_err(|e| self.explain(&e))?;
-        if !r.status().is_success() {
-            return Err(format!("/api/ps answered {}", r.status()));
-        }
-        let v: Value = r.json().await.map_err(|e| format!("/api/ps: {e}"))?;
+        let v = self.get_json("/api/ps", Duration::from_secs(10)).await?;
         Ok(crate::gpu::parse_ps(&v))
     }
 
@@ -156,25 +161,11 @@ impl Backend {
                     Err(e) => ModelCheck::Unknown(self.explain(&e)),
                 }
             }
-            BackendKind::Openai => {
-                let r = self
-                    .http
-                    .get(format!("{}/v1/models", self.base))
-                    .timeout(Duration::from_secs(30))
-                    .send()
-                    .await;
-                let v: Value = match r {
-                    Ok(r) if r.status().is_success() => match r.json().await {
-                        Ok(v) => v,
-                        Err(e) => return ModelCheck::Unknown(format!("/v1/models: {e}")),
-                    },
-                    Ok(r) => {
-                        return ModelCheck::Unknown(format!("/v1/models answered {}", r.status()));
-                    }
-                    Err(e) => return ModelCheck::Unknown(self.explain(&e)),
-                };
-                models_list_check(&v, model, &self.base)
-            }
+            BackendKind::Openai => match self.get_json("/v1/models", Duration::from_secs(30)).await
+            {
+                Ok(v) => models_list_check(&v, model, &self.base),
+                Err(e) => ModelCheck::Unknown(e),
+            },
         }
     }
 
