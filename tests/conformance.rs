@@ -131,13 +131,7 @@ async fn every_api_object_and_ollama_answer_conforms() {
             .to_string(),
         )
     });
-    let done = api
-        .run_file(
-            chat_file(1, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(1, "m", Duration::from_secs(20)).await;
     let lines = api.lines(&done["output_file_id"]).await;
     let body = &lines[0]["response"]["body"];
     assert_eq!(body["choices"][0]["finish_reason"], "tool_calls", "{body}");

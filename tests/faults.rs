@@ -9,11 +9,6 @@ use serde_json::{Value, json};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-async fn run_batch(api: &Api, n: usize, within: Duration) -> Value {
-    api.run_file(chat_file(n, "m", "s"), "/v1/chat/completions", within)
-        .await
-}
-
 fn assert_all_answered(lines: &[Value], n: usize) {
     assert_eq!(lines.len(), n);
     let mut seen = BTreeSet::new();
@@ -45,7 +40,7 @@ async fn oom_hangs_resets_and_busy_answers_still_complete_every_line() {
     .await;
     let api = Api::new(&server.base);
     let n = 2000;
-    let done = run_batch(&api, n, Duration::from_secs(240)).await;
+    let done = api.run_chat(n, "m", Duration::from_secs(240)).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert_eq!(
         done["request_counts"],
@@ -87,7 +82,7 @@ async fn out_of_memory_lowers_concurrency() {
     })
     .await;
     let api = Api::new(&server.base);
-    let done = run_batch(&api, 20, Duration::from_secs(60)).await;
+    let done = api.run_chat(20, "m", Duration::from_secs(60)).await;
     assert_eq!(done["request_counts"]["failed"], 20);
     let errs = api.lines(&done["error_file_id"]).await;
     assert_eq!(
@@ -111,7 +106,7 @@ async fn exhausted_timeouts_say_request_timeout_and_the_attempt_count() {
     })
     .await;
     let api = Api::new(&server.base);
-    let done = run_batch(&api, 3, Duration::from_secs(30)).await;
+    let done = api.run_chat(3, "m", Duration::from_secs(30)).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(done["output_file_id"], Value::Null);
     let errs = api.lines(&done["error_file_id"]).await;
@@ -261,7 +256,7 @@ async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     .await;
     let api = Api::new(&server.base);
     let n = 60;
-    let done = run_batch(&api, n, Duration::from_secs(30)).await;
+    let done = api.run_chat(n, "m", Duration::from_secs(30)).await;
     assert_eq!(done["status"], "expired", "{done}");
     // Expired only after the whole window: past `expires_at`, not at it.
     assert!(

@@ -180,13 +180,7 @@ async fn pretty_printed_answers_keep_the_output_jsonl() {
     let (_d, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
     let n = 5;
-    let done = api
-        .run_file(
-            chat_file(n, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(n, "m", Duration::from_secs(20)).await;
     assert_eq!(done["request_counts"]["completed"], n, "{done}");
     let id = done["output_file_id"].as_str().expect("output");
     let (_, text) = api.get_text(&format!("/v1/files/{id}/content")).await;
@@ -227,13 +221,7 @@ async fn a_200_without_an_answer_fails_its_line() {
         fake.set(|b| b.raw_answer = Some(raw.to_string()));
         let (_d, mut server) = server_with(&fake, |c| c.retry.max_attempts = 2).await;
         let api = Api::new(&server.base);
-        let done = api
-            .run_file(
-                chat_file(3, "m", "s"),
-                "/v1/chat/completions",
-                Duration::from_secs(20),
-            )
-            .await;
+        let done = api.run_chat(3, "m", Duration::from_secs(20)).await;
         assert_eq!(done["request_counts"]["completed"], 0, "{raw}: {done}");
         assert_eq!(done["request_counts"]["failed"], 3, "{raw}: {done}");
         let errors = api.lines(&done["error_file_id"]).await;
@@ -363,13 +351,7 @@ async fn an_answer_larger_than_the_limit_fails_its_line_without_retry() {
     fake.set(|b| b.raw_answer = Some(big));
     let (_d, mut server) = server_with(&fake, |c| c.max_answer_bytes = 64 << 10).await;
     let api = Api::new(&server.base);
-    let done = api
-        .run_file(
-            chat_file(2, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(2, "m", Duration::from_secs(20)).await;
     assert_eq!(done["request_counts"]["failed"], 2, "{done}");
     let errors = api.lines(&done["error_file_id"]).await;
     for e in &errors {
@@ -393,13 +375,7 @@ async fn a_400_that_mentions_out_of_memory_is_not_an_oom() {
     });
     let (_d, mut server) = server_with(&fake, |c| c.concurrency = 8).await;
     let api = Api::new(&server.base);
-    let done = api
-        .run_file(
-            chat_file(10, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(10, "m", Duration::from_secs(20)).await;
     assert_eq!(done["request_counts"]["failed"], 10, "{done}");
     assert_eq!(fake.total_calls(), 10, "a 400 is not retried");
     let (_, status) = api.get("/status").await;
@@ -458,11 +434,7 @@ async fn a_model_the_backend_lacks_fails_the_batch_before_any_line_is_sent() {
     let (_d, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
     let done = api
-        .run_file(
-            chat_file(500, "gemma3:27b", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
+        .run_chat(500, "gemma3:27b", Duration::from_secs(20))
         .await;
     assert_eq!(done["status"], "failed", "{done}");
     let errors = done["errors"]["data"].as_array().expect("errors");
@@ -476,13 +448,7 @@ async fn a_model_the_backend_lacks_fails_the_batch_before_any_line_is_sent() {
     );
     assert_eq!(fake.total_calls(), 0, "no line was sent");
     // A model it has runs as usual; --model maps lines onto one it has.
-    let done = api
-        .run_file(
-            chat_file(3, "gemma3:12b", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(3, "gemma3:12b", Duration::from_secs(20)).await;
     assert_eq!(done["status"], "completed", "{done}");
     assert!(fake.stats.shows.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     server.stop().await;
@@ -492,26 +458,14 @@ async fn a_model_the_backend_lacks_fails_the_batch_before_any_line_is_sent() {
     fake.set(|b| b.listed_models = vec!["qwen3".into()]);
     let (_d, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
-    let done = api
-        .run_file(
-            chat_file(3, "llama3", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(3, "llama3", Duration::from_secs(20)).await;
     assert_eq!(done["status"], "failed", "{done}");
     assert!(
         done["errors"]["data"][0]["message"]
             .as_str()
             .is_some_and(|m| m.contains("qwen3"))
     );
-    let done = api
-        .run_file(
-            chat_file(3, "qwen3", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(3, "qwen3", Duration::from_secs(20)).await;
     assert_eq!(done["status"], "completed", "{done}");
     server.stop().await;
 }
@@ -627,13 +581,7 @@ async fn api_keys_guard_every_endpoint_but_health() {
         )
         .build()
         .expect("client");
-    let done = api
-        .run_file(
-            chat_file(2, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(2, "m", Duration::from_secs(20)).await;
     assert_eq!(done["status"], "completed");
     assert_eq!(
         fake.stats.last_auth.lock().expect("lock").as_deref(),

@@ -235,13 +235,7 @@ async fn backend_errors_land_in_the_error_file(shape: Shape) {
     fake.set(|b| b.fail_all = Some((404, "model \"nope\" not found, try pulling it first".into())));
     let (_dir, mut server) = server_with(&fake, |_| {}).await;
     let api = Api::new(&server.base);
-    let done = api
-        .run_file(
-            chat_file(4, "nope", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(20),
-        )
-        .await;
+    let done = api.run_chat(4, "nope", Duration::from_secs(20)).await;
     assert_eq!(
         done["status"], "completed",
         "an all-failed batch still completes"

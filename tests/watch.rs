@@ -161,13 +161,7 @@ async fn progress_lines_appear_in_the_log_of_a_real_process() {
         &["--progress-every", "50", "--log-format", "json"],
     );
     let api = Api::new(&p.addr);
-    let done = api
-        .run_file(
-            chat_file(300, "m", "s"),
-            "/v1/chat/completions",
-            Duration::from_secs(60),
-        )
-        .await;
+    let done = api.run_chat(300, "m", Duration::from_secs(60)).await;
     assert_eq!(done["status"], "completed");
     signal(&p.child, "-TERM");
     wait_exit(&mut p.child, Duration::from_secs(15));

@@ -153,6 +153,13 @@ impl Api {
         b["id"].as_str().expect("batch id").to_string()
     }
 
+    /// Runs `n` chat lines (`c-1` … `c-n`, system prompt "s") on `model` to a terminal status;
+    /// the final batch object.
+    pub async fn run_chat(&self, n: usize, model: &str, within: Duration) -> Value {
+        self.run_file(chat_file(n, model, "s"), "/v1/chat/completions", within)
+            .await
+    }
+
     /// [`Api::submit`], then waits for a terminal status and returns the final batch object.
     pub async fn run_file(&self, bytes: Vec<u8>, endpoint: &str, within: Duration) -> Value {
         let b = self.submit(bytes, endpoint).await;
