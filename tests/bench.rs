@@ -7,33 +7,49 @@ use crate::support::{Api, TestServer, chat_file, config};
 use ollama_batch::config::BackendKind;
 use std::time::{Duration, Instant};
 
+/// `BENCH_LINES`, or `default`.
+fn bench_lines(default: usize) -> usize {
+    std::env::var("BENCH_LINES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A server at `concurrency` against `fake` with `n` chat lines submitted and validated (the
+/// timing starts at dispatch, not at validation). Returns the state directory's guard, the
+/// server, its client and the batch id.
+async fn validated_batch(
+    fake: &Fake,
+    concurrency: usize,
+    n: usize,
+) -> (tempfile::TempDir, TestServer, Api, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.concurrency = concurrency;
+    cfg.flush_interval = Duration::from_millis(20);
+    cfg.cache_bytes = 64 << 20;
+    let server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
+        b["status"] != "validating"
+    })
+    .await;
+    (dir, server, api, id)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run scripts/bench-throughput.sh"]
 async fn bench_throughput() {
-    let n: usize = std::env::var("BENCH_LINES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(20_000);
+    let n = bench_lines(20_000);
     let fake = Fake::start(Shape::OpenAi).await;
     println!();
     println!("| concurrency | lines | seconds | requests/s | flushes | results per flush |");
     println!("|---|---|---|---|---|---|");
     for concurrency in [1usize, 8, 64] {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-        cfg.concurrency = concurrency;
-        cfg.flush_interval = Duration::from_millis(20);
-        cfg.cache_bytes = 64 << 20;
-        let mut server = TestServer::start(cfg).await;
-        let api = Api::new(&server.base);
-        let id = api
-            .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
-            .await;
-        // Time the run, not the validation: start once the batch is in progress.
-        api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
-            b["status"] != "validating"
-        })
-        .await;
+        let (_dir, mut server, api, id) = validated_batch(&fake, concurrency, n).await;
         let (_, before) = api.get("/status").await;
         let t0 = Instant::now();
         let done = api.wait_terminal(&id, Duration::from_secs(600)).await;
@@ -63,25 +79,9 @@ fn quantiles(mut v: Vec<Duration>) -> (f64, f64, f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run scripts/bench-status.sh"]
 async fn bench_status_latency() {
-    let n: usize = std::env::var("BENCH_LINES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(50_000);
+    let n = bench_lines(50_000);
     let fake = Fake::start(Shape::OpenAi).await;
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.concurrency = 64;
-    cfg.flush_interval = Duration::from_millis(20);
-    cfg.cache_bytes = 64 << 20;
-    let mut server = TestServer::start(cfg).await;
-    let api = Api::new(&server.base);
-    let id = api
-        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
-        .await;
-    api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
-        b["status"] != "validating"
-    })
-    .await;
+    let (_dir, mut server, api, id) = validated_batch(&fake, 64, n).await;
     let t0 = Instant::now();
     let (mut status, mut metrics) = (Vec::new(), Vec::new());
     loop {
