@@ -244,6 +244,30 @@ async fn serve(
     graceful.shutdown().await;
 }
 
+/// Runs `round` now and then every `period` until `stop` fires (also in the middle of a round).
+fn spawn_every<F, Fut>(
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+    period: Duration,
+    mut round: F,
+) where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = round() => {}
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(period) => {}
+            }
+        }
+    });
+}
+
 /// Reads Ollama's `/api/ps` every 15 s: which models are loaded, and how much of each is in
 /// GPU memory.
 fn spawn_ps_poll(
@@ -252,19 +276,12 @@ fn spawn_ps_poll(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    tracker.spawn(async move {
-        loop {
-            let r = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = backend.ollama_ps() => r,
-            };
-            match r {
+    spawn_every(tracker, stop, Duration::from_secs(15), move || {
+        let (backend, gpu) = (backend.clone(), gpu.clone());
+        async move {
+            match backend.ollama_ps().await {
                 Ok(models) => gpu.set_loaded_models(models),
                 Err(e) => tracing::debug!(error = %e, "cannot read /api/ps"),
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(15)) => {}
             }
         }
     });
@@ -277,12 +294,10 @@ fn spawn_health_probe(
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
-    tracker.spawn(async move {
-        loop {
-            let ok = tokio::select! {
-                _ = stop.cancelled() => return,
-                r = backend.probe() => r,
-            };
+    spawn_every(tracker, stop, Duration::from_secs(30), move || {
+        let (backend, live) = (backend.clone(), live.clone());
+        async move {
+            let ok = backend.probe().await;
             live.with(|l| {
                 l.backend.last_probe_at = Some(unix_now());
                 if l.backend.down_since.is_none() {
@@ -297,10 +312,6 @@ fn spawn_health_probe(
             });
             if let Err(e) = ok {
                 tracing::warn!(url = backend.url(), error = %e, "backend probe failed");
-            }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(30)) => {}
             }
         }
     });
