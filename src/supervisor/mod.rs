@@ -1008,7 +1008,8 @@ impl Supervisor {
     /// retries, cached share, GPU memory.
     fn log_progress(&mut self) {
         let now = Instant::now();
-        let gpu = self.gpu.summary();
+        // Read only when a line is due: this runs after every group commit.
+        let mut gpu: Option<String> = None;
         for (id, a) in self.batches.iter_mut() {
             let done = a.succeeded + a.failed;
             let p = &a.progress;
@@ -1033,7 +1034,7 @@ impl Supervisor {
                 failed = f.failed,
                 retries,
                 cached_share = %f.cached_share.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_else(|| "unknown".into()),
-                gpu_memory = %gpu,
+                gpu_memory = %gpu.get_or_insert_with(|| self.gpu.summary()),
                 "progress"
             );
         }
