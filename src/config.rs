@@ -27,6 +27,10 @@ pub enum Command {
     /// Turn a CSV of candidates into a Batch API input file (JSONL), one chat request per row;
     /// or, with --sample N, write a synthetic candidates CSV.
     CsvToBatch(crate::client::csv_to_batch::CsvArgs),
+    /// The whole job in one command: upload a JSONL (or a CSV), run it with a progress bar,
+    /// download `<name>.output.jsonl` and `<name>.errors.jsonl`. Re-runnable; Ctrl-C safe;
+    /// starts the engine in this process unless --server is given.
+    Run(Box<crate::client::run::RunArgs>),
     /// Report on a batch's output: successes and failures, a field's distribution, answers
     /// that did not parse, tokens; optionally a CSV of every line.
     Analyze(crate::client::analyze::AnalyzeArgs),

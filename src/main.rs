@@ -15,7 +15,8 @@ struct LogWriter;
 
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let _ = std::io::stderr().write_all(buf);
+        // Around `run`'s progress bar, if one is on screen.
+        ollama_batch::client::run::write_stderr(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -38,10 +39,11 @@ fn complain(line: &str) {
     let _ = writeln!(std::io::stderr(), "ollama-batch: {line}");
 }
 
-fn init_logs(format: LogFormat) {
+/// Logs at `default` (unless RUST_LOG says otherwise).
+fn init_logs(format: LogFormat, default: &str) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| LogWriter)
@@ -117,16 +119,38 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
             }
         };
     }
+    let Some(model) = args.model.as_deref() else {
+        complain("--model is required (the model each line names)");
+        return ExitCode::FAILURE;
+    };
     let result = match &args.output {
         Some(path) => std::fs::File::create(path)
             .map_err(|e| format!("cannot create {}: {e}", path.display()))
-            .and_then(|mut f| convert(&args, &mut f)),
-        None => convert(&args, &mut std::io::stdout().lock()),
+            .and_then(|mut f| convert(&args.csv, &args.shape, model, &mut f)),
+        None => convert(&args.csv, &args.shape, model, &mut std::io::stdout().lock()),
     };
     match result {
         Ok(report) => {
             use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{}", summary(&report, args.rate));
+            let counted = match &args.tokenizer_url {
+                Some(url) => match runtime().and_then(|rt| {
+                    rt.block_on(ollama_batch::client::csv_to_batch::count_tokens(
+                        url, &report,
+                    ))
+                }) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        complain(&e);
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => None,
+            };
+            let _ = writeln!(
+                std::io::stderr(),
+                "{}",
+                summary(&report, args.rate, counted)
+            );
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -136,20 +160,36 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
     }
 }
 
+/// A one-thread runtime for a client command.
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (args, report) = match cli.command {
         Command::Serve(a) => (a, false),
         Command::Resume(a) => (a, true),
         Command::CsvToBatch(a) => return csv_to_batch(a),
-        Command::Retry(a) => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+        Command::Run(a) => {
+            init_logs(a.serve.log_format, "warn");
+            let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,
                 Err(e) => {
                     complain(&format!("cannot start the runtime: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            return ExitCode::from(rt.block_on(ollama_batch::client::run::run(&a)));
+        }
+        Command::Retry(a) => {
+            let rt = match runtime() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    complain(&e);
                     return ExitCode::FAILURE;
                 }
             };
@@ -178,7 +218,7 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_logs(args.log_format);
+    init_logs(args.log_format, "info");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

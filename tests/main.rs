@@ -14,6 +14,7 @@ mod hardening;
 mod lifecycle;
 mod llamacpp;
 mod rescue;
+mod run;
 mod sdk;
 mod stress;
 mod watch;

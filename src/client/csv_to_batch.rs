@@ -6,16 +6,11 @@ use clap::Args;
 use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-/// Flags of `csv-to-batch`.
-#[derive(Args, Debug, Clone)]
-pub struct CsvArgs {
-    /// The CSV (with a header row). With --sample, the CSV to create.
-    pub csv: PathBuf,
-    /// Write the JSONL here (default: standard output).
-    #[arg(short = 'o', long = "output")]
-    pub output: Option<PathBuf>,
+/// How each CSV row becomes a request: shared by `csv-to-batch` and `run` (given a CSV).
+#[derive(Args, Debug, Clone, Default)]
+pub struct RequestShape {
     /// The column with each row's id (its custom_id). Default: `candidate_id` when the CSV has
     /// it, else the row number (`row-1`, `row-2`, …).
     #[arg(long)]
@@ -28,9 +23,6 @@ pub struct CsvArgs {
     /// `Column: value` lines.
     #[arg(long)]
     pub template: Option<String>,
-    /// The model each line names (the server's --model / --model-map can still map it).
-    #[arg(long, required_unless_present = "sample")]
-    pub model: Option<String>,
     /// `max_tokens` of each request.
     #[arg(long)]
     pub max_tokens: Option<u32>,
@@ -41,9 +33,31 @@ pub struct CsvArgs {
     /// backend turns it into `format`).
     #[arg(long)]
     pub json_schema: Option<PathBuf>,
-    /// Requests per second measured on your setup, to estimate the run's duration.
+}
+
+/// Flags of `csv-to-batch`.
+#[derive(Args, Debug, Clone)]
+pub struct CsvArgs {
+    /// The CSV (with a header row). With --sample, the CSV to create.
+    pub csv: PathBuf,
+    /// Write the JSONL here (default: standard output).
+    #[arg(short = 'o', long = "output")]
+    pub output: Option<PathBuf>,
+    /// The model each line names (the server's --model / --model-map can still map it).
+    #[arg(long, required_unless_present = "sample")]
+    pub model: Option<String>,
+    /// How each row becomes a request.
+    #[command(flatten)]
+    pub shape: RequestShape,
+    /// Requests per second measured on your setup (`bench` prints it), to estimate the run's
+    /// duration.
     #[arg(long)]
     pub rate: Option<f64>,
+    /// A llama.cpp server (`llama-server`) whose `/tokenize` counts the prompt tokens of the
+    /// system prompt and of a sample of rows, for an estimate in real tokens instead of
+    /// characters ÷ 4.
+    #[arg(long, value_name = "URL")]
+    pub tokenizer_url: Option<String>,
     /// Instead: write N synthetic candidate rows to CSV (which must not exist yet) and stop.
     #[arg(long, value_name = "N")]
     pub sample: Option<u64>,
@@ -119,6 +133,54 @@ pub struct Report {
     pub duplicate_id: Vec<(u64, String)>,
     /// Characters of every request's messages (system prompt included on every line).
     pub message_chars: u64,
+    /// The system prompt, when there is one (to count its tokens once).
+    pub system: Option<String>,
+    /// The user messages of the first [`TOKEN_SAMPLE`] lines written (to count tokens on).
+    pub sample_users: Vec<String>,
+}
+
+/// Lines whose user message is tokenized for an estimate in real tokens.
+pub const TOKEN_SAMPLE: usize = 200;
+
+/// Prompt tokens of the whole file, counted by a llama.cpp server's `/tokenize` on the system
+/// prompt and a sample of user messages, scaled to every line written. The chat template adds a
+/// few tokens a line that this does not count.
+pub async fn count_tokens(url: &str, r: &Report) -> Result<u64, String> {
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let url = format!("{}/tokenize", url.trim_end_matches('/'));
+    let count = |text: String| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let v: Value = http
+                .post(&url)
+                .json(&json!({"content": text}))
+                .send()
+                .await
+                .map_err(|e| format!("--tokenizer-url: cannot reach {url}: {e}"))?
+                .error_for_status()
+                .map_err(|e| format!("--tokenizer-url: {e}"))?
+                .json()
+                .await
+                .map_err(|e| format!("--tokenizer-url: the answer is not JSON: {e}"))?;
+            v["tokens"]
+                .as_array()
+                .map(|t| t.len() as u64)
+                .ok_or_else(|| format!("--tokenizer-url: {url} answered without `tokens` (is it a llama.cpp server?)"))
+        }
+    };
+    let system = match &r.system {
+        Some(s) => count(s.clone()).await?,
+        None => 0,
+    };
+    let mut users = 0;
+    for u in &r.sample_users {
+        users += count(u.clone()).await?;
+    }
+    let per_user = users as f64 / r.sample_users.len().max(1) as f64;
+    Ok(((system as f64 + per_user) * r.written as f64).round() as u64)
 }
 
 const FIRST: [&str; 16] = [
@@ -233,11 +295,12 @@ pub fn write_sample(path: &std::path::Path, n: u64) -> Result<(), String> {
 }
 
 /// Converts the CSV; the JSONL goes to `out`.
-pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
-    let model = args
-        .model
-        .clone()
-        .ok_or("--model is required (the model each line names)")?;
+pub fn convert(
+    csv_path: &Path,
+    args: &RequestShape,
+    model: &str,
+    out: &mut dyn Write,
+) -> Result<Report, String> {
     let system = match &args.system {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -256,14 +319,14 @@ pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
         }
         None => None,
     };
-    let file = std::fs::File::open(&args.csv)
-        .map_err(|e| format!("cannot read {}: {e}", args.csv.display()))?;
+    let file = std::fs::File::open(csv_path)
+        .map_err(|e| format!("cannot read {}: {e}", csv_path.display()))?;
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(std::io::BufReader::with_capacity(1 << 20, file));
     let header: Vec<String> = reader
         .headers()
-        .map_err(|e| format!("{}: cannot read the header row: {e}", args.csv.display()))?
+        .map_err(|e| format!("{}: cannot read the header row: {e}", csv_path.display()))?
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
         .collect();
@@ -288,7 +351,7 @@ pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
         match reader.read_record(&mut record) {
             Ok(true) => {}
             Ok(false) => break,
-            Err(e) => return Err(format!("{}: {e}", args.csv.display())),
+            Err(e) => return Err(format!("{}: {e}", csv_path.display())),
         }
         report.rows += 1;
         let row = report.rows;
@@ -327,8 +390,14 @@ pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
         if let Some(s) = &system {
             messages.push(json!({"role": "system", "content": s}));
             report.message_chars += s.chars().count() as u64;
+            if report.system.is_none() {
+                report.system = Some(s.clone());
+            }
         }
         report.message_chars += user.chars().count() as u64;
+        if report.sample_users.len() < TOKEN_SAMPLE {
+            report.sample_users.push(user.clone());
+        }
         messages.push(json!({"role": "user", "content": user}));
         let mut body = json!({"model": model, "messages": messages});
         if let Some(n) = args.max_tokens {
@@ -351,7 +420,7 @@ pub fn convert(args: &CsvArgs, out: &mut dyn Write) -> Result<Report, String> {
 }
 
 /// The summary printed on standard error.
-pub fn summary(r: &Report, rate: Option<f64>) -> String {
+pub fn summary(r: &Report, rate: Option<f64>, counted: Option<u64>) -> String {
     let mut s = format!(
         "{} rows read, {} lines written, {} skipped",
         r.rows,
@@ -385,10 +454,16 @@ pub fn summary(r: &Report, rate: Option<f64>) -> String {
             }
         ));
     }
-    s.push_str(&format!(
-        "\nprompt tokens: about {} (an approximation: characters ÷ 4, the system prompt counted on every line; the backend's tokenizer gives the real count)",
-        r.message_chars / 4
-    ));
+    match counted {
+        Some(n) => s.push_str(&format!(
+            "\nprompt tokens: about {n} (counted by the backend's tokenizer on the system prompt and {} rows, scaled to every line; the chat template adds a few a line)",
+            r.sample_users.len()
+        )),
+        None => s.push_str(&format!(
+            "\nprompt tokens: about {} (an approximation: characters ÷ 4, the system prompt counted on every line; --tokenizer-url with a llama.cpp server counts real tokens)",
+            r.message_chars / 4
+        )),
+    }
     match rate {
         Some(rate) if rate > 0.0 => {
             let secs = (r.written as f64 / rate).ceil() as u64;

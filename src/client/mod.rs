@@ -3,4 +3,7 @@
 
 pub mod analyze;
 pub mod csv_to_batch;
+pub mod engine;
+pub mod http;
 pub mod retry;
+pub mod run;

@@ -3,7 +3,6 @@
 //! new batch's id as the last line of standard output.
 
 use clap::Args;
-use serde_json::Value;
 
 /// Flags of `retry`.
 #[derive(Args, Debug, Clone)]
@@ -22,36 +21,10 @@ pub struct RetryArgs {
     pub api_key: Option<crate::config::Secret>,
 }
 
-/// Runs it: `Ok((lines, new batch id))`, or the error in words.
+/// Runs it: `Ok((input file id, new batch id))`, or the error in words.
 pub async fn retry(args: &RetryArgs) -> Result<(String, String), String> {
-    let url = format!(
-        "{}/batches/{}/retry",
-        args.server.trim_end_matches('/'),
-        args.batch_id
-    );
-    let mut req = reqwest::Client::new().post(&url);
-    if let Some(k) = &args.api_key {
-        req = req.bearer_auth(k.expose());
-    }
-    let r = req.send().await.map_err(|e| {
-        format!(
-            "cannot reach the server at {}: {e} (is `ollama-batch serve` running there? --server)",
-            args.server
-        )
-    })?;
-    let status = r.status();
-    let v: Value = r
-        .json()
-        .await
-        .map_err(|e| format!("the server's answer is not JSON: {e}"))?;
-    if !status.is_success() {
-        return Err(format!(
-            "{} ({status})",
-            v["error"]["message"]
-                .as_str()
-                .unwrap_or("the server refused")
-        ));
-    }
+    let server = super::http::Server::new(&args.server, args.api_key.clone())?;
+    let v = server.retry(&args.batch_id).await?;
     let id = v["id"].as_str().unwrap_or_default().to_string();
     let file = v["input_file_id"].as_str().unwrap_or_default().to_string();
     Ok((file, id))

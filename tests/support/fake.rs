@@ -53,6 +53,8 @@ pub struct Behaviour {
     pub raw_answer: Option<String>,
     /// Answers are pretty-printed over many lines.
     pub pretty: bool,
+    /// A user message containing this text is refused with 400 (a line that fails for good).
+    pub refuse_marker: Option<String>,
 }
 
 #[derive(Default)]
@@ -397,6 +399,11 @@ impl Ctx {
         };
         if let Some((status, msg)) = &b.fail_all {
             return err(*status, msg);
+        }
+        if let Some(m) = &b.refuse_marker
+            && user.contains(m.as_str())
+        {
+            return err(400, "invalid request: the fake refuses this line");
         }
         if attempt <= b.oom_first {
             self.stats.ooms.fetch_add(1, Ordering::SeqCst);

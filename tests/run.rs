@@ -1,0 +1,397 @@
+//! `ollama-batch run`, as a real process: the whole job against the fake backend, with the
+//! engine in the process or on a separate server, interrupted with SIGINT and run again.
+
+use crate::support::fake::{Fake, Shape};
+use crate::support::process::{self, signal, wait_exit};
+use crate::support::{Api, TestServer, binary, config};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `run` process whose stdout and stderr go to files in `dir`.
+struct RunProc {
+    child: Child,
+    out: PathBuf,
+    err: PathBuf,
+}
+
+impl Drop for RunProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl RunProc {
+    fn start(dir: &Path, tag: &str, args: &[&str]) -> RunProc {
+        let out = dir.join(format!("{tag}.stdout"));
+        let err = dir.join(format!("{tag}.stderr"));
+        let child = Command::new(binary())
+            .arg("run")
+            .args(args)
+            .env_remove("OLLAMA_BATCH_SERVER")
+            .stdout(Stdio::from(std::fs::File::create(&out).expect("stdout")))
+            .stderr(Stdio::from(std::fs::File::create(&err).expect("stderr")))
+            .spawn()
+            .expect("spawn run");
+        RunProc { child, out, err }
+    }
+
+    /// Waits for the exit: (code, stdout, stderr).
+    fn finish(mut self, within: Duration) -> (i32, String, String) {
+        let status = wait_exit(&mut self.child, within);
+        let out = std::fs::read_to_string(&self.out).unwrap_or_default();
+        let err = std::fs::read_to_string(&self.err).unwrap_or_default();
+        (status.code().unwrap_or(-1), out, err)
+    }
+}
+
+/// The flags of an in-process engine on `state` against the fake.
+fn engine_flags(state: &Path, fake: &Fake) -> Vec<String> {
+    [
+        "--listen",
+        "127.0.0.1:0",
+        "--backend",
+        "openai",
+        "--backend-url",
+        &fake.url(),
+        "--state",
+        state.to_str().expect("path"),
+        "--flush-interval",
+        "5ms",
+        "--retry-initial",
+        "10ms",
+        "--retry-max",
+        "50ms",
+        "--shutdown-grace",
+        "5s",
+        "--poll",
+        "100ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn refs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+/// Reads a JSONL file into custom_id → record.
+fn by_id(path: &Path) -> HashMap<String, Value> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+    let mut m = HashMap::new();
+    for line in text.lines() {
+        let v: Value = serde_json::from_str(line).expect("a JSON line");
+        let id = v["custom_id"].as_str().expect("custom_id").to_string();
+        assert!(m.insert(id.clone(), v).is_none(), "{id} twice in {path:?}");
+    }
+    m
+}
+
+/// The user message of line `i` of [`input`].
+fn user(i: usize) -> String {
+    format!("candidate {i}")
+}
+
+/// `n` chat lines; those whose index is in `refused` carry the fake's refuse marker.
+fn input(n: usize, refused: &[usize]) -> String {
+    (0..n)
+        .map(|i| {
+            let mut u = user(i);
+            if refused.contains(&i) {
+                u.push_str(" REFUSE");
+            }
+            let v = serde_json::json!({"custom_id": format!("c{i}"), "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "system", "content": "rubric"},
+                                                      {"role": "user", "content": u}]}});
+            format!("{v}\n")
+        })
+        .collect()
+}
+
+/// Files uploaded for batch use (outputs and error files are `batch_output`).
+async fn inputs(api: &Api) -> usize {
+    let (_, files) = api.get("/v1/files").await;
+    files["data"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|f| f["purpose"] == "batch")
+        .count()
+}
+
+/// Waits until the fake has answered at least `n` calls.
+async fn wait_calls(fake: &Fake, n: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while fake.total_calls() < n {
+        assert!(
+            Instant::now() < deadline,
+            "the fake saw {} calls",
+            fake.total_calls()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_no_server_does_the_whole_job_and_a_rerun_downloads_again() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.refuse_marker = Some("REFUSE".into()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = dir.path().join("job.jsonl");
+    let refused = [3usize, 17, 29];
+    std::fs::write(&file, input(40, &refused)).expect("input");
+    let mut args = vec![file.to_str().expect("path").to_string()];
+    args.extend(engine_flags(&state, &fake));
+
+    let (code, out, err) =
+        RunProc::start(dir.path(), "first", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(
+        code, 3,
+        "some lines failed: exit 3\nstdout:{out}\nstderr:{err}"
+    );
+    assert!(err.contains("engine running in this process"), "{err}");
+    assert!(err.contains("uploading job.jsonl (40 lines"), "{err}");
+    assert!(out.contains("completed: 37 succeeded, 3 failed"), "{out}");
+    let output = by_id(&dir.path().join("job.output.jsonl"));
+    let errors = by_id(&dir.path().join("job.errors.jsonl"));
+    assert_eq!(output.len() + errors.len(), 40);
+    for i in 0..40 {
+        let id = format!("c{i}");
+        if refused.contains(&i) {
+            let e = &errors[&id];
+            assert_eq!(e["response"]["status_code"], 400, "{e}");
+            assert!(!output.contains_key(&id));
+        } else {
+            let o = &output[&id];
+            assert_eq!(o["response"]["status_code"], 200, "{o}");
+            assert_eq!(
+                o["response"]["body"]["choices"][0]["message"]["content"],
+                format!("echo:{}", user(i)),
+                "{id} carries its own answer"
+            );
+        }
+    }
+    let calls = fake.total_calls();
+
+    // The same command again: the same batch, downloaded again; nothing uploaded or run.
+    std::fs::remove_file(dir.path().join("job.output.jsonl")).expect("rm");
+    let (code, out2, err) =
+        RunProc::start(dir.path(), "second", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("re-attaching to batch_"), "{err}");
+    assert!(!err.contains("uploading"), "{err}");
+    assert_eq!(out2.lines().next(), out.lines().next(), "the same batch");
+    assert_eq!(by_id(&dir.path().join("job.output.jsonl")), output);
+    assert_eq!(fake.total_calls(), calls, "nothing ran again");
+
+    // One input file on the server, and one batch.
+    let mut srv = TestServer::start(config(
+        &state,
+        ollama_batch::config::BackendKind::Openai,
+        &fake.url(),
+    ))
+    .await;
+    let api = Api::new(&srv.base);
+    assert_eq!(inputs(&api).await, 1, "one upload");
+    let (_, batches) = api.get("/v1/batches").await;
+    assert_eq!(
+        batches["data"].as_array().map(Vec::len),
+        Some(1),
+        "{batches}"
+    );
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_exit_codes_say_success_and_bad_input() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let good = dir.path().join("good.jsonl");
+    std::fs::write(&good, input(5, &[])).expect("input");
+    let out_dir = dir.path().join("results");
+    let mut args = vec![
+        good.to_str().expect("path").to_string(),
+        "--out".into(),
+        out_dir.to_str().expect("path").into(),
+    ];
+    args.extend(engine_flags(&state, &fake));
+    let (code, out, err) =
+        RunProc::start(dir.path(), "good", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(by_id(&out_dir.join("good.output.jsonl")).len(), 5);
+    assert_eq!(
+        std::fs::read_to_string(out_dir.join("good.errors.jsonl")).expect("errors"),
+        ""
+    );
+
+    // A line the server refuses at validation: the batch fails, nothing runs, exit 1.
+    let bad = dir.path().join("bad.jsonl");
+    let mut text = input(3, &[]);
+    text.push_str("{\"custom_id\":\"x\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\",\"body\":{\"model\":\"m\"}}\n");
+    std::fs::write(&bad, text).expect("input");
+    let mut args = vec![bad.to_str().expect("path").to_string()];
+    args.extend(engine_flags(&state, &fake));
+    let (code, _, err) =
+        RunProc::start(dir.path(), "bad", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("failed validation") && err.contains("line 4"),
+        "{err}"
+    );
+
+    // Not a Batch API file at all: a plain message before anything starts.
+    let junk = dir.path().join("junk.jsonl");
+    std::fs::write(&junk, "hello\n").expect("junk");
+    let mut args = vec![junk.to_str().expect("path").to_string()];
+    args.extend(engine_flags(&state, &fake));
+    let (code, _, err) =
+        RunProc::start(dir.path(), "junk", &refs(&args)).finish(Duration::from_secs(30));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the first line is not JSON"), "{err}");
+
+    // --server pointing nowhere.
+    let (code, _, err) = RunProc::start(
+        dir.path(),
+        "nowhere",
+        &[
+            good.to_str().expect("path"),
+            "--server",
+            "http://127.0.0.1:9",
+        ],
+    )
+    .finish(Duration::from_secs(30));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no ollama-batch server answers"), "{err}");
+}
+
+/// SIGINT while a separate server runs the batch: `run` detaches (the batch goes on), the
+/// same command re-attaches, and every line ran exactly once from a single upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_interrupted_detaches_and_the_same_command_reattaches() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = process::spawn(&dir.path().join("state"), &fake.url(), 2, &[]);
+    let n = 60;
+    let file = dir.path().join("scores.jsonl");
+    std::fs::write(&file, input(n, &[])).expect("input");
+    let args = [
+        file.to_str().expect("path"),
+        "--server",
+        &server.addr,
+        "--poll",
+        "100ms",
+    ];
+    let first = RunProc::start(dir.path(), "first", &args);
+    wait_calls(&fake, 6, Duration::from_secs(30)).await;
+    signal(&first.child, "-INT");
+    let (code, _, err) = first.finish(Duration::from_secs(10));
+    assert_eq!(code, 130, "{err}");
+    assert!(
+        err.contains("detached: batch_") && err.contains("keeps running"),
+        "{err}"
+    );
+    assert!(
+        fake.total_calls() < n as u64,
+        "interrupted before the end ({} calls)",
+        fake.total_calls()
+    );
+
+    let (code, out, err) =
+        RunProc::start(dir.path(), "second", &args).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("re-attaching to batch_"), "{err}");
+    assert!(!err.contains("uploading"), "{err}");
+    let output = by_id(&dir.path().join("scores.output.jsonl"));
+    assert_eq!(output.len(), n);
+    for i in 0..n {
+        assert_eq!(fake.calls_of(&user(i)), 1, "line {i} ran exactly once");
+    }
+    let api = Api::new(&server.addr);
+    assert_eq!(inputs(&api).await, 1, "one upload");
+}
+
+/// SIGINT with the engine in the process (a CSV input): the engine stops, the batch stays in
+/// the state directory, and the same command resumes it to the end, every line once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_in_process_interrupted_resumes_with_the_same_command() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let csv = dir.path().join("people.csv");
+    let (ok, _, err) = {
+        let o = Command::new(binary())
+            .args([
+                "csv-to-batch",
+                csv.to_str().expect("path"),
+                "--sample",
+                "50",
+            ])
+            .output()
+            .expect("runs");
+        (
+            o.status.success(),
+            String::new(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert!(ok, "{err}");
+    let rubric = dir.path().join("rubric.md");
+    std::fs::write(&rubric, "Score 0-10 as JSON {\"score\": n}.").expect("rubric");
+    let mut args = vec![
+        csv.to_str().expect("path").to_string(),
+        "--model".into(),
+        "m".into(),
+        "--system".into(),
+        rubric.to_str().expect("path").into(),
+        "--concurrency".into(),
+        "2".into(),
+    ];
+    args.extend(engine_flags(&state, &fake));
+    let first = RunProc::start(dir.path(), "first", &refs(&args));
+    wait_calls(&fake, 6, Duration::from_secs(30)).await;
+    signal(&first.child, "-INT");
+    let (code, _, err) = first.finish(Duration::from_secs(20));
+    assert_eq!(code, 130, "{err}");
+    assert!(err.contains("50 rows read, 50 lines written"), "{err}");
+    assert!(
+        err.contains("resumes when you run the same command again"),
+        "{err}"
+    );
+    let after_first = fake.total_calls();
+    assert!(
+        after_first < 50,
+        "interrupted before the end ({after_first})"
+    );
+
+    let (code, out, err) =
+        RunProc::start(dir.path(), "second", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(err.contains("re-attaching to batch_"), "{err}");
+    let output = by_id(&dir.path().join("people.output.jsonl"));
+    assert_eq!(output.len(), 50);
+    let successes = fake.stats.successes.lock().expect("lock").clone();
+    assert_eq!(successes.len(), 50, "every row reached the backend");
+    assert!(
+        successes.values().all(|&n| n == 1),
+        "every line answered exactly once: {successes:?}"
+    );
+    // The answers belong to their rows: the CSV's candidate ids are the custom_ids.
+    for (id, rec) in &output {
+        let content = rec["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content");
+        assert!(content.starts_with("echo:"), "{content}");
+        assert!(id.starts_with("cand-"), "{id}");
+    }
+}
