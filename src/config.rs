@@ -31,6 +31,9 @@ pub enum Command {
     /// download `<name>.output.jsonl` and `<name>.errors.jsonl`. Re-runnable; Ctrl-C safe;
     /// starts the engine in this process unless --server is given.
     Run(Box<crate::client::run::RunArgs>),
+    /// Measure which context length and how many parallel requests fit this GPU and model
+    /// (memory, rates, truncation, OOM), and recommend --num-ctx and --concurrency.
+    Calibrate(crate::client::calibrate::CalibrateArgs),
     /// Report on a batch's output: successes and failures, a field's distribution, answers
     /// that did not parse, tokens; optionally a CSV of every line.
     Analyze(crate::client::analyze::AnalyzeArgs),

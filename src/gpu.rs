@@ -289,6 +289,89 @@ fn run(monitor: std::sync::Weak<GpuMonitor>, stop: mpsc::Receiver<()>) {
     }
 }
 
+/// Samples used GPU memory (summed over the devices) every 200 ms on its own thread and keeps
+/// the peak since the last [`PeakSampler::reset`]: short steps (calibrate) need finer readings
+/// than the monitor's. Stops when dropped.
+pub struct PeakSampler {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    total: u64,
+    names: Vec<String>,
+    _stop: mpsc::Sender<()>,
+}
+
+impl PeakSampler {
+    /// Starts sampling; `Err(reason)` where NVML cannot be read.
+    pub fn start() -> Result<PeakSampler, String> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let nvml = nvml_wrapper::Nvml::init()
+            .map_err(|e| format!("NVML cannot be loaded (no NVIDIA driver or no GPU): {e}"))?;
+        let count = nvml
+            .device_count()
+            .map_err(|e| format!("NVML cannot count devices: {e}"))?;
+        let mut total = 0;
+        let mut names = Vec::new();
+        for i in 0..count {
+            let d = nvml
+                .device_by_index(i)
+                .map_err(|e| format!("NVML cannot open device {i}: {e}"))?;
+            total += d
+                .memory_info()
+                .map_err(|e| format!("NVML cannot read device {i}: {e}"))?
+                .total;
+            names.push(d.name().unwrap_or_default());
+        }
+        if count == 0 {
+            return Err("NVML lists no GPU".into());
+        }
+        let peak = std::sync::Arc::new(AtomicU64::new(0));
+        let (tx, rx) = mpsc::channel::<()>();
+        let p = peak.clone();
+        std::thread::Builder::new()
+            .name("gpu-peak".into())
+            .spawn(move || {
+                loop {
+                    let used: u64 = (0..count)
+                        .filter_map(|i| nvml.device_by_index(i).ok())
+                        .filter_map(|d| d.memory_info().ok())
+                        .map(|m| m.used)
+                        .sum();
+                    p.fetch_max(used, Ordering::Relaxed);
+                    match rx.recv_timeout(Duration::from_millis(200)) {
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        _ => return,
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the sampling thread: {e}"))?;
+        Ok(PeakSampler {
+            peak,
+            total,
+            names,
+            _stop: tx,
+        })
+    }
+
+    /// Forgets the peak so far.
+    pub fn reset(&self) {
+        self.peak.store(0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The peak of used memory since the last reset, in bytes.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Memory of all the devices, in bytes.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The devices' names.
+    pub fn names(&self) -> &[String] {
+        &self.names
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

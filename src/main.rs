@@ -185,6 +185,16 @@ fn main() -> ExitCode {
             };
             return ExitCode::from(rt.block_on(ollama_batch::client::run::run(&a)));
         }
+        Command::Calibrate(a) => {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    complain(&format!("cannot start the runtime: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            return ExitCode::from(rt.block_on(ollama_batch::client::calibrate::calibrate(&a)));
+        }
         Command::Retry(a) => {
             let rt = match runtime() {
                 Ok(rt) => rt,

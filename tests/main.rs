@@ -17,4 +17,5 @@ mod rescue;
 mod run;
 mod sdk;
 mod stress;
+mod tools;
 mod watch;

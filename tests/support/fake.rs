@@ -55,6 +55,17 @@ pub struct Behaviour {
     pub pretty: bool,
     /// A user message containing this text is refused with 400 (a line that fails for good).
     pub refuse_marker: Option<String>,
+    /// Ollama's memory, modelled: (bytes at load, bytes per token of `num_ctx`, GPU bytes). A
+    /// chat at `num_ctx` loads the model at base + per_token × num_ctx (reported by
+    /// `/api/ps`); past the GPU's bytes it fails with CUDA out of memory.
+    pub memory: Option<(u64, u64, u64)>,
+    /// `/api/show` reports this `context_length` in `model_info`.
+    pub context_length: Option<u64>,
+    /// Calls answered at once, as a server's slots (the rest wait their turn).
+    pub slots: Option<usize>,
+    /// The context really used is at most this, whatever `num_ctx` says (a server-side cap):
+    /// longer prompts are cut to it.
+    pub ctx_cap: Option<u64>,
 }
 
 #[derive(Default)]
@@ -91,7 +102,14 @@ pub struct Fake {
     up_again: Arc<Notify>,
     /// Open (true): calls are answered. Closed: calls are taken in and counted, then wait.
     gate: Arc<watch::Sender<bool>>,
+    /// The slots of `Behaviour::slots`: (count, semaphore).
+    slot_gate: SlotGate,
+    /// The model loaded (`memory`): (name, size in bytes, num_ctx).
+    loaded: Arc<Mutex<Option<(String, u64, u64)>>>,
 }
+
+/// The slots of `Behaviour::slots`: (count, semaphore), made when first needed.
+type SlotGate = Arc<Mutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>>;
 
 fn h(s: &str, attempt: u32, salt: u64) -> u32 {
     // FNV-1a: deterministic across runs.
@@ -117,6 +135,8 @@ impl Fake {
             down_watch: Arc::new(watch::channel(false).0),
             up_again: Arc::new(Notify::new()),
             gate: Arc::new(watch::channel(true).0),
+            slot_gate: Arc::new(Mutex::new(None)),
+            loaded: Arc::new(Mutex::new(None)),
         };
         fake.serve(listener);
         fake
@@ -181,6 +201,8 @@ impl Fake {
             down: self.down.clone(),
             down_watch: self.down_watch.clone(),
             gate: self.gate.clone(),
+            slot_gate: self.slot_gate.clone(),
+            loaded: self.loaded.clone(),
         };
         tokio::spawn(async move {
             let mut listener = Some(first);
@@ -228,6 +250,8 @@ struct Ctx {
     down: Arc<AtomicBool>,
     down_watch: Arc<watch::Sender<bool>>,
     gate: Arc<watch::Sender<bool>>,
+    slot_gate: SlotGate,
+    loaded: Arc<Mutex<Option<(String, u64, u64)>>>,
 }
 
 enum Reply {
@@ -341,6 +365,20 @@ impl Ctx {
         if method == "GET" {
             return match path {
                 "/api/tags" => Reply::Json(200, json!({"models": []})),
+                "/api/ps" => {
+                    let models: Vec<Value> = self
+                        .loaded
+                        .lock()
+                        .expect("lock")
+                        .iter()
+                        .map(|(name, size, ctx)| {
+                            let vram = b.memory.map_or(*size, |m| (*size).min(m.2));
+                            json!({"name": name, "model": name, "size": size,
+                                   "size_vram": vram, "context_length": ctx})
+                        })
+                        .collect();
+                    Reply::Json(200, json!({"models": models}))
+                }
                 "/v1/models" => {
                     let data: Vec<Value> = b
                         .listed_models
@@ -360,9 +398,13 @@ impl Ctx {
             return if b.missing_models.iter().any(|m| m == model) {
                 Reply::Json(404, json!({"error": format!("model '{model}' not found")}))
             } else {
+                let info = match b.context_length {
+                    Some(n) => json!({"fake.context_length": n}),
+                    None => json!({}),
+                };
                 Reply::Json(
                     200,
-                    json!({"details": {"family": "fake"}, "model_info": {}}),
+                    json!({"details": {"family": "fake"}, "model_info": info}),
                 )
             };
         }
@@ -387,6 +429,35 @@ impl Ctx {
         self.stats.order.lock().expect("lock").push(user.clone());
         // The sender lives as long as the fake, so this only ends when the gate opens.
         let _ = self.gate.subscribe().wait_for(|open| *open).await;
+        let slot = match b.slots {
+            Some(n) => {
+                let sem = {
+                    let mut g = self.slot_gate.lock().expect("lock");
+                    if g.as_ref().map(|(c, _)| *c) != Some(n) {
+                        *g = Some((n, Arc::new(tokio::sync::Semaphore::new(n))));
+                    }
+                    g.as_ref().map(|(_, s)| s.clone())
+                };
+                match sem {
+                    Some(s) => s.acquire_owned().await.ok(),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let num_ctx = req["options"]["num_ctx"].as_u64().unwrap_or(2048);
+        if let (Some((base, per, gpu)), Shape::Ollama) = (b.memory, self.shape) {
+            let size = base + per * num_ctx;
+            if size > gpu {
+                *self.loaded.lock().expect("lock") = None;
+                return Reply::Json(
+                    500,
+                    json!({"error": "llama runner process has terminated: cudaMalloc failed: out of memory"}),
+                );
+            }
+            let model = req["model"].as_str().unwrap_or_default().to_string();
+            *self.loaded.lock().expect("lock") = Some((model, size, num_ctx));
+        }
         if !b.delay.is_zero() {
             tokio::time::sleep(b.delay).await;
         }
@@ -438,7 +509,12 @@ impl Ctx {
             return Reply::Raw(200, raw.clone());
         }
         let answer = format!("echo:{user}");
-        let prompt_tokens = req.to_string().len() as u64 / 4;
+        let mut prompt_tokens = req.to_string().len() as u64 / 4;
+        if b.memory.is_some() {
+            // Ollama cuts a prompt longer than the context.
+            prompt_tokens = prompt_tokens.min(num_ctx.min(b.ctx_cap.unwrap_or(u64::MAX)));
+        }
+        drop(slot);
         match (self.shape, path) {
             (Shape::Ollama, "/api/chat") => Reply::Json(
                 200,
