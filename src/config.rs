@@ -34,6 +34,9 @@ pub enum Command {
     /// Measure which context length and how many parallel requests fit this GPU and model
     /// (memory, rates, truncation, OOM), and recommend --num-ctx and --concurrency.
     Calibrate(crate::client::calibrate::CalibrateArgs),
+    /// Run synthetic batches of the given sizes through the real path and report requests/s,
+    /// tokens/s, cached share, latency, GPU memory, and the duration of N lines.
+    Bench(Box<crate::client::bench::BenchArgs>),
     /// Report on a batch's output: successes and failures, a field's distribution, answers
     /// that did not parse, tokens; optionally a CSV of every line.
     Analyze(crate::client::analyze::AnalyzeArgs),

@@ -185,6 +185,17 @@ fn main() -> ExitCode {
             };
             return ExitCode::from(rt.block_on(ollama_batch::client::run::run(&a)));
         }
+        Command::Bench(a) => {
+            init_logs(a.serve.log_format, "warn");
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    complain(&format!("cannot start the runtime: {e}"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            return ExitCode::from(rt.block_on(ollama_batch::client::bench::bench(&a)));
+        }
         Command::Calibrate(a) => {
             let rt = match tokio::runtime::Runtime::new() {
                 Ok(rt) => rt,

@@ -195,3 +195,85 @@ async fn calibrate_stops_cleanly_on_ctrl_c_and_keeps_what_it_measured() {
     assert_eq!(report["stopped"], "interrupted (Ctrl-C)");
     assert!(!steps(&report).is_empty(), "{report:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_runs_each_size_through_the_server_and_extrapolates() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(60));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("bench.json");
+    let out = Command::new(binary())
+        .args([
+            "bench",
+            "--sizes",
+            "8,24",
+            "--extrapolate",
+            "170000",
+            "--model",
+            "m",
+        ])
+        .args([
+            "--backend",
+            "openai",
+            "--backend-url",
+            &fake.url(),
+            "--concurrency",
+            "4",
+        ])
+        .args(["--flush-interval", "5ms"])
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs");
+    let scratch = std::env::temp_dir().join(format!("ollama-batch-bench-{}", out.id()));
+    let out = out.wait_with_output().expect("exits");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert_eq!(
+        fake.total_calls(),
+        32,
+        "every line went to the backend once"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).expect("json")).expect("json");
+    let sizes = report["sizes"].as_array().expect("sizes");
+    assert_eq!(sizes.len(), 2);
+    for (row, n) in sizes.iter().zip([8u64, 24]) {
+        assert_eq!(row["lines"], n);
+        assert_eq!(row["failed"], 0);
+        let rps = row["requests_per_s"].as_f64().expect("rps");
+        let wall = row["wall_s"].as_f64().expect("wall");
+        assert!((rps * wall - n as f64).abs() < 1e-6, "{row}");
+        // 4 calls of 60 ms at a time: at most 4 / 0.06 = 67 lines/s.
+        assert!(rps > 0.0 && rps < 67.0, "{row}");
+        let (p50, p95) = (
+            row["latency_p50_s"].as_f64().expect("p50"),
+            row["latency_p95_s"].as_f64().expect("p95"),
+        );
+        assert!(
+            (0.05..=0.25).contains(&p50) && p50 <= p95,
+            "calls take 60 ms: {row}"
+        );
+        // The fake reports 2 cached tokens per answer.
+        let share = row["cached_share"].as_f64().expect("cached share");
+        assert!(share > 0.0 && share < 0.05, "{row}");
+        assert!(
+            row["tokens_per_s"].as_f64().expect("tok/s") > rps * 300.0,
+            "a rubric-sized prompt a line: {row}"
+        );
+    }
+    let last_rps = sizes[1]["requests_per_s"].as_f64().expect("rps");
+    let secs = report["extrapolated"]["seconds"].as_u64().expect("seconds");
+    assert_eq!(secs, (170000.0 / last_rps).ceil() as u64);
+    assert!(stdout.contains("170000 lines: about "), "{stdout}");
+    assert!(
+        stderr.contains(&scratch.display().to_string()),
+        "the engine ran on its scratch state: {stderr}"
+    );
+    assert!(!scratch.exists(), "the scratch state is removed");
+}

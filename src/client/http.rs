@@ -129,6 +129,25 @@ impl Server {
             .ok_or_else(|| "the upload's answer has no id".to_string())
     }
 
+    /// A GET answered with JSON (`/status/batches/{id}`, …).
+    pub async fn json_get(&self, path: &str) -> Result<Value, String> {
+        self.json(self.request(reqwest::Method::GET, path)).await
+    }
+
+    /// A GET answered with text (`/metrics`).
+    pub async fn text(&self, path: &str) -> Result<String, String> {
+        let r = self
+            .request(reqwest::Method::GET, path)
+            .timeout(Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if !r.status().is_success() {
+            return Err(format!("GET {path}: {}", r.status()));
+        }
+        r.text().await.map_err(|e| format!("GET {path}: {e}"))
+    }
+
     /// `POST /v1/batches`.
     pub async fn create_batch(
         &self,

@@ -2,6 +2,7 @@
 //! server only as any client does, over HTTP; the server knows nothing of them.
 
 pub mod analyze;
+pub mod bench;
 pub mod calibrate;
 pub mod csv_to_batch;
 pub mod engine;
