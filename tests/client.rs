@@ -301,6 +301,76 @@ fn analyze_reports_statistics_that_match_an_independent_computation() {
     assert!(!ok && err.contains("cannot read /nope.jsonl"), "{err}");
 }
 
+#[test]
+fn analyze_plots_the_histogram_and_lines_finished_over_time() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 120 answers over 120 s: scores 0..=9 evenly, so every bin of the histogram has 12.
+    let lines: Vec<String> = (0..120)
+        .map(|i| {
+            let mut v: Value = serde_json::from_str(&out_line(
+                &format!("c{i}"),
+                &format!("{{\"score\": {}}}", i % 10),
+                10,
+            ))
+            .expect("json");
+            v["response"]["body"]["created"] = serde_json::json!(1_800_000_000 + i);
+            v.to_string()
+        })
+        .collect();
+    let output = dir.path().join("out.jsonl");
+    std::fs::write(&output, lines.join("\n")).expect("out");
+    let svg = dir.path().join("plot.svg");
+    let (ok, stdout, err) = run(&[
+        "analyze",
+        output.to_str().expect("p"),
+        "--field",
+        "score",
+        "--plot",
+        svg.to_str().expect("p"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains("plot: histogram and throughput over time in"),
+        "{stdout}"
+    );
+    let text = std::fs::read_to_string(&svg).expect("svg");
+    assert!(text.starts_with("<svg"), "{}", &text[..80.min(text.len())]);
+    assert!(
+        text.contains("&apos;score&apos;: distribution") || text.contains("'score': distribution"),
+        "the caption"
+    );
+    assert!(
+        text.contains("lines finished per 2 s"),
+        "a span of 119 s in about 40 steps: 2 s each"
+    );
+    // Ten bars of equal height: the bars are the blue rectangles.
+    let bars: Vec<&str> = text
+        .split("<rect")
+        .skip(1)
+        .filter(|r| r.contains("fill=\"#0000FF\""))
+        .collect();
+    assert_eq!(bars.len(), 10, "{text}");
+    let heights: std::collections::BTreeSet<String> = bars
+        .iter()
+        .filter_map(|r| {
+            r.split("height=\"")
+                .nth(1)?
+                .split('"')
+                .next()
+                .map(str::to_string)
+        })
+        .collect();
+    assert_eq!(heights.len(), 1, "every bin holds 12 answers: {heights:?}");
+    // The throughput curve: one point per 2 s step over 0..=119 s.
+    let points = text
+        .split("<polyline")
+        .find(|p| p.contains("stroke=\"#FF0000\""))
+        .and_then(|p| p.split("points=\"").nth(1))
+        .and_then(|p| p.split('"').next())
+        .expect("a polyline");
+    assert_eq!(points.split_whitespace().count(), 60, "{points}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_makes_a_batch_of_exactly_the_lines_that_did_not_succeed() {
     let fake = Fake::start(Shape::OpenAi).await;

@@ -28,6 +28,30 @@ pub struct AnalyzeArgs {
     /// Write one row per custom_id: the answer's fields as columns, status, error, tokens.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// Draw an SVG: the --field's histogram (or category counts) and, when the answers carry
+    /// their completion time (`created`), lines finished over time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+}
+
+/// 10 equal bins from min to max: (low edge, high edge, count); one bin when all are equal.
+pub fn bins(numbers: &[f64], s: &Stats) -> Vec<(f64, f64, usize)> {
+    let n = if s.max > s.min { 10usize } else { 1 };
+    let width = (s.max - s.min) / n as f64;
+    let mut counts = vec![0usize; n];
+    for v in numbers {
+        let i = if width > 0.0 {
+            (((v - s.min) / width) as usize).min(n - 1)
+        } else {
+            0
+        };
+        counts[i] += 1;
+    }
+    counts
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| (s.min + width * i as f64, s.min + width * (i + 1) as f64, c))
+        .collect()
 }
 
 /// An answer parsed: a JSON object's fields, or a bare number.
@@ -195,6 +219,7 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut rows: Vec<Row> = Vec::new();
     let mut seen: HashMap<String, ()> = HashMap::new();
+    let mut finished_at: Vec<i64> = Vec::new();
     for l in &outputs {
         let id = l["custom_id"].as_str().unwrap_or_default().to_string();
         seen.insert(id.clone(), ());
@@ -228,6 +253,9 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
                 _ => missing_field += 1,
             },
             (Some(_), None) => {}
+        }
+        if let Some(t) = body["created"].as_i64() {
+            finished_at.push(t);
         }
         rows.push((id, parsed, "succeeded", String::new(), p, c));
     }
@@ -304,23 +332,9 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
                 ),
             )?;
             // A text histogram over 10 equal bins.
-            let bins = 10usize;
-            let width = (s.max - s.min) / bins as f64;
-            let mut counts = vec![0usize; bins];
-            for v in &numbers {
-                let i = if width > 0.0 {
-                    (((v - s.min) / width) as usize).min(bins - 1)
-                } else {
-                    0
-                };
-                counts[i] += 1;
-            }
-            let top = counts.iter().copied().max().unwrap_or(1).max(1);
-            for (i, c) in counts.iter().enumerate() {
-                if width == 0.0 && i > 0 {
-                    break;
-                }
-                let lo = s.min + width * i as f64;
+            let bins = bins(&numbers, &s);
+            let top = bins.iter().map(|b| b.2).max().unwrap_or(1).max(1);
+            for (lo, _, c) in &bins {
                 w(
                     out,
                     format!("  {:>10.2} {:>7} {}", lo, c, "#".repeat(c * 40 / top)),
@@ -330,6 +344,18 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
         for (cat, n) in &categories {
             w(out, format!("  {cat}: {n}"))?;
         }
+    }
+    if let Some(path) = &args.plot {
+        let data = super::plot::PlotData {
+            field: args.field.as_deref(),
+            bins: stats(&numbers)
+                .map(|s| bins(&numbers, &s))
+                .unwrap_or_default(),
+            categories: categories.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            finished_at,
+        };
+        let drew = super::plot::draw(path, &data)?;
+        w(out, format!("plot: {drew} in {}", path.display()))?;
     }
     if let Some(path) = &args.csv {
         let mut keys: BTreeSet<String> = BTreeSet::new();

@@ -7,5 +7,6 @@ pub mod calibrate;
 pub mod csv_to_batch;
 pub mod engine;
 pub mod http;
+pub mod plot;
 pub mod retry;
 pub mod run;
