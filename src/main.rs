@@ -148,8 +148,9 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
             };
             let _ = writeln!(
                 std::io::stderr(),
-                "{}",
-                summary(&report, args.rate, counted)
+                "{}\n{}",
+                summary(&report, counted),
+                ollama_batch::client::csv_to_batch::duration(report.written, args.rate)
             );
             ExitCode::SUCCESS
         }

@@ -301,6 +301,80 @@ fn analyze_reports_statistics_that_match_an_independent_computation() {
     assert!(!ok && err.contains("cannot read /nope.jsonl"), "{err}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn csv_to_batch_counts_prompt_tokens_with_the_backends_tokenizer() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("s.csv");
+    let (ok, _, err) = run(&["csv-to-batch", csv.to_str().expect("p"), "--sample", "150"]);
+    assert!(ok, "{err}");
+    let rubric = dir.path().join("rubric.md");
+    std::fs::write(
+        &rubric,
+        "Score the candidate from 0 to 10; answer in JSON. Ünïcode counts as characters.",
+    )
+    .expect("rubric");
+    let out = dir.path().join("s.jsonl");
+    let url = fake.url();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        run(&[
+            "csv-to-batch",
+            csv.to_str().expect("p"),
+            "-o",
+            out.to_str().expect("p"),
+            "--model",
+            "m",
+            "--system",
+            rubric.to_str().expect("p"),
+            "--tokenizer-url",
+            &url,
+        ])
+    })
+    .await
+    .expect("join");
+    assert!(ok, "{err}");
+    // Independently: the fake's count (characters ÷ 4, rounded up) of every message written.
+    let text = std::fs::read_to_string(dir.path().join("s.jsonl")).expect("jsonl");
+    let expected: usize = text
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("line");
+            v["body"]["messages"]
+                .as_array()
+                .expect("messages")
+                .iter()
+                .map(|m| {
+                    m["content"]
+                        .as_str()
+                        .expect("content")
+                        .chars()
+                        .count()
+                        .div_ceil(4)
+                })
+                .sum::<usize>()
+        })
+        .sum();
+    assert!(
+        err.contains(&format!("prompt tokens: about {expected} (counted by the backend's tokenizer on the system prompt and 150 rows")),
+        "expected {expected}: {err}"
+    );
+    // A server without /tokenize: a clear error, not a guess.
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        dir.path().join("s.csv").to_str().expect("p"),
+        "-o",
+        "/dev/null",
+        "--model",
+        "m",
+        "--tokenizer-url",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(
+        !ok && err.contains("--tokenizer-url: cannot reach"),
+        "{err}"
+    );
+}
+
 #[test]
 fn analyze_plots_the_histogram_and_lines_finished_over_time() {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -419,8 +419,22 @@ pub fn convert(
     Ok(report)
 }
 
+/// The duration estimate printed after the summary.
+pub fn duration(lines: u64, rate: Option<f64>) -> String {
+    match rate {
+        Some(rate) if rate > 0.0 => {
+            let secs = (lines as f64 / rate).ceil() as u64;
+            format!(
+                "duration: about {} at {rate} requests/s",
+                humantime::format_duration(std::time::Duration::from_secs(secs))
+            )
+        }
+        _ => "duration: pass --rate (requests/s measured on your setup: `ollama-batch bench` prints it) for an estimate".into(),
+    }
+}
+
 /// The summary printed on standard error.
-pub fn summary(r: &Report, rate: Option<f64>, counted: Option<u64>) -> String {
+pub fn summary(r: &Report, counted: Option<u64>) -> String {
     let mut s = format!(
         "{} rows read, {} lines written, {} skipped",
         r.rows,
@@ -463,18 +477,6 @@ pub fn summary(r: &Report, rate: Option<f64>, counted: Option<u64>) -> String {
             "\nprompt tokens: about {} (an approximation: characters ÷ 4, the system prompt counted on every line; --tokenizer-url with a llama.cpp server counts real tokens)",
             r.message_chars / 4
         )),
-    }
-    match rate {
-        Some(rate) if rate > 0.0 => {
-            let secs = (r.written as f64 / rate).ceil() as u64;
-            s.push_str(&format!(
-                "\nduration: about {} at {rate} requests/s",
-                humantime::format_duration(std::time::Duration::from_secs(secs))
-            ));
-        }
-        _ => s.push_str(
-            "\nduration: pass --rate (requests/s measured on your setup) for an estimate",
-        ),
     }
     s
 }

@@ -155,7 +155,7 @@ fn prepare(args: &RunArgs) -> Result<Input, String> {
                 return Err(e);
             }
         };
-        note(&csv_to_batch::summary(&report, None, None));
+        note(&csv_to_batch::summary(&report, None));
         (scratch.clone(), Some(scratch))
     } else {
         (args.file.clone(), None)
@@ -264,9 +264,15 @@ impl Ui {
                 self.sized = true;
                 bar.set_style(
                     ProgressStyle::with_template(
-                        "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} ({percent}%) {per_sec} ETA {eta} {msg}",
+                        "{spinner} [{elapsed_precise}] [{wide_bar}] {pos}/{len} ({percent}%) {rate} ETA {eta} {msg}",
                     )
                     .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .with_key(
+                        "rate",
+                        |s: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                            let _ = write!(w, "{:.1}/s", s.per_sec());
+                        },
+                    )
                     .progress_chars("=> "),
                 );
                 bar.set_length(total);
@@ -328,14 +334,26 @@ impl Ui {
         }
     }
 
-    /// Leaves the bar where it stands (detaching).
-    fn abandon(&mut self) {
+    /// Takes the bar off the screen and says where the batch stood (detaching).
+    fn abandon(&mut self, b: &Value) {
         if let Some(bar) = self.bar.take() {
             if let Ok(mut g) = BAR.lock() {
                 *g = None;
             }
-            bar.abandon();
+            bar.finish_and_clear();
         }
+        let c = &b["request_counts"];
+        let failed = c["failed"].as_u64().unwrap_or(0);
+        let done = c["completed"].as_u64().unwrap_or(0) + failed;
+        let total = c["total"].as_u64().unwrap_or(0);
+        note(&format!(
+            "stopped following at {done}/{total} done{}",
+            if failed > 0 {
+                format!(", {failed} failed")
+            } else {
+                String::new()
+            }
+        ));
     }
 }
 
@@ -446,7 +464,7 @@ async fn drive(
                     server.cancel(&id).await?;
                     cancelled_by_us = true;
                 } else {
-                    ui.abandon();
+                    ui.abandon(&b);
                     if engine.local.is_some() {
                         note(&format!(
                             "interrupted: stopping the engine; {id} is kept in {} and resumes when you run the same command again:\n  {}",
@@ -473,7 +491,7 @@ async fn drive(
                 // A server that restarts is back in seconds; one gone for a minute is an error.
                 let since = *unreachable_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > Duration::from_secs(60) {
-                    ui.abandon();
+                    ui.abandon(&b);
                     return Err(e);
                 }
             }

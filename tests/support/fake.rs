@@ -392,6 +392,16 @@ impl Ctx {
             };
         }
         let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        if path == "/tokenize" {
+            // llama.cpp's tokenizer, faked: one token per 4 characters (rounded up).
+            let n = req["content"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .count()
+                .div_ceil(4);
+            return Reply::Json(200, json!({"tokens": (0..n).collect::<Vec<_>>()}));
+        }
         if path == "/api/show" {
             self.stats.shows.fetch_add(1, Ordering::SeqCst);
             let model = req["model"].as_str().unwrap_or_default();
