@@ -111,3 +111,115 @@ async fn bench_status_latency() {
     }
     server.stop().await;
 }
+
+/// Runs the binary under `/usr/bin/time`: (exit code, seconds, peak RSS in MiB, stderr).
+fn timed(args: &[&str]) -> (i32, f64, f64, String) {
+    let out = std::process::Command::new("/usr/bin/time")
+        .args(["-f", "TIMED %e %M"])
+        .arg(crate::support::binary())
+        .args(args)
+        .env_remove("OLLAMA_BATCH_SERVER")
+        .output()
+        .expect("/usr/bin/time runs");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = err
+        .lines()
+        .rfind(|l| l.starts_with("TIMED "))
+        .unwrap_or_else(|| panic!("no timing in: {err}"));
+    let mut parts = line.split_whitespace().skip(1);
+    let secs: f64 = parts.next().and_then(|s| s.parse().ok()).expect("seconds");
+    let kib: f64 = parts.next().and_then(|s| s.parse().ok()).expect("KiB");
+    (out.status.code().unwrap_or(-1), secs, kib / 1024.0, err)
+}
+
+/// The whole job at full size (ignored by default; `scripts/bench-run.sh` runs it in release
+/// mode): `csv-to-batch --sample 170000`, then `run` on the CSV with the built-in rubric against
+/// the fake backend (which answers at once), the engine in the process; wall time and peak
+/// memory of each step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-run.sh"]
+async fn bench_run_whole_job() {
+    let n = bench_lines(170_000);
+    let fake = Fake::start(Shape::OpenAi).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("candidates.csv");
+    let rubric = dir.path().join("rubric.md");
+    std::fs::write(&rubric, ollama_batch::client::bench::RUBRIC).expect("rubric");
+    let p = |p: &std::path::Path| p.to_str().expect("path").to_string();
+    let (code, sample_s, sample_mib, err) = tokio::task::spawn_blocking({
+        let csv = p(&csv);
+        let n = n.to_string();
+        move || timed(&["csv-to-batch", &csv, "--sample", &n])
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{err}");
+    let (code, conv_s, conv_mib, err) = tokio::task::spawn_blocking({
+        let (csv, rubric) = (p(&csv), p(&rubric));
+        let out = p(&dir.path().join("candidates.jsonl"));
+        move || {
+            timed(&[
+                "csv-to-batch",
+                &csv,
+                "-o",
+                &out,
+                "--model",
+                "m",
+                "--system",
+                &rubric,
+            ])
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{err}");
+    let jsonl_mib = std::fs::metadata(dir.path().join("candidates.jsonl"))
+        .expect("jsonl")
+        .len() as f64
+        / (1u64 << 20) as f64;
+    let url = fake.url();
+    let state = p(&dir.path().join("state"));
+    let (code, run_s, run_mib, err) = tokio::task::spawn_blocking({
+        let (csv, rubric) = (p(&csv), p(&rubric));
+        move || {
+            timed(&[
+                "run",
+                &csv,
+                "--model",
+                "m",
+                "--system",
+                &rubric,
+                "--backend",
+                "openai",
+                "--backend-url",
+                &url,
+                "--concurrency",
+                "16",
+                "--listen",
+                "127.0.0.1:0",
+                "--state",
+                &state,
+                "--print-every",
+                "10s",
+            ])
+        }
+    })
+    .await
+    .expect("join");
+    assert_eq!(code, 0, "{err}");
+    let lines = std::fs::read_to_string(dir.path().join("candidates.output.jsonl"))
+        .expect("output")
+        .lines()
+        .count();
+    assert_eq!(lines, n);
+    println!();
+    println!("| step | lines | seconds | peak memory (RSS) |");
+    println!("|---|---|---|---|");
+    println!("| `csv-to-batch --sample {n}` | {n} | {sample_s:.2} | {sample_mib:.0} MiB |");
+    println!(
+        "| `csv-to-batch` (built-in rubric; JSONL {jsonl_mib:.0} MiB) | {n} | {conv_s:.2} | {conv_mib:.0} MiB |"
+    );
+    println!(
+        "| `run` on the CSV, engine in-process, fake backend, concurrency 16 | {n} | {run_s:.1} | {run_mib:.0} MiB |"
+    );
+}

@@ -51,8 +51,8 @@ pub struct BenchArgs {
     pub serve: ServeArgs,
 }
 
-/// A rubric of the job's size and kind.
-const RUBRIC: &str = "You are an experienced technical recruiter scoring candidates for a senior \
+/// A rubric of the job's size and kind (about 1,300 characters).
+pub const RUBRIC: &str = "You are an experienced technical recruiter scoring candidates for a senior \
 software engineer role on a small team that builds data-intensive backend services.\n\n\
 Score each candidate from 0 to 10 against this rubric:\n\
 - Relevant experience (0-3): years building and operating production backend systems; \
