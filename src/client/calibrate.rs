@@ -494,6 +494,13 @@ pub async fn calibrate(args: &CalibrateArgs) -> u8 {
             let _ = write!(out, "{}", table(&report.steps));
             let _ = writeln!(out, "stopped: {}", report.stopped);
             match &report.recommendation {
+                Some(r) if args.backend == BackendKind::Openai => {
+                    let _ = writeln!(
+                        out,
+                        "recommended: --concurrency {} (at the server's context of {} tokens per request; the server's -c and -np set it)\n  ({})",
+                        r.concurrency, r.num_ctx, r.why
+                    );
+                }
                 Some(r) => {
                     let _ = writeln!(
                         out,
