@@ -161,6 +161,17 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
     }
 }
 
+/// Runs a client command on a multi-threaded runtime (it may start the engine); its exit code.
+fn block_on(f: impl std::future::Future<Output = u8>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(rt) => ExitCode::from(rt.block_on(f)),
+        Err(e) => {
+            complain(&format!("cannot start the runtime: {e}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// A one-thread runtime for a client command.
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_current_thread()
@@ -177,58 +188,33 @@ fn main() -> ExitCode {
         Command::CsvToBatch(a) => return csv_to_batch(a),
         Command::Run(a) => {
             init_logs(a.serve.log_format, "warn");
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    complain(&format!("cannot start the runtime: {e}"));
-                    return ExitCode::FAILURE;
-                }
-            };
-            return ExitCode::from(rt.block_on(ollama_batch::client::run::run(&a)));
+            return block_on(async move { ollama_batch::client::run::run(&a).await });
         }
         Command::Bench(a) => {
             init_logs(a.serve.log_format, "warn");
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    complain(&format!("cannot start the runtime: {e}"));
-                    return ExitCode::FAILURE;
-                }
-            };
-            return ExitCode::from(rt.block_on(ollama_batch::client::bench::bench(&a)));
+            return block_on(async move { ollama_batch::client::bench::bench(&a).await });
         }
         Command::Calibrate(a) => {
-            let rt = match tokio::runtime::Runtime::new() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    complain(&format!("cannot start the runtime: {e}"));
-                    return ExitCode::FAILURE;
-                }
-            };
-            return ExitCode::from(rt.block_on(ollama_batch::client::calibrate::calibrate(&a)));
+            return block_on(async move { ollama_batch::client::calibrate::calibrate(&a).await });
         }
         Command::Retry(a) => {
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    complain(&e);
-                    return ExitCode::FAILURE;
+            init_logs(a.serve.log_format, "warn");
+            return block_on(async move {
+                match ollama_batch::client::retry::retry(&a).await {
+                    Ok((file, id)) => {
+                        complain(&format!(
+                            "new batch of the lines of {} that did not succeed (input file {file}):",
+                            a.batch_id
+                        ));
+                        say(&id);
+                        0
+                    }
+                    Err(e) => {
+                        complain(&e);
+                        1
+                    }
                 }
-            };
-            return match rt.block_on(ollama_batch::client::retry::retry(&a)) {
-                Ok((file, id)) => {
-                    complain(&format!(
-                        "new batch of the lines of {} that did not succeed (input file {file}):",
-                        a.batch_id
-                    ));
-                    say(&id);
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    complain(&e);
-                    ExitCode::FAILURE
-                }
-            };
+            });
         }
         Command::Analyze(a) => {
             return match ollama_batch::client::analyze::analyze(&a, &mut std::io::stdout().lock()) {

@@ -140,7 +140,7 @@ async fn wait_calls(fake: &Fake, n: u64, within: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_with_no_server_does_the_whole_job_and_a_rerun_downloads_again() {
+async fn run_with_no_server_does_the_whole_job_a_rerun_downloads_again_and_retry_follows() {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.refuse_marker = Some("REFUSE".into()));
     let dir = tempfile::tempdir().expect("tempdir");

@@ -48,7 +48,9 @@ ended, to download its results again)."
 )]
 pub struct RunArgs {
     /// The input: a Batch API JSONL file, or a CSV (`.csv`) turned into one as `csv-to-batch`
-    /// does (the line model is --model).
+    /// does (the line model is --model). Or a batch id (`batch_…`, e.g. the one `retry`
+    /// printed): follow that batch and download its files as `<id>.output.jsonl` /
+    /// `<id>.errors.jsonl`.
     pub file: PathBuf,
     /// Use the ollama-batch server at this URL instead of the engine in this process (then the
     /// engine flags below are that server's business, but for --api-key: the key sent to it).
@@ -437,11 +439,25 @@ fn human_bytes(n: u64) -> String {
 async fn drive(
     engine: &Engine,
     args: &RunArgs,
-    input: &Input,
+    input: Option<&Input>,
     interrupted: &CancellationToken,
 ) -> Result<u8, String> {
     let server = &engine.server;
-    let Some(mut b) = attach_or_create(server, input, interrupted).await? else {
+    let b = match input {
+        Some(input) => attach_or_create(server, input, interrupted).await?,
+        None => {
+            let id = args.file.to_string_lossy();
+            let b = server.batch(&id).await.map_err(|e| {
+                format!("{e}\n(`run {id}` follows a batch of the server; no file of that name exists either)")
+            })?;
+            note(&format!(
+                "following {id} ({})",
+                b["status"].as_str().unwrap_or_default()
+            ));
+            Some(b)
+        }
+    };
+    let Some(mut b) = b else {
         note("interrupted before a batch was made");
         return Ok(EXIT_INTERRUPTED);
     };
@@ -499,6 +515,7 @@ async fn drive(
     }
     let out_dir = match &args.out {
         Some(d) => d.clone(),
+        None if input.is_none() => PathBuf::from("."),
         None => args
             .file
             .parent()
@@ -605,11 +622,21 @@ pub async fn run(args: &RunArgs) -> u8 {
         note(&format!("ollama-batch: {e}"));
         return EXIT_ERROR;
     }
-    let input = match prepare(args) {
-        Ok(i) => i,
-        Err(e) => {
-            note(&format!("ollama-batch: {e}"));
-            return EXIT_ERROR;
+    // `run batch_…` (no such file): follow a batch already on the server, e.g. one `retry` made.
+    let follow = !args.file.exists()
+        && args
+            .file
+            .to_str()
+            .is_some_and(|s| s.starts_with("batch_") && !s.contains('/'));
+    let input = if follow {
+        None
+    } else {
+        match prepare(args) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                note(&format!("ollama-batch: {e}"));
+                return EXIT_ERROR;
+            }
         }
     };
     let engine = tokio::select! {
@@ -623,7 +650,7 @@ pub async fn run(args: &RunArgs) -> u8 {
             return EXIT_ERROR;
         }
     };
-    let code = match drive(&engine, args, &input, &interrupted).await {
+    let code = match drive(&engine, args, input.as_ref(), &interrupted).await {
         Ok(code) => code,
         Err(e) => {
             note(&format!("ollama-batch: {e}"));
