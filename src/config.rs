@@ -40,8 +40,8 @@ pub enum Command {
     /// Report on a batch's output: successes and failures, a field's distribution, answers
     /// that did not parse, tokens; optionally a CSV of every line.
     Analyze(crate::client::analyze::AnalyzeArgs),
-    /// Make a new batch of the failed, expired and cancelled lines of a finished batch (on a
-    /// running server); prints the new batch's id as the last line.
+    /// Make a new batch of the failed, expired and cancelled lines of a finished batch (on the
+    /// server, or the engine on --state); prints the new batch's id as the last line.
     Retry(crate::client::retry::RetryArgs),
 }
 

@@ -160,6 +160,9 @@ async fn run_with_no_server_does_the_whole_job_a_rerun_downloads_again_and_retry
     assert!(err.contains("engine running in this process"), "{err}");
     assert!(err.contains("uploading job.jsonl (40 lines"), "{err}");
     assert!(out.contains("completed: 37 succeeded, 3 failed"), "{out}");
+    // Not a terminal: plain progress lines, no bar, no escape codes.
+    assert!(err.contains("completed: 40/40 (100.0%), 3 failed"), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err}");
     let output = by_id(&dir.path().join("job.output.jsonl"));
     let errors = by_id(&dir.path().join("job.errors.jsonl"));
     assert_eq!(output.len() + errors.len(), 40);

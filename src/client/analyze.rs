@@ -12,6 +12,12 @@ use std::path::PathBuf;
 
 /// Flags of `analyze`.
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "Example:\n  \
+ollama-batch analyze candidates.output.jsonl --errors candidates.errors.jsonl \\\n      \
+--input candidates.jsonl --field score --csv scores.csv --plot scores.svg\n\n\
+Answers are read as JSON, JSON inside a Markdown code fence, the first {...} in the text, or a \
+bare number. A numeric field gets count, min, max, mean, median, percentiles and a histogram; \
+text values are counted as categories.")]
 pub struct AnalyzeArgs {
     /// The batch's output file (JSONL).
     pub output: PathBuf,

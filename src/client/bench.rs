@@ -20,6 +20,12 @@ use tokio_util::sync::CancellationToken;
 
 /// Flags of `bench`.
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "Example:\n  \
+ollama-batch bench --model gemma3:12b --num-ctx 8192 --concurrency 4 --sizes 100,1000 --extrapolate 170000\n\n\
+--model (required) is the model the lines name. Without --server the engine runs in this \
+process on a scratch state directory, removed at the end, and a free loopback port: --state \
+and --listen are not used. Latency percentiles are interpolated within the buckets of the \
+server's /metrics histogram; the GPU peak needs NVML.")]
 pub struct BenchArgs {
     /// Batch sizes to run, one after another.
     #[arg(
@@ -32,7 +38,7 @@ pub struct BenchArgs {
     /// Also estimate how long this many lines take, at the largest size's rate.
     #[arg(long, value_name = "N")]
     pub extrapolate: Option<u64>,
-    /// The rubric (system prompt) every line carries. Default: a built-in one of about 300
+    /// The rubric (system prompt) every line carries. Default: a built-in one of about 200
     /// words, like a real scoring rubric.
     #[arg(long, value_name = "FILE")]
     pub system: Option<PathBuf>,

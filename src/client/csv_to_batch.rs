@@ -37,6 +37,13 @@ pub struct RequestShape {
 
 /// Flags of `csv-to-batch`.
 #[derive(Args, Debug, Clone)]
+#[command(after_help = "Examples:\n  \
+ollama-batch csv-to-batch --sample 1000 sample.csv\n  \
+ollama-batch csv-to-batch candidates.csv -o candidates.jsonl --model gemma3:12b --system rubric.md \\\n      \
+--max-tokens 200 --temperature 0 --json-schema answer.schema.json\n  \
+ollama-batch csv-to-batch people.csv --model m --id-column email --template 'Name: {name}\\nCV: {cv}'\n\n\
+Rows without an id, or with an id seen before, are skipped and reported (exit 0); a template \
+naming an unknown column, an unreadable file or a CSV error exit 1.")]
 pub struct CsvArgs {
     /// The CSV (with a header row). With --sample, the CSV to create.
     pub csv: PathBuf,
