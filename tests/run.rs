@@ -398,3 +398,51 @@ async fn run_in_process_interrupted_resumes_with_the_same_command() {
         assert!(id.starts_with("cand-"), "{id}");
     }
 }
+
+/// `--cancel-on-interrupt`: SIGINT cancels the batch instead of detaching; what finished is
+/// downloaded, the rest is in the error file as cancelled, and the exit says interrupted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_with_cancel_on_interrupt_cancels_and_downloads_what_finished() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(40));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = process::spawn(&dir.path().join("state"), &fake.url(), 2, &[]);
+    let n = 80;
+    let file = dir.path().join("cut.jsonl");
+    std::fs::write(&file, input(n, &[])).expect("input");
+    let args = [
+        file.to_str().expect("path"),
+        "--server",
+        &server.addr,
+        "--poll",
+        "100ms",
+        "--cancel-on-interrupt",
+    ];
+    let first = RunProc::start(dir.path(), "cut", &args);
+    wait_calls(&fake, 6, Duration::from_secs(30)).await;
+    signal(&first.child, "-INT");
+    let (code, out, err) = first.finish(Duration::from_secs(30));
+    assert_eq!(code, 130, "{out}{err}");
+    assert!(err.contains("interrupted: cancelling batch_"), "{err}");
+    assert!(out.contains(" cancelled: "), "{out}");
+    let output = by_id(&dir.path().join("cut.output.jsonl"));
+    let errors = by_id(&dir.path().join("cut.errors.jsonl"));
+    assert_eq!(
+        output.len() + errors.len(),
+        n,
+        "every line is in one file or the other"
+    );
+    assert!(
+        !output.is_empty() && !errors.is_empty(),
+        "{} done, {} not",
+        output.len(),
+        errors.len()
+    );
+    for e in errors.values() {
+        assert_eq!(e["error"]["code"], "batch_cancelled", "{e}");
+    }
+    for id in output.keys() {
+        let i: usize = id[1..].parse().expect("index");
+        assert_eq!(fake.calls_of(&user(i)), 1, "{id} ran once");
+    }
+}
