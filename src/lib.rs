@@ -18,6 +18,7 @@ pub mod domain;
 pub mod gpu;
 pub mod intake;
 pub mod metrics;
+pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod supervisor;

@@ -1,0 +1,408 @@
+//! Scheduling policy: which ready line goes to which lane next. Pure bookkeeping (no I/O, no
+//! store): the supervisor owns request state and asks this module only *which* line to lease.
+//!
+//! A lane is one of the backend's parallel slots (`--concurrency` of them). Every line belongs
+//! to a prefix group (the model plus a hash of its leading system/developer messages, computed
+//! at intake and stored with the request). Model servers keep a prompt cache per slot, so a slot
+//! that keeps receiving lines of one group prefills the shared prefix once instead of every time.
+//!
+//! [`Policy::Affine`] (the default): each lane serves one queue — the ready lines of one group
+//! of one batch — until it is empty, then takes another: of the oldest batch with ready lines,
+//! the lane's own group if it has lines there, else a queue no lane serves, else (only when
+//! there is enough left to be worth a cold prefill) the queue with the most lines per lane. A
+//! queue that no lane has served for `starve_after` is taken by the next lane that asks, so a
+//! small batch behind a 170,000-line one still makes progress.
+//!
+//! [`Policy::Fifo`]: lines in input order, oldest batch first, to whichever lane asks (the
+//! behaviour before prefix groups).
+
+use crate::domain::BatchId;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+/// How lines are given to lanes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Each lane keeps to one prefix group (see the module doc).
+    Affine,
+    /// Input order, oldest batch first.
+    Fifo,
+}
+
+/// Joining a queue another lane already serves costs the joining slot a cold prefill; it is
+/// done only when the queue has at least this many ready lines per lane (counting the new one).
+pub const JOIN_MIN_LINES_PER_LANE: usize = 8;
+
+/// The ready lines of one group of one batch.
+#[derive(Debug)]
+struct Queue {
+    ready: VecDeque<u32>,
+    /// When a line was last taken from it, or when it became ready with no lane serving it.
+    since: Instant,
+    /// Lanes serving it.
+    lanes: usize,
+}
+
+/// A batch's lines: which group each is in, and the queues.
+#[derive(Debug, Default)]
+struct BatchQueues {
+    /// The group of most lines (the first registered) and the lines of other groups.
+    main_group: Option<u64>,
+    other_groups: HashMap<u32, u64>,
+    queues: BTreeMap<u64, Queue>,
+}
+
+impl BatchQueues {
+    fn group_of(&self, line: u32) -> u64 {
+        self.other_groups
+            .get(&line)
+            .copied()
+            .or(self.main_group)
+            .unwrap_or(0)
+    }
+}
+
+/// The scheduler's state.
+#[derive(Debug)]
+pub struct Scheduler {
+    policy: Policy,
+    starve_after: Duration,
+    /// Per lane: the queue it serves, as (batch, group).
+    lanes: Vec<Option<(BatchId, u64)>>,
+    /// Ordered by id = creation time: first-come first-served.
+    batches: BTreeMap<BatchId, BatchQueues>,
+}
+
+impl Scheduler {
+    /// A scheduler of `lanes` lanes.
+    pub fn new(policy: Policy, lanes: usize, starve_after: Duration) -> Scheduler {
+        Scheduler {
+            policy,
+            starve_after,
+            lanes: vec![None; lanes.max(1)],
+            batches: BTreeMap::new(),
+        }
+    }
+
+    /// Its policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Lanes in all.
+    pub fn lanes(&self) -> usize {
+        self.lanes.len()
+    }
+
+    /// Records the group of a line (before it is pushed). Under [`Policy::Fifo`] every line is
+    /// in one queue per batch, in input order.
+    pub fn register(&mut self, batch: BatchId, line: u32, group: u64) {
+        let group = if self.policy == Policy::Fifo {
+            0
+        } else {
+            group
+        };
+        let b = self.batches.entry(batch).or_default();
+        match b.main_group {
+            None => b.main_group = Some(group),
+            Some(g) if g == group => {}
+            Some(_) => {
+                b.other_groups.insert(line, group);
+            }
+        }
+    }
+
+    fn queue(&mut self, batch: BatchId, line: u32, now: Instant) -> &mut Queue {
+        let b = self.batches.entry(batch).or_default();
+        let group = b.group_of(line);
+        let q = b.queues.entry(group).or_insert_with(|| Queue {
+            ready: VecDeque::new(),
+            since: now,
+            lanes: 0,
+        });
+        if q.ready.is_empty() && q.lanes == 0 {
+            q.since = now;
+        }
+        q
+    }
+
+    /// A line is ready (new, or back after a retry delay or a rescue): at the end of its queue.
+    pub fn push_back(&mut self, batch: BatchId, line: u32, now: Instant) {
+        self.queue(batch, line, now).ready.push_back(line);
+    }
+
+    /// A line given back without being tried (backend down, shutdown): at the front.
+    pub fn push_front(&mut self, batch: BatchId, line: u32, now: Instant) {
+        self.queue(batch, line, now).ready.push_front(line);
+    }
+
+    /// Drops a batch's ready lines (cancelled, expiring); its groups stay known.
+    pub fn clear(&mut self, batch: BatchId) {
+        if let Some(b) = self.batches.get_mut(&batch) {
+            for q in b.queues.values_mut() {
+                q.ready.clear();
+            }
+        }
+    }
+
+    /// Forgets a finished batch.
+    pub fn forget(&mut self, batch: BatchId) {
+        self.batches.remove(&batch);
+        for lane in self.lanes.iter_mut() {
+            if lane.is_some_and(|(b, _)| b == batch) {
+                *lane = None;
+            }
+        }
+    }
+
+    /// Ready lines of a batch.
+    pub fn ready(&self, batch: BatchId) -> usize {
+        self.batches
+            .get(&batch)
+            .map(|b| b.queues.values().map(|q| q.ready.len()).sum())
+            .unwrap_or(0)
+    }
+
+    /// Whether any batch that `dispatching` accepts has a ready line.
+    pub fn any_ready(&self, dispatching: impl Fn(BatchId) -> bool) -> bool {
+        self.batches
+            .iter()
+            .any(|(id, b)| dispatching(*id) && b.queues.values().any(|q| !q.ready.is_empty()))
+    }
+
+    /// The lane now serves `to` (counts move from its old queue).
+    fn assign(&mut self, lane: usize, to: (BatchId, u64)) {
+        if self.lanes[lane] == Some(to) {
+            return;
+        }
+        if let Some((b, g)) = self.lanes[lane]
+            && let Some(q) = self.batches.get_mut(&b).and_then(|x| x.queues.get_mut(&g))
+        {
+            q.lanes = q.lanes.saturating_sub(1);
+        }
+        if let Some(q) = self
+            .batches
+            .get_mut(&to.0)
+            .and_then(|x| x.queues.get_mut(&to.1))
+        {
+            q.lanes += 1;
+        }
+        self.lanes[lane] = Some(to);
+    }
+
+    fn take(&mut self, lane: usize, at: (BatchId, u64), now: Instant) -> Option<(BatchId, u32)> {
+        self.assign(lane, at);
+        let q = self.batches.get_mut(&at.0)?.queues.get_mut(&at.1)?;
+        let line = q.ready.pop_front()?;
+        q.since = now;
+        Some((at.0, line))
+    }
+
+    /// The next line for `lane`, of a batch `dispatching` accepts; `None` when the lane should
+    /// stay idle.
+    pub fn next(
+        &mut self,
+        lane: usize,
+        now: Instant,
+        dispatching: impl Fn(BatchId) -> bool,
+    ) -> Option<(BatchId, u32)> {
+        let lane = lane.min(self.lanes.len() - 1);
+        if self.policy == Policy::Fifo {
+            let at = self.batches.iter().find_map(|(id, b)| {
+                (dispatching(*id) && b.queues.values().any(|q| !q.ready.is_empty()))
+                    .then_some((*id, 0u64))
+            })?;
+            return self.take(lane, at, now);
+        }
+        // A queue nobody has served for too long comes first (the longest wait first).
+        let starved = self
+            .batches
+            .iter()
+            .filter(|(id, _)| dispatching(**id))
+            .flat_map(|(id, b)| b.queues.iter().map(move |(g, q)| ((*id, *g), q)))
+            .filter(|(_, q)| {
+                !q.ready.is_empty()
+                    && q.lanes == 0
+                    && now.saturating_duration_since(q.since) >= self.starve_after
+            })
+            .min_by_key(|(_, q)| q.since)
+            .map(|(at, _)| at);
+        if let Some(at) = starved {
+            return self.take(lane, at, now);
+        }
+        // Its own queue while it has lines.
+        if let Some((b, g)) = self.lanes[lane]
+            && dispatching(b)
+            && self
+                .batches
+                .get(&b)
+                .and_then(|x| x.queues.get(&g))
+                .is_some_and(|q| !q.ready.is_empty())
+        {
+            return self.take(lane, (b, g), now);
+        }
+        let own_group = self.lanes[lane].map(|(_, g)| g);
+        // The oldest batch with ready lines: the lane's group there, else an unserved queue,
+        // else the queue with the most lines per lane if that is worth a cold prefill.
+        let (id, b) = self
+            .batches
+            .iter()
+            .find(|(id, b)| dispatching(**id) && b.queues.values().any(|q| !q.ready.is_empty()))?;
+        let has = |q: &Queue| !q.ready.is_empty();
+        let pick = own_group
+            .filter(|g| b.queues.get(g).is_some_and(|q| !q.ready.is_empty()))
+            .or_else(|| {
+                b.queues
+                    .iter()
+                    .filter(|(_, q)| has(q) && q.lanes == 0)
+                    .max_by_key(|(g, q)| (q.ready.len(), std::cmp::Reverse(**g)))
+                    .map(|(g, _)| *g)
+            })
+            .or_else(|| {
+                b.queues
+                    .iter()
+                    .filter(|(_, q)| {
+                        has(q) && q.ready.len() / (q.lanes + 1) >= JOIN_MIN_LINES_PER_LANE
+                    })
+                    .max_by_key(|(g, q)| (q.ready.len() / (q.lanes + 1), std::cmp::Reverse(**g)))
+                    .map(|(g, _)| *g)
+            })
+            .or_else(|| {
+                // Nobody serves this batch at all (its lanes went elsewhere): take its largest.
+                let served: usize = b.queues.values().map(|q| q.lanes).sum();
+                (served == 0)
+                    .then(|| {
+                        b.queues
+                            .iter()
+                            .filter(|(_, q)| has(q))
+                            .max_by_key(|(_, q)| q.ready.len())
+                            .map(|(g, _)| *g)
+                    })
+                    .flatten()
+            })?;
+        let id = *id;
+        self.take(lane, (id, pick), now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn batch(n: u128) -> BatchId {
+        BatchId(uuid::Uuid::from_u128(n))
+    }
+
+    /// Registers and pushes lines 1..=n of `b`, line i in group `group(i)`.
+    fn fill(s: &mut Scheduler, b: BatchId, n: u32, group: impl Fn(u32) -> u64, now: Instant) {
+        for line in 1..=n {
+            s.register(b, line, group(line));
+            s.push_back(b, line, now);
+        }
+    }
+
+    /// Drains with `lanes` lanes taking turns; returns per lane the groups it served in order.
+    fn drain(s: &mut Scheduler, lanes: usize, group: impl Fn(u32) -> u64) -> Vec<Vec<u64>> {
+        let now = Instant::now();
+        let mut served = vec![Vec::new(); lanes];
+        loop {
+            let mut any = false;
+            for (lane, seen) in served.iter_mut().enumerate() {
+                if let Some((_, line)) = s.next(lane, now, |_| true) {
+                    any = true;
+                    seen.push(group(line));
+                }
+            }
+            if !any {
+                return served;
+            }
+        }
+    }
+
+    fn switches(served: &[Vec<u64>]) -> usize {
+        served
+            .iter()
+            .map(|l| 1 + l.windows(2).filter(|w| w[0] != w[1]).count())
+            .sum()
+    }
+
+    #[test]
+    fn one_group_costs_one_prefill_per_lane() {
+        let mut s = Scheduler::new(Policy::Affine, 4, Duration::from_secs(30));
+        fill(&mut s, batch(1), 400, |_| 7, Instant::now());
+        let served = drain(&mut s, 4, |_| 7);
+        assert_eq!(served.iter().map(Vec::len).sum::<usize>(), 400);
+        assert_eq!(switches(&served), 4);
+    }
+
+    #[test]
+    fn shuffled_groups_keep_each_lane_on_one_group_at_a_time() {
+        // 8 groups of 100 lines, shuffled.
+        let mut order: Vec<u32> = (1..=800).collect();
+        fastrand::Rng::with_seed(8).shuffle(&mut order);
+        let group = |line: u32| (line % 8) as u64;
+        let mut s = Scheduler::new(Policy::Affine, 4, Duration::from_secs(30));
+        let now = Instant::now();
+        for &line in &order {
+            s.register(batch(1), line, group(line));
+            s.push_back(batch(1), line, now);
+        }
+        let served = drain(&mut s, 4, group);
+        assert_eq!(served.iter().map(Vec::len).sum::<usize>(), 800);
+        // 8 groups need at least 8 cold prefills; a few more at the tail at most.
+        let sw = switches(&served);
+        assert!((8..=12).contains(&sw), "{sw} switches");
+        // Input order would switch on almost every line.
+        let mut fifo = Scheduler::new(Policy::Fifo, 4, Duration::from_secs(30));
+        for &line in &order {
+            fifo.register(batch(1), line, group(line));
+            fifo.push_back(batch(1), line, now);
+        }
+        assert!(switches(&drain(&mut fifo, 4, group)) > 500);
+    }
+
+    #[test]
+    fn a_starved_queue_is_served_and_then_kept() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Policy::Affine, 2, Duration::from_secs(10));
+        fill(&mut s, batch(1), 1000, |_| 1, t0);
+        for lane in 0..2 {
+            assert_eq!(s.next(lane, t0, |_| true).map(|x| x.0), Some(batch(1)));
+        }
+        fill(&mut s, batch(2), 5, |_| 1, t0);
+        // Before the bound: the big batch, first come first served.
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(s.next(0, t1, |_| true).map(|x| x.0), Some(batch(1)));
+        // After: a lane moves to the small batch and stays until it is done.
+        let t2 = t0 + Duration::from_secs(11);
+        let mut small = 0;
+        for _ in 0..5 {
+            let got = s.next(0, t2, |_| true).expect("work");
+            if got.0 == batch(2) {
+                small += 1;
+            }
+            assert_eq!(s.next(1, t2, |_| true).map(|x| x.0), Some(batch(1)));
+        }
+        assert_eq!(small, 5, "lane 0 drained the small batch");
+        assert_eq!(s.ready(batch(2)), 0);
+    }
+
+    #[test]
+    fn not_dispatching_batches_are_skipped_and_requeues_go_back() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Policy::Affine, 1, Duration::from_secs(30));
+        fill(&mut s, batch(1), 3, |_| 1, now);
+        fill(&mut s, batch(2), 3, |_| 2, now);
+        assert_eq!(
+            s.next(0, now, |b| b != batch(1)).map(|x| x.0),
+            Some(batch(2))
+        );
+        let (b, line) = s.next(0, now, |_| true).expect("work");
+        s.push_front(b, line, now);
+        assert_eq!(s.next(0, now, |_| true), Some((b, line)));
+        s.clear(batch(1));
+        assert_eq!(s.ready(batch(1)), 0);
+        s.forget(batch(2));
+        assert!(!s.any_ready(|_| true));
+    }
+}
