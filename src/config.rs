@@ -227,6 +227,29 @@ pub struct ServeArgs {
     /// ...and at least this often while lines finish more slowly.
     #[arg(long, env = "OLLAMA_BATCH_PROGRESS_INTERVAL", default_value = "30s")]
     pub progress_interval: humantime::Duration,
+    /// Which ready line goes to which backend slot: `affine` keeps each slot on one prefix
+    /// group (lines sharing a system prompt) so its prompt cache is reused; `fifo` sends lines
+    /// in input order.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_SCHEDULING",
+        value_enum,
+        default_value = "affine"
+    )]
+    pub scheduling: Scheduling,
+    /// `affine`: a group of lines no slot has served for this long is taken by the next free
+    /// slot (a small batch behind a large one still makes progress).
+    #[arg(long, env = "OLLAMA_BATCH_GROUP_WAIT_MAX", default_value = "30s")]
+    pub group_wait_max: humantime::Duration,
+    /// Send llama.cpp `id_slot` so each line runs on the slot the scheduler chose: `auto` when
+    /// the backend's `/props` reports slots (llama.cpp), `on`, or `off`.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_SLOT_AFFINITY",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub slot_affinity: SlotAffinity,
     /// Log format.
     #[arg(
         long,
@@ -235,6 +258,26 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+/// `--scheduling`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scheduling {
+    /// Each slot keeps to one prefix group.
+    Affine,
+    /// Input order, oldest batch first.
+    Fifo,
+}
+
+/// `--slot-affinity`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SlotAffinity {
+    /// When the backend reports slots (llama.cpp `/props`).
+    Auto,
+    /// Always (OpenAI-compatible backends only).
+    On,
+    /// Never.
+    Off,
 }
 
 /// The validated configuration every component is built from.
@@ -297,6 +340,12 @@ pub struct Config {
     pub progress_every: u64,
     /// Progress line at least this often.
     pub progress_interval: Duration,
+    /// The scheduling policy.
+    pub scheduling: crate::schedule::Policy,
+    /// Starvation bound of the affine policy.
+    pub group_wait_max: Duration,
+    /// Whether to send `id_slot`.
+    pub slot_affinity: SlotAffinity,
 }
 
 /// Parses `2GiB`, `500MB`, `64k`, `1048576`.
@@ -415,6 +464,12 @@ impl Config {
             client_timeout,
             progress_every: a.progress_every.max(1),
             progress_interval: a.progress_interval.into(),
+            scheduling: match a.scheduling {
+                Scheduling::Affine => crate::schedule::Policy::Affine,
+                Scheduling::Fifo => crate::schedule::Policy::Fifo,
+            },
+            group_wait_max: a.group_wait_max.into(),
+            slot_affinity: a.slot_affinity,
         })
     }
 

@@ -349,15 +349,30 @@ impl SharedContents {
     }
 }
 
-/// Takes long message contents out of a chat body and into `blobs`.
+/// Takes long message contents out of a chat body and into `blobs`; returns the stored body
+/// and the line's prefix group: a hash of the model and the leading system/developer messages
+/// (lines with the same group share the prompt prefix a model server can cache).
 fn store_body(
     store: &Store,
     shared: &mut SharedContents,
     mut body: Value,
-) -> Result<StoredBody, StoreError> {
+) -> Result<(StoredBody, u64), StoreError> {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same group in every process (the value is stored anyway).
+    let mut group = std::collections::hash_map::DefaultHasher::new();
+    body.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .hash(&mut group);
+    let mut leading = true;
     let mut refs = Vec::new();
     if let Some(messages) = body.get_mut("messages").and_then(Value::as_array_mut) {
         for (i, m) in messages.iter_mut().enumerate() {
+            leading = leading
+                && matches!(
+                    m.get("role").and_then(Value::as_str),
+                    Some("system" | "developer")
+                );
             if let Some(content) = m.get_mut("content")
                 && content
                     .as_str()
@@ -367,14 +382,23 @@ fn store_body(
                     continue;
                 };
                 *content = Value::String(String::new());
-                refs.push((i as u32, shared.hash_of(store, text)?));
+                let h = shared.hash_of(store, text)?;
+                if leading {
+                    h.hash(&mut group);
+                }
+                refs.push((i as u32, h));
+            } else if leading {
+                m.to_string().hash(&mut group);
             }
         }
     }
-    Ok(StoredBody {
-        json: body.to_string(),
-        refs,
-    })
+    Ok((
+        StoredBody {
+            json: body.to_string(),
+            refs,
+        },
+        group.finish(),
+    ))
 }
 
 /// Rebuilds a line's body for dispatch: shared contents put back, the model mapped.
@@ -597,6 +621,7 @@ fn expand(
     let mut model: Option<(String, u32)> = None;
     let mut shared = SharedContents::default();
     let mut pending = Vec::with_capacity(WRITE_CHUNK);
+    let mut groups: Vec<(RequestKey, u64)> = Vec::with_capacity(WRITE_CHUNK);
     let mut buf = Vec::new();
     let mut line_no: u32 = 0;
     let mut total = 0u64;
@@ -672,18 +697,22 @@ fn expand(
         if !errors.is_empty() {
             continue; // keep validating, stop writing
         }
-        let stored = store_body(store, &mut shared, body)?;
+        let (stored, group) = store_body(store, &mut shared, body)?;
         let key = RequestKey {
             batch: batch.id,
             line: line_no,
         };
         pending.push((key, RequestRecord::queued(custom_id), stored));
+        groups.push((key, group));
         if pending.len() == WRITE_CHUNK {
+            store.put_groups(&groups)?;
             store.put_requests(&pending)?;
             pending.clear();
+            groups.clear();
         }
     }
     if !pending.is_empty() && errors.is_empty() {
+        store.put_groups(&groups)?;
         store.put_requests(&pending)?;
     }
     if unlisted > 0 {

@@ -31,7 +31,7 @@ pub enum Policy {
 
 /// Joining a queue another lane already serves costs the joining slot a cold prefill; it is
 /// done only when the queue has at least this many ready lines per lane (counting the new one).
-pub const JOIN_MIN_LINES_PER_LANE: usize = 8;
+pub const JOIN_MIN_LINES_PER_LANE: usize = 4;
 
 /// The ready lines of one group of one batch.
 #[derive(Debug)]
@@ -242,45 +242,38 @@ impl Scheduler {
             return self.take(lane, (b, g), now);
         }
         let own_group = self.lanes[lane].map(|(_, g)| g);
-        // The oldest batch with ready lines: the lane's group there, else an unserved queue,
-        // else the queue with the most lines per lane if that is worth a cold prefill.
-        let (id, b) = self
+        // Batches oldest first: the lane's group there, else a queue no lane serves, else the
+        // queue with the most lines per lane if that is worth a cold prefill. A batch that has
+        // nothing for this lane leaves it to the next batch (no lane idles while work waits
+        // that it may take).
+        let has = |q: &Queue| !q.ready.is_empty();
+        let (id, pick) = self
             .batches
             .iter()
-            .find(|(id, b)| dispatching(**id) && b.queues.values().any(|q| !q.ready.is_empty()))?;
-        let has = |q: &Queue| !q.ready.is_empty();
-        let pick = own_group
-            .filter(|g| b.queues.get(g).is_some_and(|q| !q.ready.is_empty()))
-            .or_else(|| {
-                b.queues
-                    .iter()
-                    .filter(|(_, q)| has(q) && q.lanes == 0)
-                    .max_by_key(|(g, q)| (q.ready.len(), std::cmp::Reverse(**g)))
-                    .map(|(g, _)| *g)
-            })
-            .or_else(|| {
-                b.queues
-                    .iter()
-                    .filter(|(_, q)| {
-                        has(q) && q.ready.len() / (q.lanes + 1) >= JOIN_MIN_LINES_PER_LANE
-                    })
-                    .max_by_key(|(g, q)| (q.ready.len() / (q.lanes + 1), std::cmp::Reverse(**g)))
-                    .map(|(g, _)| *g)
-            })
-            .or_else(|| {
-                // Nobody serves this batch at all (its lanes went elsewhere): take its largest.
-                let served: usize = b.queues.values().map(|q| q.lanes).sum();
-                (served == 0)
-                    .then(|| {
+            .filter(|(id, _)| dispatching(**id))
+            .find_map(|(id, b)| {
+                own_group
+                    .filter(|g| b.queues.get(g).is_some_and(has))
+                    .or_else(|| {
                         b.queues
                             .iter()
-                            .filter(|(_, q)| has(q))
-                            .max_by_key(|(_, q)| q.ready.len())
+                            .filter(|(_, q)| has(q) && q.lanes == 0)
+                            .max_by_key(|(g, q)| (q.ready.len(), std::cmp::Reverse(**g)))
                             .map(|(g, _)| *g)
                     })
-                    .flatten()
+                    .or_else(|| {
+                        b.queues
+                            .iter()
+                            .filter(|(_, q)| {
+                                has(q) && q.ready.len() / (q.lanes + 1) >= JOIN_MIN_LINES_PER_LANE
+                            })
+                            .max_by_key(|(g, q)| {
+                                (q.ready.len() / (q.lanes + 1), std::cmp::Reverse(**g))
+                            })
+                            .map(|(g, _)| *g)
+                    })
+                    .map(|g| (*id, g))
             })?;
-        let id = *id;
         self.take(lane, (id, pick), now)
     }
 }

@@ -129,7 +129,18 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         tracing::info!(batch = %id, "validation restarts");
         supervisor::spawn_intake(store.clone(), cfg.clone(), handle.clone(), &tracker, *id);
     }
-    spawn_health_probe(backend.clone(), handle.live.clone(), &tracker, stop.clone());
+    if cfg.slot_affinity == crate::config::SlotAffinity::On
+        && cfg.backend == crate::config::BackendKind::Openai
+    {
+        backend.set_slots(cfg.concurrency);
+    }
+    spawn_health_probe(
+        backend.clone(),
+        handle.live.clone(),
+        (cfg.slot_affinity == crate::config::SlotAffinity::Auto).then_some(cfg.concurrency),
+        &tracker,
+        stop.clone(),
+    );
     if cfg.backend == crate::config::BackendKind::Ollama {
         spawn_ps_poll(backend.clone(), gpu.clone(), &tracker, stop.clone());
     }
@@ -287,17 +298,42 @@ fn spawn_ps_poll(
     });
 }
 
-/// Probes the backend every 30 s so `/status` says whether it answers, even when idle.
+/// Probes the backend every 30 s so `/status` says whether it answers, even when idle. With
+/// `--slot-affinity auto` (`detect_slots` = the concurrency), the first answer also asks
+/// llama.cpp's `/props` for its slots and pins calls to them.
 fn spawn_health_probe(
     backend: Backend,
     live: Arc<supervisor::live::LiveView>,
+    detect_slots: Option<usize>,
     tracker: &TaskTracker,
     stop: CancellationToken,
 ) {
+    let detected = Arc::new(std::sync::atomic::AtomicBool::new(detect_slots.is_none()));
     spawn_every(tracker, stop, Duration::from_secs(30), move || {
-        let (backend, live) = (backend.clone(), live.clone());
+        let (backend, live, detected) = (backend.clone(), live.clone(), detected.clone());
         async move {
             let ok = backend.probe().await;
+            if ok.is_ok() && !detected.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                let lanes = detect_slots.unwrap_or(0);
+                match backend.llama_slots().await {
+                    Some(n) => {
+                        backend.set_slots(n);
+                        if n == lanes {
+                            tracing::info!(
+                                slots = n,
+                                "llama.cpp slots: each lane pinned to its slot (id_slot)"
+                            );
+                        } else {
+                            tracing::warn!(
+                                slots = n,
+                                concurrency = lanes,
+                                "llama.cpp has {n} slots but --concurrency is {lanes}: set them equal (llama-server -np {lanes}, or --concurrency {n}) so each lane keeps its own slot and prompt cache"
+                            );
+                        }
+                    }
+                    None => tracing::debug!("no llama.cpp /props: calls are not pinned to slots"),
+                }
+            }
             live.with(|l| {
                 l.backend.last_probe_at = Some(unix_now());
                 if l.backend.down_since.is_none() {

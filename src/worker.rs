@@ -29,6 +29,8 @@ pub struct Job {
     pub endpoint: Endpoint,
     /// The body, model mapped, shared contents restored.
     pub body: Value,
+    /// The lane (backend slot) it runs on: at most one call per lane at a time.
+    pub lane: usize,
 }
 
 /// What the worker tells the supervisor.
@@ -141,6 +143,20 @@ impl Limiter {
         self.freed.notify_one();
     }
 
+    /// Takes a slot if one is free: the generation the call starts in.
+    pub fn try_acquire(&self) -> Option<u64> {
+        let mut s = self.lock();
+        (s.in_flight < s.limit).then(|| {
+            s.in_flight += 1;
+            s.generation
+        })
+    }
+
+    /// The limit it starts at and never exceeds.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
     /// (current limit, calls in flight).
     pub fn snapshot(&self) -> (usize, usize) {
         let s = self.lock();
@@ -161,51 +177,72 @@ pub fn spawn(
 ) {
     let calls = tracker.clone();
     tracker.spawn(async move {
+        // Per lane (backend slot): the jobs waiting for it, and whether a call runs on it.
+        let lanes = limiter.max().max(1);
+        let mut parked: Vec<std::collections::VecDeque<Job>> =
+            (0..lanes).map(|_| Default::default()).collect();
+        let mut busy = vec![false; lanes];
+        let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<usize>();
         loop {
-            let job = tokio::select! {
+            // Start what can start: a free lane with a job waiting, while the limit allows.
+            while let Some(lane) = (0..lanes).find(|&l| !busy[l] && !parked[l].is_empty()) {
+                let Some(generation) = limiter.try_acquire() else {
+                    break;
+                };
+                let Some(job) = parked[lane].pop_front() else {
+                    break;
+                };
+                busy[lane] = true;
+                let backend = backend.clone();
+                let limiter = limiter.clone();
+                let events = events.clone();
+                let metrics = metrics.clone();
+                let freed = freed_tx.clone();
+                calls.spawn(async move {
+                    // The supervisor may already be gone at shutdown: nothing to do then.
+                    let _ = events
+                        .send(Event::Started {
+                            key: job.key,
+                            lease: job.lease,
+                        })
+                        .await;
+                    let started = std::time::Instant::now();
+                    let result = backend.call_on(job.endpoint, job.body, job.lane).await;
+                    let verdict = classify(&result);
+                    metrics.observe_call(
+                        started.elapsed().as_secs_f64(),
+                        match verdict {
+                            Verdict::Success => "success",
+                            Verdict::Permanent => "permanent",
+                            Verdict::Transient => "transient",
+                            Verdict::OutOfMemory => "oom",
+                            Verdict::BackendDown => "backend_down",
+                        },
+                    );
+                    limiter.release(generation, verdict);
+                    let _ = freed.send(lane);
+                    let _ = events
+                        .send(Event::Finished(Outcome {
+                            key: job.key,
+                            lease: job.lease,
+                            attempts: job.attempts,
+                            result,
+                            verdict,
+                        }))
+                        .await;
+                });
+            }
+            tokio::select! {
                 _ = stop.cancelled() => break,
-                job = jobs.recv() => match job { Some(j) => j, None => break },
-            };
-            let generation = tokio::select! {
-                _ = stop.cancelled() => break,
-                g = limiter.acquire() => g,
-            };
-            let backend = backend.clone();
-            let limiter = limiter.clone();
-            let events = events.clone();
-            let metrics = metrics.clone();
-            calls.spawn(async move {
-                // The supervisor may already be gone at shutdown: nothing to do then.
-                let _ = events
-                    .send(Event::Started {
-                        key: job.key,
-                        lease: job.lease,
-                    })
-                    .await;
-                let started = std::time::Instant::now();
-                let result = backend.call(job.endpoint, job.body).await;
-                let verdict = classify(&result);
-                metrics.observe_call(
-                    started.elapsed().as_secs_f64(),
-                    match verdict {
-                        Verdict::Success => "success",
-                        Verdict::Permanent => "permanent",
-                        Verdict::Transient => "transient",
-                        Verdict::OutOfMemory => "oom",
-                        Verdict::BackendDown => "backend_down",
-                    },
-                );
-                limiter.release(generation, verdict);
-                let _ = events
-                    .send(Event::Finished(Outcome {
-                        key: job.key,
-                        lease: job.lease,
-                        attempts: job.attempts,
-                        result,
-                        verdict,
-                    }))
-                    .await;
-            });
+                job = jobs.recv() => match job {
+                    Some(j) => {
+                        let lane = j.lane.min(lanes - 1);
+                        parked[lane].push_back(j);
+                    }
+                    None => break,
+                },
+                Some(lane) = freed_rx.recv() => busy[lane] = false,
+            }
         }
     });
 }

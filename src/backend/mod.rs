@@ -42,6 +42,9 @@ pub struct Backend {
     keep_alive: Value,
     /// Answers larger than this are refused (`--max-answer-size`).
     max_answer: u64,
+    /// Slots to pin with llama.cpp's `id_slot` (0: none): set at start from `--slot-affinity`
+    /// and the backend's `/props`.
+    slots: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Backend {
@@ -73,7 +76,40 @@ impl Backend {
             num_ctx: cfg.num_ctx,
             keep_alive: cfg.keep_alive.clone(),
             max_answer: cfg.max_answer_bytes,
+            slots: Default::default(),
         })
+    }
+
+    /// Pins calls to slots 0..n with `id_slot` from now on (0: no pinning).
+    pub fn set_slots(&self, n: usize) {
+        self.slots.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The slots calls are pinned to (0: none).
+    pub fn slots(&self) -> usize {
+        self.slots.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// llama.cpp's `GET /props` `total_slots`, when the backend is llama.cpp.
+    pub async fn llama_slots(&self) -> Option<usize> {
+        if self.kind != BackendKind::Openai {
+            return None;
+        }
+        let v = self.get_json("/props", Duration::from_secs(5)).await.ok()?;
+        v["total_slots"].as_u64().map(|n| n as usize)
+    }
+
+    /// Runs one request on `lane`: with slot pinning on (llama.cpp), as `id_slot` = lane.
+    pub async fn call_on(&self, endpoint: Endpoint, mut body: Value, lane: usize) -> CallResult {
+        let slots = self.slots();
+        if self.kind == BackendKind::Openai
+            && lane < slots
+            && endpoint != Endpoint::Embeddings
+            && let Some(obj) = body.as_object_mut()
+        {
+            obj.insert("id_slot".into(), Value::from(lane));
+        }
+        self.call(endpoint, body).await
     }
 
     /// `ollama` or `openai`.

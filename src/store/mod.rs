@@ -10,6 +10,7 @@
 //! | `requests` | batch uuid + line u32 (20 B) | [`RequestRecord`] (state, attempts, result) |
 //! | `bodies`   | same as `requests`           | [`StoredBody`] (the line's body, shared parts by hash) |
 //! | `blobs`    | sha-256 (32 B)               | shared content (a system prompt), stored once |
+//! | `groups`   | same as `requests`           | the line's prefix group (u64, big-endian); absent in stores made before groups: group 0 |
 //! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
@@ -28,6 +29,7 @@ mod commit;
 
 use crate::domain::{BatchId, BatchRecord, BatchStatus, FileId, RequestKey, RequestRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// A stored file's metadata (the bytes are on disk at [`Store::file_path`]).
@@ -159,6 +161,7 @@ pub struct Store {
     bodies: sled::Tree,
     blobs: sled::Tree,
     stats: sled::Tree,
+    groups: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -204,6 +207,7 @@ impl Store {
             bodies: db.open_tree("bodies")?,
             blobs: db.open_tree("blobs")?,
             stats: db.open_tree("stats")?,
+            groups: db.open_tree("groups")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -428,9 +432,34 @@ impl Store {
         Ok(())
     }
 
+    /// Writes the prefix groups of intake lines (before their records: a record is never
+    /// without its group).
+    pub fn put_groups(&self, items: &[(RequestKey, u64)]) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (key, group) in items {
+            b.insert(&key.to_bytes(), &group.to_be_bytes());
+        }
+        self.groups.apply_batch(b)?;
+        Ok(())
+    }
+
+    /// The prefix group of every line of a batch that has one.
+    pub fn batch_groups(&self, batch: BatchId) -> Result<HashMap<u32, u64>, StoreError> {
+        let mut m = HashMap::new();
+        for item in self.groups.scan_prefix(batch.0.as_bytes()) {
+            let (k, v) = item?;
+            if let (Some(key), Ok(bytes)) =
+                (RequestKey::from_bytes(&k), <[u8; 8]>::try_from(&v[..]))
+            {
+                m.insert(key.line, u64::from_be_bytes(bytes));
+            }
+        }
+        Ok(m)
+    }
+
     /// Removes every request and body of a batch (a failed validation, or a re-run intake).
     pub fn delete_requests(&self, batch: BatchId) -> Result<(), StoreError> {
-        for tree in [&self.requests, &self.bodies] {
+        for tree in [&self.requests, &self.bodies, &self.groups] {
             let mut b = sled::Batch::default();
             for item in tree.scan_prefix(batch.0.as_bytes()) {
                 let (k, _) = item?;

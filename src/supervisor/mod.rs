@@ -29,12 +29,13 @@ use crate::domain::{
     Usage, Verdict, unix_millis, unix_now,
 };
 use crate::intake;
+use crate::schedule::Scheduler;
 use crate::store::{Expect, Store, StoreError, TransitionError};
 use crate::worker::{Event, Job, Outcome};
 use finalize::Target;
 use live::{BatchLive, LiveView};
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -126,6 +127,10 @@ pub struct Recovery {
     delayed: Vec<(u64, RequestKey)>,
 }
 
+/// Leases a lane holds at most: the call running on the backend's slot and the next one,
+/// ready the moment it ends.
+pub const LEASES_PER_LANE: usize = 2;
+
 /// A batch the supervisor is running.
 #[derive(Debug)]
 struct Active {
@@ -137,7 +142,10 @@ struct Active {
     succeeded: u64,
     failed: u64,
     usage: Usage,
-    ready: VecDeque<u32>,
+    /// At load: the prefix group of every line not done, and the lines ready to run; handed
+    /// to the scheduler when the supervisor takes the batch on.
+    load_groups: HashMap<u32, u64>,
+    load_ready: Vec<u32>,
     retry_wait: u64,
     in_flight: u64,
     /// Set while the finalizer runs.
@@ -180,7 +188,8 @@ impl Active {
             succeeded: 0,
             failed: 0,
             usage: Usage::default(),
-            ready: VecDeque::new(),
+            load_groups: HashMap::new(),
+            load_ready: Vec::new(),
             retry_wait: 0,
             in_flight: 0,
             finalizing: false,
@@ -214,9 +223,14 @@ fn load_batch(
     let now_ms = unix_millis();
     let mut lines = 0u64;
     let mut fixes = Vec::new();
+    let groups = store.batch_groups(rec.id)?;
     for item in store.batch_requests(rec.id) {
         let (key, mut r) = item?;
         lines += 1;
+        if !r.state.is_done() {
+            a.load_groups
+                .insert(key.line, groups.get(&key.line).copied().unwrap_or(0));
+        }
         if r.state == RequestState::Leased {
             report.requeued_from_in_flight += 1;
             if r.attempts >= cfg.retry.max_attempts {
@@ -255,7 +269,7 @@ fn load_batch(
                 a.retry_wait += 1;
                 delayed.push((r.not_before_ms, key));
             }
-            RequestState::Queued | RequestState::Leased => a.ready.push_back(key.line),
+            RequestState::Queued | RequestState::Leased => a.load_ready.push(key.line),
         }
     }
     for (key, r) in fixes {
@@ -295,6 +309,8 @@ pub fn recover(store: &Store, cfg: &Config) -> Result<Recovery, StoreError> {
 
 struct Lease {
     lease: u32,
+    /// The lane (backend slot) it runs on.
+    lane: usize,
     /// Set when the worker reports the call started: start + request timeout + margin.
     /// A job still waiting for a worker slot is not rescued.
     deadline: Option<Instant>,
@@ -315,6 +331,12 @@ pub struct Supervisor {
     stop: CancellationToken,
     /// Ordered by id = creation time: iteration order is first-come first-served.
     batches: BTreeMap<BatchId, Active>,
+    /// Which ready line goes to which lane (the policy; this module keeps the state).
+    sched: Scheduler,
+    /// Leases held per lane: one running, one waiting at most.
+    lane_load: Vec<usize>,
+    /// The last leasing turn left a lane with room idle (the scheduler declined it).
+    lanes_declined: bool,
     delayed: BinaryHeap<Reverse<(u64, RequestKey)>>,
     leased: HashMap<RequestKey, Lease>,
     /// Results written since the last flush: (batch, succeeded, usage).
@@ -366,6 +388,8 @@ impl Supervisor {
             .iter()
             .map(|r| r.requeued_from_in_flight)
             .sum();
+        let lanes = parts.cfg.concurrency.max(1);
+        let sched = Scheduler::new(parts.cfg.scheduling, lanes, parts.cfg.group_wait_max);
         let mut s = Supervisor {
             store: parts.store,
             cfg: parts.cfg,
@@ -377,7 +401,10 @@ impl Supervisor {
             cmds_tx: cmds_tx.clone(),
             tracker: parts.tracker,
             stop: parts.stop,
-            batches: recovery.batches.into_iter().collect(),
+            batches: BTreeMap::new(),
+            sched,
+            lane_load: vec![0; lanes],
+            lanes_declined: false,
             delayed: recovery.delayed.into_iter().map(Reverse).collect(),
             leased: HashMap::new(),
             pending: Vec::new(),
@@ -395,6 +422,9 @@ impl Supervisor {
             recent_errors: std::collections::VecDeque::new(),
             recent_errors_changed: false,
         };
+        for (id, a) in recovery.batches {
+            s.take_on(id, a);
+        }
         s.publish();
         let backend = s.backend.clone();
         let notices = s.notices.clone();
@@ -412,7 +442,6 @@ impl Supervisor {
     /// The loop. Returns after shutdown, with every acknowledged result durable and every
     /// still-leased request back in the queue.
     pub async fn run(mut self) {
-        let window = self.cfg.lease_window();
         loop {
             let wake = self.next_wake();
             tokio::select! {
@@ -437,7 +466,7 @@ impl Supervisor {
             let jobs = if self.backend_down || self.store_failed() {
                 Vec::new()
             } else {
-                self.lease(window.saturating_sub(self.leased.len()))
+                self.lease()
             };
             let due = self
                 .first_pending
@@ -461,11 +490,11 @@ impl Supervisor {
         let now = Instant::now();
         let leasable = !self.backend_down
             && self.store_failure.is_none()
-            && self.leased.len() < self.cfg.lease_window()
+            && !self.lanes_declined
+            && self.lane_load.iter().any(|&n| n < LEASES_PER_LANE)
             && self
-                .batches
-                .values()
-                .any(|a| a.dispatching() && !a.ready.is_empty());
+                .sched
+                .any_ready(|id| self.batches.get(&id).is_some_and(Active::dispatching));
         // Work waiting (at start-up, after an outage): no sleep. Finalizers need no wake-up:
         // every event that can make a batch final is handled in the turn it arrives.
         if leasable {
@@ -491,7 +520,7 @@ impl Supervisor {
             Command::Cancel(id) => {
                 if let Some(a) = self.batches.get_mut(&id) {
                     a.status = BatchStatus::Cancelling;
-                    a.ready.clear();
+                    self.sched.clear(id);
                     a.retry_wait = 0;
                     tracing::info!(batch = %id, in_flight = a.in_flight, "cancelling");
                 }
@@ -511,6 +540,7 @@ impl Supervisor {
                 });
             }
             Command::Finalized(id) => {
+                self.sched.forget(id);
                 if let Some(a) = self.batches.remove(&id) {
                     let status = self.keep_final_figures(id, &a);
                     self.notices.send(live::Notice::BatchFinished {
@@ -576,12 +606,26 @@ impl Supervisor {
             Ok((a, _)) => {
                 tracing::info!(batch = %id, lines = a.total, status = a.status.as_str(), "batch queued");
                 self.delayed.extend(delayed.into_iter().map(Reverse));
-                self.batches.insert(id, a);
+                self.take_on(id, a);
             }
             Err(e) => {
                 tracing::error!(batch = %id, error = %e, "cannot load batch; it resumes at the next start")
             }
         }
+    }
+
+    /// Adds a loaded batch: its lines' groups and ready lines go to the scheduler.
+    fn take_on(&mut self, id: BatchId, mut a: Active) {
+        let now = Instant::now();
+        let mut groups: Vec<(u32, u64)> = std::mem::take(&mut a.load_groups).into_iter().collect();
+        groups.sort_unstable();
+        for (line, group) in groups {
+            self.sched.register(id, line, group);
+        }
+        for line in std::mem::take(&mut a.load_ready) {
+            self.sched.push_back(id, line, now);
+        }
+        self.batches.insert(id, a);
     }
 
     fn on_event(&mut self, e: Event) {
@@ -603,7 +647,9 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        self.leased.remove(&o.key);
+        if let Some(l) = self.leased.remove(&o.key) {
+            self.lane_load[l.lane] = self.lane_load[l.lane].saturating_sub(1);
+        }
         let Some(active) = self.batches.get_mut(&o.key.batch) else {
             return;
         };
@@ -694,7 +740,7 @@ impl Supervisor {
                     r.last_error = Some(err.clone());
                 });
                 if r.is_ok() && active.dispatching() {
-                    active.ready.push_front(key.line);
+                    self.sched.push_front(key.batch, key.line, Instant::now());
                 }
                 self.backend_gone(err);
                 r
@@ -776,7 +822,7 @@ impl Supervisor {
                 && a.dispatching()
             {
                 a.retry_wait = a.retry_wait.saturating_sub(1);
-                a.ready.push_back(key.line);
+                self.sched.push_back(key.batch, key.line, Instant::now());
             }
         }
     }
@@ -794,7 +840,9 @@ impl Supervisor {
             .map(|(k, l)| (*k, l.lease))
             .collect();
         for (key, lease) in stale {
-            self.leased.remove(&key);
+            if let Some(l) = self.leased.remove(&key) {
+                self.lane_load[l.lane] = self.lane_load[l.lane].saturating_sub(1);
+            }
             let r = self
                 .store
                 .transition_request(key, Expect::Leased(lease), |r| {
@@ -807,7 +855,7 @@ impl Supervisor {
             if let Some(a) = self.batches.get_mut(&key.batch) {
                 a.in_flight = a.in_flight.saturating_sub(1);
                 if r.is_ok() && a.dispatching() {
-                    a.ready.push_back(key.line);
+                    self.sched.push_back(key.batch, key.line, now);
                 }
             }
         }
@@ -825,24 +873,35 @@ impl Supervisor {
             if a.dispatching() && a.expires_at.is_some_and(|t| t < now) {
                 tracing::warn!(batch = %id, "completion window passed: expiring");
                 a.expiring = true;
-                a.ready.clear();
+                self.sched.clear(*id);
                 a.retry_wait = 0;
             }
         }
     }
 
-    /// Leases up to `n` ready requests, oldest batch first.
-    fn lease(&mut self, mut n: usize) -> Vec<Job> {
+    /// Fills every lane up to [`LEASES_PER_LANE`] leases (the call running and the next one),
+    /// each with the line the scheduler picks for it; the least loaded lanes first.
+    fn lease(&mut self) -> Vec<Job> {
         let mut jobs = Vec::new();
-        for (id, a) in self.batches.iter_mut() {
-            if !a.dispatching() {
+        let now = Instant::now();
+        // A lane the scheduler leaves idle this turn is not asked again in it.
+        let mut declined = vec![false; self.lane_load.len()];
+        while let Some(lane) = (0..self.lane_load.len())
+            .filter(|&l| !declined[l] && self.lane_load[l] < LEASES_PER_LANE)
+            .min_by_key(|&l| self.lane_load[l])
+        {
+            let batches = &self.batches;
+            let Some((id, line)) = self.sched.next(lane, now, |id| {
+                batches.get(&id).is_some_and(Active::dispatching)
+            }) else {
+                declined[lane] = true;
                 continue;
-            }
-            while n > 0 {
-                let Some(line) = a.ready.pop_front() else {
-                    break;
-                };
-                let key = RequestKey { batch: *id, line };
+            };
+            let Some(a) = self.batches.get_mut(&id) else {
+                continue;
+            };
+            {
+                let key = RequestKey { batch: id, line };
                 let rec = match self.store.transition_request(key, Expect::Queued, |r| {
                     r.state = RequestState::Leased;
                     r.lease = r.lease.wrapping_add(1);
@@ -867,17 +926,19 @@ impl Supervisor {
                             key,
                             Lease {
                                 lease: rec.lease,
+                                lane,
                                 deadline: None,
                             },
                         );
+                        self.lane_load[lane] += 1;
                         a.in_flight += 1;
-                        n -= 1;
                         jobs.push(Job {
                             key,
                             lease: rec.lease,
                             attempts: rec.attempts,
                             endpoint: a.endpoint,
                             body,
+                            lane,
                         });
                     }
                     Err(e) => {
@@ -903,10 +964,10 @@ impl Supervisor {
                     }
                 }
             }
-            if n == 0 {
-                break;
-            }
         }
+        // Lanes with room that the scheduler left idle while lines are ready: wake on the next
+        // event or tick, not at once (nothing changes until then).
+        self.lanes_declined = declined.iter().any(|d| *d);
         jobs
     }
 
@@ -1060,7 +1121,7 @@ impl Supervisor {
                             failed: a.failed,
                         },
                         usage: a.usage,
-                        queued: a.ready.len() as u64,
+                        queued: self.sched.ready(*id) as u64,
                         retry_wait: a.retry_wait,
                         in_flight: a.in_flight,
                         finalize_error: a.finalize_error.clone(),
@@ -1101,6 +1162,7 @@ impl Supervisor {
             }
         }
         let left: Vec<(RequestKey, u32)> = self.leased.drain().map(|(k, l)| (k, l.lease)).collect();
+        self.lane_load.iter_mut().for_each(|n| *n = 0);
         for (key, lease) in &left {
             let r = self
                 .store
