@@ -49,6 +49,8 @@ struct BatchQueues {
     /// The group of most lines (the first registered) and the lines of other groups.
     main_group: Option<u64>,
     other_groups: HashMap<u32, u64>,
+    /// Every group seen.
+    all_groups: std::collections::HashSet<u64>,
     queues: BTreeMap<u64, Queue>,
 }
 
@@ -103,6 +105,7 @@ impl Scheduler {
             group
         };
         let b = self.batches.entry(batch).or_default();
+        b.all_groups.insert(group);
         match b.main_group {
             None => b.main_group = Some(group),
             Some(g) if g == group => {}
@@ -153,6 +156,14 @@ impl Scheduler {
                 *lane = None;
             }
         }
+    }
+
+    /// Prefix groups of a batch (1 under [`Policy::Fifo`], which does not tell them apart).
+    pub fn groups(&self, batch: BatchId) -> usize {
+        self.batches
+            .get(&batch)
+            .map(|b| b.all_groups.len())
+            .unwrap_or(0)
     }
 
     /// Ready lines of a batch.
@@ -323,6 +334,7 @@ mod tests {
     fn one_group_costs_one_prefill_per_lane() {
         let mut s = Scheduler::new(Policy::Affine, 4, Duration::from_secs(30));
         fill(&mut s, batch(1), 400, |_| 7, Instant::now());
+        assert_eq!(s.groups(batch(1)), 1);
         let served = drain(&mut s, 4, |_| 7);
         assert_eq!(served.iter().map(Vec::len).sum::<usize>(), 400);
         assert_eq!(switches(&served), 4);
@@ -340,6 +352,7 @@ mod tests {
             s.register(batch(1), line, group(line));
             s.push_back(batch(1), line, now);
         }
+        assert_eq!(s.groups(batch(1)), 8);
         let served = drain(&mut s, 4, group);
         assert_eq!(served.iter().map(Vec::len).sum::<usize>(), 800);
         // 8 groups need at least 8 cold prefills; a few more at the tail at most.

@@ -9,6 +9,7 @@ mod client;
 mod conformance;
 mod crash;
 mod dashboard;
+mod economy;
 mod faults;
 mod hardening;
 mod lifecycle;

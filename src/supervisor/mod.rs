@@ -158,6 +158,8 @@ struct Active {
     expiring: bool,
     /// Live figures: rates, ETA, tokens, retries by cause.
     progress: progress::Progress,
+    /// The low-cache warning was logged for this batch.
+    cache_warned: bool,
 }
 
 impl Active {
@@ -198,6 +200,7 @@ impl Active {
             finalize_after: None,
             expiring: false,
             progress: progress::Progress::new(0),
+            cache_warned: false,
         }
     }
 }
@@ -1082,6 +1085,12 @@ impl Supervisor {
             }
             a.progress.sample(now, done);
             let f = a.figures(now, self.cfg.num_ctx);
+            if !a.cache_warned
+                && let Some(why) = low_cache(&f, self.sched.groups(*id), self.sched.lanes())
+            {
+                a.cache_warned = true;
+                tracing::warn!(batch = %id, cached_share = f.cached_share, "{why}");
+            }
             a.progress.logged_at = now;
             a.progress.logged_done = done;
             let retries: u64 = f.retries.values().sum();
@@ -1178,6 +1187,28 @@ impl Supervisor {
         self.publish();
         tracing::info!(requeued = left.len(), "supervisor stopped; state flushed");
     }
+}
+
+/// Answers after which a low cached share means something (each lane's first prefill of a
+/// group is cold), per lane.
+const CACHE_WARMUP_PER_LANE: u64 = 8;
+
+/// When a batch's lines share prompt prefixes (far fewer groups than lines) but the backend
+/// serves little of them from its cache after a warm-up: what to tell the operator.
+fn low_cache(f: &progress::Figures, groups: usize, lanes: usize) -> Option<String> {
+    let share = f.cached_share?;
+    let lines_per_group = f.total / groups.max(1) as u64;
+    if lines_per_group < 8
+        || f.answers_with_cached_figure < CACHE_WARMUP_PER_LANE * lanes as u64
+        || share >= 0.3
+    {
+        return None;
+    }
+    Some(format!(
+        "lines share a prompt prefix ({groups} group(s) for {} lines) but only {:.1} % of prompt tokens came from the backend's cache: the usual causes are Gemma 3 (sliding-window attention) on llama.cpp without --swa-full, an Ollama version that re-processes the prompt, or a --concurrency that differs from the backend's slots (llama-server -np, OLLAMA_NUM_PARALLEL)",
+        f.total,
+        share * 100.0
+    ))
 }
 
 /// How long to wait before finalizing again after `failures` failed tries: 1 s, doubling, at
@@ -1333,8 +1364,31 @@ pub fn spawn_intake(
 
 #[cfg(test)]
 mod tests {
-    use super::finalize_retry_delay;
+    use super::{finalize_retry_delay, low_cache, progress};
     use std::time::Duration;
+    use std::time::Instant;
+
+    #[test]
+    fn a_low_cached_share_is_flagged_only_when_lines_share_prefixes_after_a_warmup() {
+        let mut f = progress::Progress::new(0).figures(Instant::now(), 1000, 0, 0, None);
+        f.total = 1000;
+        f.answers_with_cached_figure = 100;
+        f.cached_share = Some(0.05);
+        let why = low_cache(&f, 1, 4).expect("flagged");
+        assert!(why.contains("--swa-full") && why.contains("5.0 %"), "{why}");
+        assert_eq!(
+            low_cache(&f, 500, 4),
+            None,
+            "2 lines a group: nothing to share"
+        );
+        f.cached_share = Some(0.8);
+        assert_eq!(low_cache(&f, 1, 4), None, "the cache works");
+        f.cached_share = None;
+        assert_eq!(low_cache(&f, 1, 4), None, "unknown is not low");
+        f.cached_share = Some(0.05);
+        f.answers_with_cached_figure = 10;
+        assert_eq!(low_cache(&f, 1, 4), None, "still warming up");
+    }
 
     #[test]
     fn finalize_retries_back_off_to_a_minute() {

@@ -56,6 +56,8 @@ pub struct Tokens {
     pub with_cached_figure: u64,
     /// Answers that did not.
     pub without_cached_figure: u64,
+    /// Prompt tokens of the answers that reported a cached figure.
+    pub prompt_with_cached_figure: u64,
     /// The largest prompt.
     pub max_prompt: u64,
 }
@@ -70,6 +72,7 @@ impl Tokens {
             Some(c) => {
                 self.cached += c;
                 self.with_cached_figure += 1;
+                self.prompt_with_cached_figure += u.input_tokens;
             }
             None => self.without_cached_figure += 1,
         }
@@ -135,6 +138,9 @@ pub struct Figures {
     pub answers_without_cached_figure: u64,
     /// cached ÷ prompt tokens over the answers that reported; `None` when none did.
     pub cached_share: Option<f64>,
+    /// Prompt tokens the backend had to process (prompt − cached), over the answers that
+    /// reported a cached figure; `None` when none did.
+    pub prefilled_tokens: Option<u64>,
     /// Retries scheduled, by cause.
     pub retries: BTreeMap<&'static str, u64>,
     /// The largest prompt (tokens) seen so far, and `--num-ctx` when it is set.
@@ -242,10 +248,12 @@ impl Progress {
             _ => None,
         };
         let t = &self.tokens;
-        // Known only when every answer said how many tokens were cached.
-        let cached_share =
-            (t.without_cached_figure == 0 && t.with_cached_figure > 0 && t.prompt > 0)
-                .then(|| round4(t.cached as f64 / t.prompt as f64));
+        // Over the answers that said how many tokens were cached (how many did not is beside
+        // it); unknown when none did, never 0 %.
+        let cached_share = (t.with_cached_figure > 0 && t.prompt_with_cached_figure > 0)
+            .then(|| round4(t.cached as f64 / t.prompt_with_cached_figure as f64));
+        let prefilled_tokens = (t.with_cached_figure > 0)
+            .then(|| t.prompt_with_cached_figure.saturating_sub(t.cached));
         Figures {
             total,
             done,
@@ -267,6 +275,7 @@ impl Progress {
             answers_with_cached_figure: t.with_cached_figure,
             answers_without_cached_figure: t.without_cached_figure,
             cached_share,
+            prefilled_tokens,
             retries: self.retries.clone(),
             max_prompt_tokens: t.max_prompt,
             num_ctx,
@@ -335,21 +344,21 @@ mod tests {
     }
 
     #[test]
-    fn cached_share_only_when_every_answer_said() {
+    fn cached_share_is_over_the_answers_that_reported_and_unknown_when_none_did() {
         let mut p = Progress::new(0);
+        p.result(Some(&usage(100, None)));
+        let f = p.figures(Instant::now(), 3, 1, 0, None);
+        assert_eq!(f.cached_share, None, "nobody reported: unknown, never 0 %");
+        assert_eq!(f.prefilled_tokens, None);
         p.result(Some(&usage(100, Some(80))));
         p.result(Some(&usage(100, Some(90))));
-        let f = p.figures(Instant::now(), 2, 2, 0, None);
-        assert_eq!(f.cached_share, Some(0.85));
-        assert_eq!(f.eta_seconds, Some(0));
-        p.result(Some(&usage(100, None)));
         let f = p.figures(Instant::now(), 3, 3, 0, None);
-        assert_eq!(
-            f.cached_share, None,
-            "one unknown answer makes the share unknown"
-        );
+        // Over the two that reported (the one that did not is counted beside it).
+        assert_eq!(f.cached_share, Some(0.85));
+        assert_eq!(f.prefilled_tokens, Some(30));
         assert_eq!(f.answers_with_cached_figure, 2);
         assert_eq!(f.answers_without_cached_figure, 1);
+        assert_eq!(f.eta_seconds, Some(0));
     }
 
     #[test]

@@ -66,6 +66,11 @@ pub struct Behaviour {
     /// The context really used is at most this, whatever `num_ctx` says (a server-side cap):
     /// longer prompts are cut to it.
     pub ctx_cap: Option<u64>,
+    /// llama.cpp's slots, modelled: this many slots, each keeping the last prompt it ran. A
+    /// call runs on the slot `id_slot` names, else on the idle slot whose cached prompt shares
+    /// the longest prefix with it (llama.cpp's choice); its cached tokens are that common
+    /// prefix (4 characters a token). `/props` reports the slots.
+    pub slot_cache: Option<usize>,
 }
 
 #[derive(Default)]
@@ -86,6 +91,11 @@ pub struct Stats {
     pub busy: AtomicU64,
     /// `/api/show` calls (model checks).
     pub shows: AtomicU64,
+    /// Prompt tokens in all, and those not served from a slot's cache (`slot_cache`).
+    pub prompt_tokens: AtomicU64,
+    pub prefilled: AtomicU64,
+    /// Calls that named a slot (`id_slot`).
+    pub pinned: AtomicU64,
     /// The Authorization header of the last request, if any.
     pub last_auth: Mutex<Option<String>>,
 }
@@ -106,7 +116,12 @@ pub struct Fake {
     slot_gate: SlotGate,
     /// The model loaded (`memory`): (name, size in bytes, num_ctx).
     loaded: Arc<Mutex<Option<(String, u64, u64)>>>,
+    /// `slot_cache`: each slot's last prompt.
+    slot_texts: SlotTexts,
 }
+
+/// The slots of `Behaviour::slot_cache`: each slot's last prompt, locked while a call runs on it.
+type SlotTexts = Arc<Mutex<Vec<Arc<tokio::sync::Mutex<String>>>>>;
 
 /// The slots of `Behaviour::slots`: (count, semaphore), made when first needed.
 type SlotGate = Arc<Mutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>>;
@@ -137,6 +152,7 @@ impl Fake {
             gate: Arc::new(watch::channel(true).0),
             slot_gate: Arc::new(Mutex::new(None)),
             loaded: Arc::new(Mutex::new(None)),
+            slot_texts: Arc::new(Mutex::new(Vec::new())),
         };
         fake.serve(listener);
         fake
@@ -203,6 +219,7 @@ impl Fake {
             gate: self.gate.clone(),
             slot_gate: self.slot_gate.clone(),
             loaded: self.loaded.clone(),
+            slot_texts: self.slot_texts.clone(),
         };
         tokio::spawn(async move {
             let mut listener = Some(first);
@@ -252,6 +269,7 @@ struct Ctx {
     gate: Arc<watch::Sender<bool>>,
     slot_gate: SlotGate,
     loaded: Arc<Mutex<Option<(String, u64, u64)>>>,
+    slot_texts: SlotTexts,
 }
 
 enum Reply {
@@ -365,6 +383,10 @@ impl Ctx {
         if method == "GET" {
             return match path {
                 "/api/tags" => Reply::Json(200, json!({"models": []})),
+                "/props" if b.slot_cache.is_some() => Reply::Json(
+                    200,
+                    json!({"total_slots": b.slot_cache, "default_generation_settings": {"n_ctx": 8192}}),
+                ),
                 "/api/ps" => {
                     let models: Vec<Value> = self
                         .loaded
@@ -455,6 +477,77 @@ impl Ctx {
             }
             None => None,
         };
+        // llama.cpp's slot cache: pick the slot, hold it for the call, count what was cached.
+        let mut cache_figures = None;
+        let _slot_guard = match b.slot_cache {
+            Some(n) => {
+                let text: String = req["messages"]
+                    .as_array()
+                    .map(|ms| {
+                        ms.iter()
+                            .map(|m| {
+                                format!(
+                                    "{}:{}\n",
+                                    m["role"].as_str().unwrap_or_default(),
+                                    m["content"].as_str().unwrap_or_default()
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let slots = {
+                    let mut g = self.slot_texts.lock().expect("lock");
+                    if g.len() != n {
+                        *g = (0..n)
+                            .map(|_| Arc::new(tokio::sync::Mutex::new(String::new())))
+                            .collect();
+                    }
+                    g.clone()
+                };
+                let common =
+                    |a: &str, b: &str| a.bytes().zip(b.bytes()).take_while(|(x, y)| x == y).count();
+                let mut guard = match req["id_slot"].as_u64() {
+                    Some(i) => {
+                        self.stats.pinned.fetch_add(1, Ordering::SeqCst);
+                        slots[i as usize % n].clone().lock_owned().await
+                    }
+                    None => {
+                        // The idle slot with the longest common prefix; all busy: wait for the
+                        // best one.
+                        let mut best: Option<(usize, tokio::sync::OwnedMutexGuard<String>)> = None;
+                        for s in &slots {
+                            if let Ok(g) = s.clone().try_lock_owned() {
+                                let c = common(&g, &text);
+                                if best.as_ref().is_none_or(|(bc, _)| c > *bc) {
+                                    best = Some((c, g));
+                                }
+                            }
+                        }
+                        match best {
+                            Some((_, g)) => g,
+                            None => {
+                                let i = (0..n)
+                                    .max_by_key(|&i| {
+                                        slots[i].try_lock().map(|g| common(&g, &text)).unwrap_or(0)
+                                    })
+                                    .unwrap_or(0);
+                                slots[i].clone().lock_owned().await
+                            }
+                        }
+                    }
+                };
+                let tokens = (text.len() as u64).div_ceil(4);
+                let cached = (common(&guard, &text) as u64 / 4).min(tokens.saturating_sub(1));
+                *guard = text;
+                self.stats.prompt_tokens.fetch_add(tokens, Ordering::SeqCst);
+                self.stats
+                    .prefilled
+                    .fetch_add(tokens - cached, Ordering::SeqCst);
+                cache_figures = Some((tokens, cached));
+                Some(guard)
+            }
+            None => None,
+        };
         let num_ctx = req["options"]["num_ctx"].as_u64().unwrap_or(2048);
         if let (Some((base, per, gpu)), Shape::Ollama) = (b.memory, self.shape) {
             let size = base + per * num_ctx;
@@ -520,6 +613,10 @@ impl Ctx {
         }
         let answer = format!("echo:{user}");
         let mut prompt_tokens = req.to_string().len() as u64 / 4;
+        let mut cached_tokens = 2;
+        if let Some((t, c)) = cache_figures {
+            (prompt_tokens, cached_tokens) = (t, c);
+        }
         if b.memory.is_some() {
             // Ollama cuts a prompt longer than the context.
             prompt_tokens = prompt_tokens.min(num_ctx.min(b.ctx_cap.unwrap_or(u64::MAX)));
@@ -551,7 +648,7 @@ impl Ctx {
                                     "finish_reason": "stop", "logprobs": null}],
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
                                  "total_tokens": prompt_tokens + 3,
-                                 "prompt_tokens_details": {"cached_tokens": 2}}}),
+                                 "prompt_tokens_details": {"cached_tokens": cached_tokens}}}),
             ),
             (Shape::OpenAi, "/v1/embeddings") => Reply::Json(
                 200,
