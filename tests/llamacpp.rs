@@ -75,3 +75,69 @@ async fn real_llama_cpp_server_runs_a_batch() {
     );
     server.stop().await;
 }
+
+/// 8 rubrics, 120 lines shuffled, through the default (slot-affine) policy on the real server:
+/// at least 85 % of prompt tokens come from the slots' caches (with `--cache-ram 0` or not; the
+/// bare client's share on the same file is printed beside it). The server needs `-np 4`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
+async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
+    let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
+        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
+    let rubric = |g: usize| {
+        format!("Rubric {g}. ")
+            + &format!("Criterion {g}: weigh the evidence with care and score strictly. ").repeat(80)
+    };
+    let mut lines: Vec<(usize, usize)> = (0..120).map(|i| (i % 8, i)).collect();
+    fastrand::Rng::with_seed(8).shuffle(&mut lines);
+    let bodies: Vec<Value> = lines
+        .iter()
+        .map(|(g, i)| {
+            serde_json::json!({"model": "tiny", "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "system", "content": rubric(*g)},
+                             {"role": "user", "content": format!("Candidate {i}: a profile.")}]})
+        })
+        .collect();
+    let mut jsonl = String::new();
+    for (n, b) in bodies.iter().enumerate() {
+        jsonl.push_str(&serde_json::json!({"custom_id": format!("l{n}"), "method": "POST",
+            "url": "/v1/chat/completions", "body": b}).to_string());
+        jsonl.push('\n');
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &url);
+    cfg.concurrency = 4;
+    cfg.request_timeout = Duration::from_secs(120);
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let done = api
+        .run_file(jsonl.into_bytes(), "/v1/chat/completions", Duration::from_secs(600))
+        .await;
+    assert_eq!(done["request_counts"]["completed"], 120, "{done}");
+    let share = |u: &Value| {
+        u["input_tokens_details"]["cached_tokens"].as_f64().unwrap_or(0.0)
+            / u["input_tokens"].as_f64().unwrap_or(1.0)
+    };
+    let ours = share(&done["usage"]);
+    server.stop().await;
+    // The bare client: the same bodies in file order, 4 at a time, straight to the server.
+    let http = reqwest::Client::new();
+    let (mut prompt, mut cached) = (0u64, 0u64);
+    for chunk in bodies.chunks(4) {
+        let answers = futures_util::future::join_all(chunk.iter().map(|b| {
+            http.post(format!("{url}/v1/chat/completions")).json(b).send()
+        }))
+        .await;
+        for a in answers {
+            let v: Value = a.expect("answer").json().await.expect("json");
+            prompt += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
+            cached += v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+        }
+    }
+    println!(
+        "cached share: slot-affine {:.1} %, bare client in file order {:.1} %",
+        ours * 100.0,
+        cached as f64 * 100.0 / prompt.max(1) as f64
+    );
+    assert!(ours >= 0.85, "slot-affine cached share {:.1} %", ours * 100.0);
+}
