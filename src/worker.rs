@@ -186,10 +186,12 @@ pub fn spawn(
         loop {
             // Start what can start: a free lane with a job waiting, while the limit allows.
             while let Some(lane) = (0..lanes).find(|&l| !busy[l] && !parked[l].is_empty()) {
-                let Some(generation) = limiter.try_acquire() else {
+                let Some(job) = parked[lane].pop_front() else {
                     break;
                 };
-                let Some(job) = parked[lane].pop_front() else {
+                let Some(generation) = limiter.try_acquire() else {
+                    // At the limit (lowered after out-of-memory answers): wait for a call to end.
+                    parked[lane].push_front(job);
                     break;
                 };
                 busy[lane] = true;

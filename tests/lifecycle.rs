@@ -131,7 +131,15 @@ async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
         }
     }
     // The shared system prompt is stored once; the finished batch is in the operator's view.
-    let (_, status) = api.get("/status").await;
+    // The supervisor lets go of a batch just after the finalizer recorded it completed: poll.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (_, status) = api.get("/status").await;
+        if status["batches"] == json!([]) || std::time::Instant::now() > deadline {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     assert_eq!(status["shared_contents"], 1, "{status}");
     assert_eq!(
         status["finished"],

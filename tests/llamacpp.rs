@@ -10,9 +10,14 @@ use ollama_batch::config::BackendKind;
 use serde_json::Value;
 use std::time::Duration;
 
+/// One real server for all of these tests: they take turns (two batches at once would share its
+/// four slots and their caches, which the cache test measures).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
 async fn real_llama_cpp_server_runs_a_batch() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
         .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -82,11 +87,13 @@ async fn real_llama_cpp_server_runs_a_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
 async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
         .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
     let rubric = |g: usize| {
         format!("Rubric {g}. ")
-            + &format!("Criterion {g}: weigh the evidence with care and score strictly. ").repeat(80)
+            + &format!("Criterion {g}: weigh the evidence with care and score strictly. ")
+                .repeat(80)
     };
     let mut lines: Vec<(usize, usize)> = (0..120).map(|i| (i % 8, i)).collect();
     fastrand::Rng::with_seed(8).shuffle(&mut lines);
@@ -100,8 +107,11 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
         .collect();
     let mut jsonl = String::new();
     for (n, b) in bodies.iter().enumerate() {
-        jsonl.push_str(&serde_json::json!({"custom_id": format!("l{n}"), "method": "POST",
-            "url": "/v1/chat/completions", "body": b}).to_string());
+        jsonl.push_str(
+            &serde_json::json!({"custom_id": format!("l{n}"), "method": "POST",
+            "url": "/v1/chat/completions", "body": b})
+            .to_string(),
+        );
         jsonl.push('\n');
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -111,11 +121,17 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
     let mut server = TestServer::start(cfg).await;
     let api = Api::new(&server.base);
     let done = api
-        .run_file(jsonl.into_bytes(), "/v1/chat/completions", Duration::from_secs(600))
+        .run_file(
+            jsonl.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(600),
+        )
         .await;
     assert_eq!(done["request_counts"]["completed"], 120, "{done}");
     let share = |u: &Value| {
-        u["input_tokens_details"]["cached_tokens"].as_f64().unwrap_or(0.0)
+        u["input_tokens_details"]["cached_tokens"]
+            .as_f64()
+            .unwrap_or(0.0)
             / u["input_tokens"].as_f64().unwrap_or(1.0)
     };
     let ours = share(&done["usage"]);
@@ -125,13 +141,17 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
     let (mut prompt, mut cached) = (0u64, 0u64);
     for chunk in bodies.chunks(4) {
         let answers = futures_util::future::join_all(chunk.iter().map(|b| {
-            http.post(format!("{url}/v1/chat/completions")).json(b).send()
+            http.post(format!("{url}/v1/chat/completions"))
+                .json(b)
+                .send()
         }))
         .await;
         for a in answers {
             let v: Value = a.expect("answer").json().await.expect("json");
             prompt += v["usage"]["prompt_tokens"].as_u64().unwrap_or(0);
-            cached += v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0);
+            cached += v["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap_or(0);
         }
     }
     println!(
@@ -139,5 +159,9 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
         ours * 100.0,
         cached as f64 * 100.0 / prompt.max(1) as f64
     );
-    assert!(ours >= 0.85, "slot-affine cached share {:.1} %", ours * 100.0);
+    assert!(
+        ours >= 0.85,
+        "slot-affine cached share {:.1} %",
+        ours * 100.0
+    );
 }

@@ -903,67 +903,65 @@ impl Supervisor {
             let Some(a) = self.batches.get_mut(&id) else {
                 continue;
             };
-            {
-                let key = RequestKey { batch: id, line };
-                let rec = match self.store.transition_request(key, Expect::Queued, |r| {
-                    r.state = RequestState::Leased;
-                    r.lease = r.lease.wrapping_add(1);
-                    r.attempts += 1;
-                    r.not_before_ms = 0;
-                }) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        tracing::warn!(request = %key, error = %e, "cannot lease; skipped");
-                        continue;
-                    }
-                };
-                let body = self
-                    .store
-                    .get_body(key)
-                    .map_err(|e| e.to_string())
-                    .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
-                    .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
-                match body {
-                    Ok(body) => {
-                        self.leased.insert(
-                            key,
-                            Lease {
-                                lease: rec.lease,
-                                lane,
-                                deadline: None,
-                            },
-                        );
-                        self.lane_load[lane] += 1;
-                        a.in_flight += 1;
-                        jobs.push(Job {
-                            key,
+            let key = RequestKey { batch: id, line };
+            let rec = match self.store.transition_request(key, Expect::Queued, |r| {
+                r.state = RequestState::Leased;
+                r.lease = r.lease.wrapping_add(1);
+                r.attempts += 1;
+                r.not_before_ms = 0;
+            }) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(request = %key, error = %e, "cannot lease; skipped");
+                    continue;
+                }
+            };
+            let body = self
+                .store
+                .get_body(key)
+                .map_err(|e| e.to_string())
+                .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
+                .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
+            match body {
+                Ok(body) => {
+                    self.leased.insert(
+                        key,
+                        Lease {
                             lease: rec.lease,
-                            attempts: rec.attempts,
-                            endpoint: a.endpoint,
-                            body,
                             lane,
-                        });
-                    }
-                    Err(e) => {
-                        tracing::error!(request = %key, error = %e, "stored body unusable: line failed");
-                        let failed =
-                            self.store
-                                .transition_request(key, Expect::Leased(rec.lease), |r| {
-                                    r.state = RequestState::Failed;
-                                    r.result = Some(ResultRecord {
-                                        status_code: None,
-                                        body: None,
-                                        error_code: Some("internal_error".into()),
-                                        error_message: Some(format!(
-                                            "the stored request is unusable: {e}"
-                                        )),
-                                        usage: None,
-                                    });
+                            deadline: None,
+                        },
+                    );
+                    self.lane_load[lane] += 1;
+                    a.in_flight += 1;
+                    jobs.push(Job {
+                        key,
+                        lease: rec.lease,
+                        attempts: rec.attempts,
+                        endpoint: a.endpoint,
+                        body,
+                        lane,
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(request = %key, error = %e, "stored body unusable: line failed");
+                    let failed =
+                        self.store
+                            .transition_request(key, Expect::Leased(rec.lease), |r| {
+                                r.state = RequestState::Failed;
+                                r.result = Some(ResultRecord {
+                                    status_code: None,
+                                    body: None,
+                                    error_code: Some("internal_error".into()),
+                                    error_message: Some(format!(
+                                        "the stored request is unusable: {e}"
+                                    )),
+                                    usage: None,
                                 });
-                        if failed.is_ok() {
-                            self.pending.push((key.batch, false, None));
-                            self.first_pending.get_or_insert_with(Instant::now);
-                        }
+                            });
+                    if failed.is_ok() {
+                        self.pending.push((key.batch, false, None));
+                        self.first_pending.get_or_insert_with(Instant::now);
                     }
                 }
             }
