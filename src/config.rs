@@ -127,13 +127,18 @@ pub struct ServeArgs {
         default_value = "ollama"
     )]
     pub backend: BackendKind,
-    /// Base URL of the model server.
+    /// Base URL of the model server. Repeat it (comma-separated in the env var) to spread one
+    /// queue over several servers of the same kind, each with `--concurrency` slots or its own
+    /// count as `URL#SLOTS` (e.g. one Ollama per GPU); a server that is down or runs out of
+    /// memory pauses or shrinks alone.
     #[arg(
         long,
         env = "OLLAMA_BATCH_BACKEND_URL",
-        default_value = "http://127.0.0.1:11434"
+        default_value = "http://127.0.0.1:11434",
+        value_delimiter = ',',
+        value_name = "URL[#SLOTS]"
     )]
-    pub backend_url: String,
+    pub backend_url: Vec<String>,
     /// Run every request on this model, whatever its line says.
     #[arg(long, env = "OLLAMA_BATCH_MODEL")]
     pub model: Option<String>,
@@ -289,8 +294,11 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// Backend kind.
     pub backend: BackendKind,
-    /// Backend base URL, without a trailing slash.
+    /// The first backend's base URL, without a trailing slash (model checks, `/api/ps`).
     pub backend_url: String,
+    /// Every backend: (base URL without a trailing slash, its slots when `#SLOTS` gave them;
+    /// else `concurrency`). Lanes are numbered through them in this order.
+    pub backends: Vec<(String, Option<usize>)>,
     /// Forced model.
     pub model: Option<String>,
     /// FROM → TO.
@@ -397,18 +405,38 @@ impl Config {
         if request_timeout.is_zero() {
             return Err("--request-timeout must be positive".into());
         }
-        let url = a.backend_url.trim_end_matches('/').to_string();
-        if url.starts_with("https://") {
-            return Err(format!(
-                "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
-            ));
+        let mut backends = Vec::new();
+        for raw in &a.backend_url {
+            let (url, slots) = match raw.rsplit_once('#') {
+                Some((u, n)) => (
+                    u,
+                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!(
+                            "--backend-url {raw}: the slots after '#' must be a count of 1 or more"
+                        )
+                    })?),
+                ),
+                None => (raw.as_str(), None),
+            };
+            let url = url.trim_end_matches('/').to_string();
+            if url.starts_with("https://") {
+                return Err(format!(
+                    "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
+                ));
+            }
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(format!(
+                    "--backend-url must start with http://, got '{raw}'"
+                ));
+            }
+            if backends.iter().any(|(u, _)| *u == url) {
+                return Err(format!("--backend-url {url} is given twice"));
+            }
+            backends.push((url, slots));
         }
-        if !url.starts_with("http://") || url.len() <= "http://".len() {
-            return Err(format!(
-                "--backend-url must start with http://, got '{}'",
-                a.backend_url
-            ));
-        }
+        let Some(url) = backends.first().map(|b| b.0.clone()) else {
+            return Err("--backend-url: at least one model server is needed".into());
+        };
         let mut model_map = HashMap::new();
         for pair in &a.model_map {
             let (from, to) = pair
@@ -440,6 +468,7 @@ impl Config {
             state_dir: a.state.clone(),
             backend: a.backend,
             backend_url: url,
+            backends,
             model: a.model.clone(),
             model_map,
             concurrency: a.concurrency,
@@ -473,10 +502,23 @@ impl Config {
         })
     }
 
+    /// Each backend's slots, in lane order: `#SLOTS`, else `--concurrency`.
+    pub fn slots(&self) -> Vec<usize> {
+        self.backends
+            .iter()
+            .map(|(_, n)| n.unwrap_or(self.concurrency))
+            .collect()
+    }
+
+    /// Lanes in all: every backend's slots.
+    pub fn lanes(&self) -> usize {
+        self.slots().iter().sum::<usize>().max(1)
+    }
+
     /// Requests leased at most at once: twice the concurrency, so the worker has the next
     /// requests at hand when calls finish. Bounds what a crash can make run again.
     pub fn lease_window(&self) -> usize {
-        self.concurrency * 2
+        self.lanes() * 2
     }
 
     /// The model a line naming `model` runs on.
@@ -551,6 +593,17 @@ mod tests {
             (&["--max-answer-size", "10"][..], "--max-answer-size"),
             (&["--backend-url", "https://api.example.com"][..], "https"),
             (&["--client-timeout", "0s"][..], "--client-timeout"),
+            (&["--backend-url", "http://a:1#0"][..], "slots"),
+            (&["--backend-url", "http://a:1#many"][..], "slots"),
+            (
+                &[
+                    "--backend-url",
+                    "http://a:1",
+                    "--backend-url",
+                    "http://a:1/",
+                ][..],
+                "twice",
+            ),
         ] {
             let err = parse(args).expect_err("must be refused");
             assert!(err.contains(needle), "{err}");
@@ -576,6 +629,33 @@ mod tests {
         assert_eq!(cfg.api_keys[1].expose(), "sk-two");
         let shown = format!("{cfg:?} {a:?}");
         assert!(!shown.contains("sk-"), "{shown}");
+    }
+
+    #[test]
+    fn several_backends_each_with_slots_make_the_lanes() {
+        let Command::Serve(a) = Cli::parse_from([
+            "ollama-batch",
+            "serve",
+            "--concurrency",
+            "3",
+            "--backend-url",
+            "http://gpu0:11434/,http://gpu1:11434#2",
+            "--backend-url",
+            "http://gpu2:11434#5",
+        ])
+        .command
+        else {
+            unreachable!()
+        };
+        let cfg = Config::from_args(&a).expect("valid");
+        assert_eq!(cfg.backend_url, "http://gpu0:11434");
+        assert_eq!(
+            cfg.slots(),
+            vec![3, 2, 5],
+            "--concurrency for the one without #"
+        );
+        assert_eq!(cfg.lanes(), 10);
+        assert_eq!(cfg.lease_window(), 20);
     }
 
     #[test]

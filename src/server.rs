@@ -91,9 +91,25 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         tracing::info!(report = %line, "recovered batch");
     }
 
-    let backend = Backend::new(&cfg).map_err(ServerError::Config)?;
+    // One client and one limiter per backend; one lane per slot of each.
+    let mut backends = Vec::new();
+    let mut limiters = Vec::new();
+    let mut lanes = Vec::new();
+    for ((url, _), slots) in cfg.backends.iter().zip(cfg.slots()) {
+        let backend = Backend::for_url(&cfg, url).map_err(ServerError::Config)?;
+        let limiter = Arc::new(Limiter::new(slots));
+        for slot in 0..slots {
+            lanes.push(worker::Lane {
+                backend: backend.clone(),
+                limiter: limiter.clone(),
+                slot,
+            });
+        }
+        backends.push(backend);
+        limiters.push(limiter);
+    }
+    let backend = backends[0].clone();
     let gpu = GpuMonitor::start();
-    let limiter = Arc::new(Limiter::new(cfg.concurrency));
     let window = cfg.lease_window();
     let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
     // Two events per job (started, finished); at most `window` jobs are leased.
@@ -103,8 +119,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
 
     let metrics = Arc::new(crate::metrics::Metrics::new());
     worker::spawn(
-        backend.clone(),
-        limiter.clone(),
+        lanes,
         metrics.clone(),
         jobs_rx,
         events_tx,
@@ -115,7 +130,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         Parts {
             store: store.clone(),
             cfg: cfg.clone(),
-            backend: backend.clone(),
+            backends: backends.clone(),
             jobs: jobs_tx,
             events: events_rx,
             tracker: tracker.clone(),
@@ -129,18 +144,21 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         tracing::info!(batch = %id, "validation restarts");
         supervisor::spawn_intake(store.clone(), cfg.clone(), handle.clone(), &tracker, *id);
     }
-    if cfg.slot_affinity == crate::config::SlotAffinity::On
-        && cfg.backend == crate::config::BackendKind::Openai
-    {
-        backend.set_slots(cfg.concurrency);
+    for (i, (b, slots)) in backends.iter().zip(cfg.slots()).enumerate() {
+        if cfg.slot_affinity == crate::config::SlotAffinity::On
+            && cfg.backend == crate::config::BackendKind::Openai
+        {
+            b.set_slots(slots);
+        }
+        spawn_health_probe(
+            b.clone(),
+            i,
+            handle.live.clone(),
+            (cfg.slot_affinity == crate::config::SlotAffinity::Auto).then_some(slots),
+            &tracker,
+            stop.clone(),
+        );
     }
-    spawn_health_probe(
-        backend.clone(),
-        handle.live.clone(),
-        (cfg.slot_affinity == crate::config::SlotAffinity::Auto).then_some(cfg.concurrency),
-        &tracker,
-        stop.clone(),
-    );
     if cfg.backend == crate::config::BackendKind::Ollama {
         spawn_ps_poll(backend.clone(), gpu.clone(), &tracker, stop.clone());
     }
@@ -151,7 +169,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         supervisor: handle,
         tracker: tracker.clone(),
         started: Instant::now(),
-        limiter,
+        limiters,
         gpu: gpu.clone(),
         metrics,
         stop: stop.clone(),
@@ -160,7 +178,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     tracing::info!(
         listen = %addr,
         backend = cfg.backend.as_str(),
-        backend_url = %cfg.backend_url,
+        backend_url = %cfg.backends.iter().map(|b| b.0.as_str()).collect::<Vec<_>>().join(", "),
         state = %cfg.state_dir.display(),
         "ollama-batch listening"
     );
@@ -303,6 +321,7 @@ fn spawn_ps_poll(
 /// llama.cpp's `/props` for its slots and pins calls to them.
 fn spawn_health_probe(
     backend: Backend,
+    index: usize,
     live: Arc<supervisor::live::LiveView>,
     detect_slots: Option<usize>,
     tracker: &TaskTracker,
@@ -335,16 +354,18 @@ fn spawn_health_probe(
                 }
             }
             live.with(|l| {
-                l.backend.last_probe_at = Some(unix_now());
-                if l.backend.down_since.is_none() {
-                    l.backend.reachable = Some(ok.is_ok());
+                let b = l.backend_mut(index);
+                b.last_probe_at = Some(unix_now());
+                if b.down_since.is_none() {
+                    b.reachable = Some(ok.is_ok());
                 }
                 match &ok {
-                    Err(e) => l.backend.last_error = Some(e.clone()),
+                    Err(e) => b.last_error = Some(e.clone()),
                     // Back (or never gone): an old error is no longer the backend's state.
-                    Ok(()) if l.backend.down_since.is_none() => l.backend.last_error = None,
+                    Ok(()) if b.down_since.is_none() => b.last_error = None,
                     Ok(()) => {}
                 }
+                l.merge_backends();
             });
             if let Err(e) = ok {
                 tracing::warn!(url = backend.url(), error = %e, "backend probe failed");

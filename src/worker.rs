@@ -164,11 +164,21 @@ impl Limiter {
     }
 }
 
-/// Starts the worker. It takes jobs from `jobs` until `stop` fires or the channel closes; calls
-/// already running finish (their events still go to `events`).
+/// One lane: the backend it calls, that backend's limiter, and its slot there.
+#[derive(Clone)]
+pub struct Lane {
+    /// The backend.
+    pub backend: Backend,
+    /// The backend's concurrency limiter (shared by its lanes).
+    pub limiter: Arc<Limiter>,
+    /// The slot on that backend (`id_slot` for llama.cpp).
+    pub slot: usize,
+}
+
+/// Starts the worker over `lanes`. It takes jobs from `jobs` until `stop` fires or the channel
+/// closes; calls already running finish (their events still go to `events`).
 pub fn spawn(
-    backend: Backend,
-    limiter: Arc<Limiter>,
+    lanes_of: Vec<Lane>,
     metrics: Arc<crate::metrics::Metrics>,
     mut jobs: mpsc::Receiver<Job>,
     events: mpsc::Sender<Event>,
@@ -178,25 +188,31 @@ pub fn spawn(
     let calls = tracker.clone();
     tracker.spawn(async move {
         // Per lane (backend slot): the jobs waiting for it, and whether a call runs on it.
-        let lanes = limiter.max().max(1);
+        let lanes = lanes_of.len().max(1);
         let mut parked: Vec<std::collections::VecDeque<Job>> =
             (0..lanes).map(|_| Default::default()).collect();
         let mut busy = vec![false; lanes];
         let (freed_tx, mut freed_rx) = mpsc::unbounded_channel::<usize>();
         loop {
-            // Start what can start: a free lane with a job waiting, while the limit allows.
-            while let Some(lane) = (0..lanes).find(|&l| !busy[l] && !parked[l].is_empty()) {
-                let Some(job) = parked[lane].pop_front() else {
-                    break;
+            // Start what can start: each free lane with a job waiting, while its backend's
+            // limit allows.
+            for lane in 0..lanes {
+                if busy[lane] || parked[lane].is_empty() {
+                    continue;
+                }
+                let Some(on) = lanes_of.get(lane).cloned() else {
+                    continue;
                 };
-                let Some(generation) = limiter.try_acquire() else {
+                let Some(job) = parked[lane].pop_front() else {
+                    continue;
+                };
+                let Some(generation) = on.limiter.try_acquire() else {
                     // At the limit (lowered after out-of-memory answers): wait for a call to end.
                     parked[lane].push_front(job);
-                    break;
+                    continue;
                 };
                 busy[lane] = true;
-                let backend = backend.clone();
-                let limiter = limiter.clone();
+                let (backend, limiter, slot) = (on.backend, on.limiter, on.slot);
                 let events = events.clone();
                 let metrics = metrics.clone();
                 let freed = freed_tx.clone();
@@ -209,7 +225,7 @@ pub fn spawn(
                         })
                         .await;
                     let started = std::time::Instant::now();
-                    let result = backend.call_on(job.endpoint, job.body, job.lane).await;
+                    let result = backend.call_on(job.endpoint, job.body, slot).await;
                     let verdict = classify(&result);
                     metrics.observe_call(
                         started.elapsed().as_secs_f64(),

@@ -323,3 +323,78 @@ async fn output_files_that_cannot_be_written_are_retried_without_a_restart() {
     assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
     server.stop().await;
 }
+
+/// Two backends (`--backend-url A#2 --backend-url B#2`): one queue feeds both; when B goes
+/// down its lanes pause alone and A finishes the batch; `/status` lists each backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_backends_share_the_work_and_one_going_down_does_not_stop_the_other() {
+    let a = Fake::start(Shape::OpenAi).await;
+    let b = Fake::start(Shape::OpenAi).await;
+    for f in [&a, &b] {
+        f.set(|x| x.delay = Duration::from_millis(5));
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = crate::support::config(
+        dir.path(),
+        ollama_batch::config::BackendKind::Openai,
+        &a.url(),
+    );
+    cfg.backends = vec![(a.url(), Some(2)), (b.url(), Some(2))];
+    let mut server = crate::support::TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let n = 400;
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while a.total_calls() < 20 || b.total_calls() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "both backends get work"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    b.go_down();
+    let before = a.total_calls();
+    // B is seen down, A is not, and the batch goes on through A.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, s) = api.get("/status").await;
+        if s["backends"][1]["reachable"] == false {
+            assert_eq!(s["backends"].as_array().map(Vec::len), Some(2), "{s}");
+            assert_eq!(s["backends"][1]["url"], b.url());
+            assert!(s["backends"][1]["down_since"].is_i64(), "{s}");
+            assert!(s["backends"][0]["down_since"].is_null(), "{s}");
+            assert_eq!(s["backend"]["reachable"], true, "one backend answers: {s}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never seen down: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.wait_completed(&id, n as u64, Duration::from_secs(60))
+        .await;
+    let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert!(a.total_calls() > before, "A went on alone");
+    assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
+    let (_, s) = api.get("/status").await;
+    assert_eq!(s["counters"]["backend_outages"], 1, "{s}");
+    // B comes back: a probe notices.
+    b.come_up();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, s) = api.get("/status").await;
+        if s["backends"][1]["reachable"] == true && s["backends"][1]["down_since"].is_null() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never seen back: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}

@@ -70,7 +70,7 @@ async fn stuck_call_is_rescued_and_its_late_answer_is_dropped() {
         Parts {
             store: store.clone(),
             cfg: Arc::new(cfg.clone()),
-            backend: Backend::new(&cfg).expect("backend"),
+            backends: vec![Backend::new(&cfg).expect("backend")],
             jobs: jobs_tx,
             events: events_rx,
             tracker: TaskTracker::new(),

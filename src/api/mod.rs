@@ -37,14 +37,24 @@ pub struct AppState {
     pub tracker: TaskTracker,
     /// When the server started.
     pub started: Instant,
-    /// The worker's concurrency limiter (read for `/status`).
-    pub limiter: Arc<crate::worker::Limiter>,
+    /// Each backend's concurrency limiter (read for `/status`).
+    pub limiters: Vec<Arc<crate::worker::Limiter>>,
     /// GPU memory readings (or why there are none).
     pub gpu: Arc<crate::gpu::GpuMonitor>,
     /// What `/metrics` reports beyond the snapshot.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Fires on shutdown (ends `/events` streams).
     pub stop: tokio_util::sync::CancellationToken,
+}
+
+impl AppState {
+    /// (current limit, calls in flight) over every backend.
+    pub fn limits(&self) -> (usize, usize) {
+        self.limiters
+            .iter()
+            .map(|l| l.snapshot())
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
+    }
 }
 
 /// Runs a handler's writes to completion even if the client goes away mid-request (a timeout, a

@@ -144,7 +144,7 @@ pub async fn batch_figures(
 pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
     use axum::response::IntoResponse;
     let live = st.supervisor.live.with(|l| l.clone());
-    let (limit, in_flight) = st.limiter.snapshot();
+    let (limit, in_flight) = st.limits();
     // `remaining` overlaps the other states: a sum over `state` must make sense.
     let requests: Vec<(&'static str, u64)> = request_totals(&live)
         .into_iter()
@@ -186,7 +186,7 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
 /// request totals, concurrency, backend, counters, recent errors, GPU. `/events` streams it.
 pub fn live_snapshot(st: &AppState) -> Value {
     let live = st.supervisor.live.with(|l| l.clone());
-    let (limit, in_flight) = st.limiter.snapshot();
+    let (limit, in_flight) = st.limits();
     let totals: BTreeMap<&'static str, u64> = request_totals(&live).into_iter().collect();
     let mut batches: Vec<Value> = live
         .batches
@@ -214,7 +214,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
         "requests": totals,
         "batches": batches,
         "in_flight": in_flight,
-        "concurrency": {"max": st.cfg.concurrency, "current": limit},
+        "concurrency": {"max": st.cfg.lanes(), "current": limit},
         "backend": {
             "kind": st.cfg.backend.as_str(),
             "url": st.cfg.backend_url,
@@ -225,6 +225,13 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "next_probe_at": live.backend.next_probe_at,
             "last_error": live.backend.last_error,
         },
+        "backends": st.cfg.backends.iter().zip(st.cfg.slots()).zip(&st.limiters).enumerate().map(|(i, (((url, _), slots), limiter))| {
+            let h = live.backends.get(i).cloned().unwrap_or_default();
+            let (limit, in_flight) = limiter.snapshot();
+            json!({"url": url, "slots": slots, "concurrency_limit": limit, "in_flight": in_flight,
+                   "reachable": h.reachable, "last_probe_at": h.last_probe_at, "down_since": h.down_since,
+                   "next_probe_at": h.next_probe_at, "last_error": h.last_error})
+        }).collect::<Vec<_>>(),
         "counters": {
             "rescued": c.rescued,
             "requeued_at_start": c.requeued_at_start,

@@ -53,6 +53,11 @@ impl Backend {
     /// connections are dropped after 15 s so a backend that closes them sooner does not hand
     /// us dead ones.
     pub fn new(cfg: &Config) -> Result<Backend, String> {
+        Backend::for_url(cfg, &cfg.backend_url)
+    }
+
+    /// [`Backend::new`] for one of several backends, at `url`.
+    pub fn for_url(cfg: &Config, url: &str) -> Result<Backend, String> {
         let mut headers = reqwest::header::HeaderMap::new();
         if let Some(key) = &cfg.backend_api_key {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
@@ -71,7 +76,7 @@ impl Backend {
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Backend {
             kind: cfg.backend,
-            base: cfg.backend_url.clone(),
+            base: url.to_string(),
             http,
             num_ctx: cfg.num_ctx,
             keep_alive: cfg.keep_alive.clone(),

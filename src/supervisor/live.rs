@@ -169,8 +169,48 @@ pub struct Live {
     pub batches: HashMap<BatchId, BatchLive>,
     /// Counters.
     pub counters: Counters,
-    /// Backend health.
+    /// Backend health: of the one backend, or of them all (reachable when one is, down when
+    /// all are) when there are several.
     pub backend: BackendHealth,
+    /// Each backend's health, in `--backend-url` order.
+    pub backends: Vec<BackendHealth>,
+}
+
+impl Live {
+    /// Backend `i`'s health (made when first needed).
+    pub fn backend_mut(&mut self, i: usize) -> &mut BackendHealth {
+        if self.backends.len() <= i {
+            self.backends.resize(i + 1, BackendHealth::default());
+        }
+        &mut self.backends[i]
+    }
+
+    /// Recomputes `backend` from `backends`.
+    pub fn merge_backends(&mut self) {
+        let b = &self.backends;
+        if b.len() <= 1 {
+            self.backend = b.first().cloned().unwrap_or_default();
+            return;
+        }
+        let all_down = b.iter().all(|h| h.down_since.is_some());
+        self.backend = BackendHealth {
+            reachable: if b.iter().any(|h| h.reachable == Some(true)) {
+                Some(true)
+            } else if b.iter().all(|h| h.reachable == Some(false)) {
+                Some(false)
+            } else {
+                None
+            },
+            last_probe_at: b.iter().filter_map(|h| h.last_probe_at).max(),
+            down_since: all_down
+                .then(|| b.iter().filter_map(|h| h.down_since).max())
+                .flatten(),
+            next_probe_at: all_down
+                .then(|| b.iter().filter_map(|h| h.next_probe_at).min())
+                .flatten(),
+            last_error: b.iter().find_map(|h| h.last_error.clone()),
+        };
+    }
 }
 
 /// Shared handle on the snapshot.

@@ -50,7 +50,7 @@ pub enum Command {
     /// The API moved this batch to `cancelling`.
     Cancel(BatchId),
     /// A probe reached the backend again.
-    BackendUp,
+    BackendUp(usize),
     /// The finalizer finished this batch (or found it already finished).
     Finalized(BatchId),
     /// The finalizer failed (disk full, I/O error); it is tried again after a delay.
@@ -65,8 +65,8 @@ pub struct SupervisorHandle {
     pub live: Arc<LiveView>,
     /// Discrete events for `/events`.
     pub notices: live::Notices,
-    /// The backend, for the intake's model check (the API never calls it).
-    pub(crate) backend: Backend,
+    /// The backends, for the intake's model check (the API never calls them).
+    pub(crate) backends: Vec<Backend>,
 }
 
 impl SupervisorHandle {
@@ -323,7 +323,6 @@ struct Lease {
 pub struct Supervisor {
     store: Arc<Store>,
     cfg: Arc<Config>,
-    backend: Backend,
     live: Arc<LiveView>,
     jobs: mpsc::Sender<Job>,
     events: mpsc::Receiver<Event>,
@@ -345,10 +344,15 @@ pub struct Supervisor {
     /// Results written since the last flush: (batch, succeeded, usage).
     pending: Vec<(BatchId, bool, Option<Usage>)>,
     first_pending: Option<Instant>,
-    backend_down: bool,
+    /// Per backend: down (its lanes get no leases) since a call found it unreachable, until a
+    /// probe reaches it.
+    down: Vec<bool>,
+    /// Every backend, in lane order; `lane_backend[lane]` is its index.
+    backends: Vec<Backend>,
+    lane_backend: Vec<usize>,
     /// A call was answered since the last publish: the backend is reachable, whatever an
     /// earlier probe said (its error is cleared).
-    answered_since_publish: bool,
+    answered_since_publish: Vec<bool>,
     /// Set once the store cannot write: dispatch stops for good (until a restart).
     store_failure: Option<String>,
     last_rescue_scan: Instant,
@@ -367,8 +371,8 @@ pub struct Parts {
     pub store: Arc<Store>,
     /// The configuration.
     pub cfg: Arc<Config>,
-    /// For probes.
-    pub backend: Backend,
+    /// Every backend, in `--backend-url` order (the lanes' backends; model checks).
+    pub backends: Vec<Backend>,
     /// To the worker.
     pub jobs: mpsc::Sender<Job>,
     /// From the worker.
@@ -391,12 +395,19 @@ impl Supervisor {
             .iter()
             .map(|r| r.requeued_from_in_flight)
             .sum();
-        let lanes = parts.cfg.concurrency.max(1);
+        let lanes = parts.cfg.lanes();
         let sched = Scheduler::new(parts.cfg.scheduling, lanes, parts.cfg.group_wait_max);
+        let backends = parts.backends;
+        let lane_backend: Vec<usize> = parts
+            .cfg
+            .slots()
+            .iter()
+            .enumerate()
+            .flat_map(|(i, n)| std::iter::repeat_n(i, *n))
+            .collect();
         let mut s = Supervisor {
             store: parts.store,
             cfg: parts.cfg,
-            backend: parts.backend,
             live: live.clone(),
             jobs: parts.jobs,
             events: parts.events,
@@ -412,9 +423,11 @@ impl Supervisor {
             leased: HashMap::new(),
             pending: Vec::new(),
             first_pending: None,
-            backend_down: false,
+            down: vec![false; backends.len()],
+            backends,
+            lane_backend,
             store_failure: None,
-            answered_since_publish: false,
+            answered_since_publish: Vec::new(),
             last_rescue_scan: Instant::now(),
             counters: live::Counters {
                 requeued_at_start: requeued,
@@ -429,14 +442,14 @@ impl Supervisor {
             s.take_on(id, a);
         }
         s.publish();
-        let backend = s.backend.clone();
+        let backends = s.backends.clone();
         let notices = s.notices.clone();
         (
             s,
             SupervisorHandle {
                 cmds: cmds_tx,
                 live,
-                backend,
+                backends,
                 notices,
             },
         )
@@ -466,7 +479,7 @@ impl Supervisor {
             self.promote_due();
             self.rescue_stale_leases();
             self.check_expiry();
-            let jobs = if self.backend_down || self.store_failed() {
+            let jobs = if self.all_down() || self.store_failed() {
                 Vec::new()
             } else {
                 self.lease()
@@ -491,7 +504,7 @@ impl Supervisor {
 
     fn next_wake(&self) -> Instant {
         let now = Instant::now();
-        let leasable = !self.backend_down
+        let leasable = !self.all_down()
             && self.store_failure.is_none()
             && !self.lanes_declined
             && self.lane_load.iter().any(|&n| n < LEASES_PER_LANE)
@@ -528,18 +541,25 @@ impl Supervisor {
                     tracing::info!(batch = %id, in_flight = a.in_flight, "cancelling");
                 }
             }
-            Command::BackendUp => {
-                if self.backend_down {
-                    tracing::info!("backend reachable again: dispatch resumes");
+            Command::BackendUp(i) => {
+                if self.down.get(i) == Some(&true) {
+                    tracing::info!(
+                        url = self.backends[i].url(),
+                        "backend reachable again: its lanes resume"
+                    );
                     self.notices.send(live::Notice::BackendUp);
                 }
-                self.backend_down = false;
+                if let Some(d) = self.down.get_mut(i) {
+                    *d = false;
+                }
                 self.live.with(|l| {
-                    l.backend.reachable = Some(true);
-                    l.backend.down_since = None;
-                    l.backend.next_probe_at = None;
-                    l.backend.last_probe_at = Some(unix_now());
-                    l.backend.last_error = None;
+                    let b = l.backend_mut(i);
+                    b.reachable = Some(true);
+                    b.down_since = None;
+                    b.next_probe_at = None;
+                    b.last_probe_at = Some(unix_now());
+                    b.last_error = None;
+                    l.merge_backends();
                 });
             }
             Command::Finalized(id) => {
@@ -650,15 +670,18 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        if let Some(l) = self.leased.remove(&o.key) {
-            self.lane_load[l.lane] = self.lane_load[l.lane].saturating_sub(1);
-        }
+        let lane = self.leased.remove(&o.key).map(|l| l.lane).unwrap_or(0);
+        self.lane_load[lane] = self.lane_load[lane].saturating_sub(1);
+        let backend_index = self.lane_backend.get(lane).copied().unwrap_or(0);
         let Some(active) = self.batches.get_mut(&o.key.batch) else {
             return;
         };
         active.in_flight = active.in_flight.saturating_sub(1);
         if matches!(o.result, CallResult::Answered { .. }) {
-            self.answered_since_publish = true;
+            if self.answered_since_publish.len() <= backend_index {
+                self.answered_since_publish.resize(backend_index + 1, false);
+            }
+            self.answered_since_publish[backend_index] = true;
         }
         if !matches!(o.verdict, Verdict::Success | Verdict::BackendDown) {
             let is_final = matches!(o.verdict, Verdict::Permanent)
@@ -745,7 +768,7 @@ impl Supervisor {
                 if r.is_ok() && active.dispatching() {
                     self.sched.push_front(key.batch, key.line, Instant::now());
                 }
-                self.backend_gone(err);
+                self.backend_gone(backend_index, err);
                 r
             }
         };
@@ -773,21 +796,30 @@ impl Supervisor {
     }
 
     /// Pauses dispatch and starts probing (once per outage).
-    fn backend_gone(&mut self, err: String) {
-        if self.backend_down {
+    /// Whether every backend is down (then nothing is leased).
+    fn all_down(&self) -> bool {
+        self.down.iter().all(|d| *d)
+    }
+
+    /// Backend `i` did not answer: its lanes pause, and a probe with backoff tells when it is
+    /// back. The other backends go on.
+    fn backend_gone(&mut self, i: usize, err: String) {
+        if self.down.get(i) != Some(&false) {
             return;
         }
-        self.backend_down = true;
+        self.down[i] = true;
         self.counters.backend_outages += 1;
-        tracing::warn!(error = %err, url = self.backend.url(), "backend unreachable: dispatch paused, probing");
+        let backend = self.backends[i].clone();
+        tracing::warn!(error = %err, url = backend.url(), "backend unreachable: its lanes paused, probing");
         self.notices
             .send(live::Notice::BackendDown { error: err.clone() });
         self.live.with(|l| {
-            l.backend.reachable = Some(false);
-            l.backend.down_since = Some(unix_now());
-            l.backend.last_error = Some(err);
+            let b = l.backend_mut(i);
+            b.reachable = Some(false);
+            b.down_since = Some(unix_now());
+            b.last_error = Some(err);
+            l.merge_backends();
         });
-        let backend = self.backend.clone();
         let live = self.live.clone();
         let tx = self.cmds_tx.clone();
         let stop = self.stop.clone();
@@ -801,15 +833,17 @@ impl Supervisor {
             let probe = (|| async { backend.probe().await }).retry(policy).notify(
                 |e: &String, next: Duration| {
                     live.with(|l| {
-                        l.backend.last_probe_at = Some(unix_now());
-                        l.backend.next_probe_at = Some(unix_now() + next.as_secs() as i64);
-                        l.backend.last_error = Some(e.clone());
+                        let b = l.backend_mut(i);
+                        b.last_probe_at = Some(unix_now());
+                        b.next_probe_at = Some(unix_now() + next.as_secs() as i64);
+                        b.last_error = Some(e.clone());
+                        l.merge_backends();
                     });
                 },
             );
             tokio::select! {
                 _ = stop.cancelled() => {}
-                r = probe => if r.is_ok() { let _ = tx.send(Command::BackendUp).await; },
+                r = probe => if r.is_ok() { let _ = tx.send(Command::BackendUp(i)).await; },
             }
         });
     }
@@ -888,7 +922,14 @@ impl Supervisor {
         let mut jobs = Vec::new();
         let now = Instant::now();
         // A lane the scheduler leaves idle this turn is not asked again in it.
-        let mut declined = vec![false; self.lane_load.len()];
+        let mut declined: Vec<bool> = (0..self.lane_load.len())
+            .map(|l| {
+                self.down
+                    .get(self.lane_backend.get(l).copied().unwrap_or(0))
+                    .copied()
+                    .unwrap_or(false)
+            })
+            .collect();
         while let Some(lane) = (0..self.lane_load.len())
             .filter(|&l| !declined[l] && self.lane_load[l] < LEASES_PER_LANE)
             .min_by_key(|&l| self.lane_load[l])
@@ -1138,7 +1179,12 @@ impl Supervisor {
             })
             .collect();
         let counters = self.counters.clone();
-        let answered = std::mem::take(&mut self.answered_since_publish) && !self.backend_down;
+        let answered: Vec<usize> = std::mem::take(&mut self.answered_since_publish)
+            .into_iter()
+            .enumerate()
+            .filter(|(i, a)| *a && self.down.get(*i) == Some(&false))
+            .map(|(i, _)| i)
+            .collect();
         let errors =
             std::mem::take(&mut self.recent_errors_changed).then(|| self.recent_errors.clone());
         self.live.with(|l| {
@@ -1147,9 +1193,13 @@ impl Supervisor {
             }
             l.batches = batches;
             l.counters = counters;
-            if answered {
-                l.backend.reachable = Some(true);
-                l.backend.last_error = None;
+            for &i in &answered {
+                let b = l.backend_mut(i);
+                b.reachable = Some(true);
+                b.last_error = None;
+            }
+            if !answered.is_empty() {
+                l.merge_backends();
             }
         });
     }
@@ -1306,14 +1356,23 @@ pub fn spawn_intake(
             intake::Validated::Done(o) => Ok(o),
             intake::Validated::Valid { total, model } => {
                 let missing = match (&model, cfg.model_check) {
-                    (Some(m), true) => match handle.backend.check_model(m).await {
-                        crate::backend::ModelCheck::Present => None,
-                        crate::backend::ModelCheck::Missing(why) => Some(why),
-                        crate::backend::ModelCheck::Unknown(why) => {
-                            tracing::info!(batch = %id, model = %m, reason = %why, "the backend cannot say whether it has the model; the batch runs");
-                            None
+                    // Every backend must have it: a line may run on any of them.
+                    (Some(m), true) => {
+                        let mut missing = None;
+                        for b in &handle.backends {
+                            match b.check_model(m).await {
+                                crate::backend::ModelCheck::Present => {}
+                                crate::backend::ModelCheck::Missing(why) => {
+                                    missing = Some(why);
+                                    break;
+                                }
+                                crate::backend::ModelCheck::Unknown(why) => {
+                                    tracing::info!(batch = %id, model = %m, url = b.url(), reason = %why, "the backend cannot say whether it has the model; the batch runs");
+                                }
+                            }
                         }
-                    },
+                        missing
+                    }
                     _ => None,
                 };
                 let s = store.clone();
