@@ -9,7 +9,7 @@ use crate::domain::outcome::classify;
 use crate::domain::{CallResult, Endpoint, RequestKey, Verdict};
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -78,8 +78,6 @@ struct LimiterState {
 pub struct Limiter {
     max: usize,
     state: Mutex<LimiterState>,
-    /// Wakes the dispatch loop when a slot frees. Only that loop waits on it.
-    freed: Notify,
 }
 
 impl Limiter {
@@ -93,27 +91,11 @@ impl Limiter {
                 streak: 0,
                 generation: 0,
             }),
-            freed: Notify::new(),
         }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LimiterState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Waits for a free slot; returns the generation the call starts in.
-    pub async fn acquire(&self) -> u64 {
-        loop {
-            let notified = self.freed.notified();
-            {
-                let mut s = self.lock();
-                if s.in_flight < s.limit {
-                    s.in_flight += 1;
-                    return s.generation;
-                }
-            }
-            notified.await;
-        }
     }
 
     /// Frees a slot and adapts the limit to the verdict of the call started in `generation`.
@@ -140,7 +122,6 @@ impl Limiter {
                 _ => {}
             }
         }
-        self.freed.notify_one();
     }
 
     /// Takes a slot if one is free: the generation the call starts in.
@@ -150,11 +131,6 @@ impl Limiter {
             s.in_flight += 1;
             s.generation
         })
-    }
-
-    /// The limit it starts at and never exceeds.
-    pub fn max(&self) -> usize {
-        self.max
     }
 
     /// (current limit, calls in flight).
@@ -269,27 +245,27 @@ pub fn spawn(
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn one_oom_burst_halves_once_and_successes_recover() {
+    #[test]
+    fn one_oom_burst_halves_once_and_successes_recover() {
         let l = Limiter::new(8);
         let mut gens = Vec::new();
         for _ in 0..8 {
-            gens.push(l.acquire().await);
+            gens.push(l.try_acquire().expect("a free slot"));
         }
         for g in gens {
             l.release(g, Verdict::OutOfMemory);
         }
         assert_eq!(l.snapshot(), (4, 0));
         for _ in 0..3 {
-            let g = l.acquire().await;
+            let g = l.try_acquire().expect("a free slot");
             l.release(g, Verdict::OutOfMemory);
         }
         assert_eq!(l.snapshot().0, 1, "never below 1, halves per generation");
-        let g = l.acquire().await;
+        let g = l.try_acquire().expect("a free slot");
         l.release(g, Verdict::OutOfMemory);
         assert_eq!(l.snapshot().0, 1);
         for _ in 0..RECOVERY_STREAK {
-            let g = l.acquire().await;
+            let g = l.try_acquire().expect("a free slot");
             l.release(g, Verdict::Success);
         }
         assert_eq!(l.snapshot().0, 2);
