@@ -446,3 +446,62 @@ async fn run_with_cancel_on_interrupt_cancels_and_downloads_what_finished() {
         assert_eq!(fake.calls_of(&user(i)), 1, "{id} ran once");
     }
 }
+
+/// In a terminal (a pty from util-linux's `script`), `run` draws a progress bar with rate and
+/// ETA instead of plain lines. Skipped with the reason where `script` is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_in_a_terminal_draws_a_progress_bar() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` (a pty) is not installed");
+        return;
+    }
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.delay = Duration::from_millis(20));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = dir.path().join("tty.jsonl");
+    std::fs::write(&file, input(120, &[])).expect("input");
+    let mut cmd = vec![
+        binary().to_str().expect("path").to_string(),
+        "run".into(),
+        file.to_str().expect("path").into(),
+    ];
+    cmd.extend(engine_flags(&state, &fake));
+    cmd.extend(["--concurrency".to_string(), "2".to_string()]);
+    let line = cmd
+        .iter()
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let typescript = dir.path().join("typescript");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("script")
+            .args(["-q", "-e", "-c", &line])
+            .arg(&typescript)
+            .env("COLUMNS", "120")
+            .env_remove("OLLAMA_BATCH_SERVER")
+            .stdin(Stdio::null())
+            .output()
+            .expect("script runs")
+    })
+    .await
+    .expect("join");
+    let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{screen}");
+    // The bar: brackets of '=' with counts, rate and ETA, redrawn in place.
+    assert!(screen.contains("/120 ("), "{screen}");
+    assert!(screen.contains("/s ETA"), "{screen}");
+    assert!(screen.contains("[="), "{screen}");
+    assert!(
+        screen.contains("120/120 (100%)"),
+        "the bar ends full: {screen}"
+    );
+    assert!(
+        !screen.contains("in_progress: "),
+        "no plain progress lines in a terminal"
+    );
+    assert!(
+        screen.contains("completed: 120 succeeded, 0 failed"),
+        "{screen}"
+    );
+}
