@@ -108,7 +108,10 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         backends.push(backend);
         limiters.push(limiter);
     }
-    let backend = backends[0].clone();
+    let backend = backends
+        .first()
+        .cloned()
+        .ok_or_else(|| ServerError::Config("no --backend-url: a model server is needed".into()))?;
     let gpu = GpuMonitor::start();
     let window = cfg.lease_window();
     let (jobs_tx, jobs_rx) = mpsc::channel(window + 1);
