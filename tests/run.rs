@@ -276,28 +276,64 @@ async fn run_exit_codes_say_success_and_bad_input() {
     assert!(err.contains("no ollama-batch server answers"), "{err}");
 }
 
-/// SIGINT while a separate server runs the batch: `run` detaches (the batch goes on), the
-/// same command re-attaches, and every line ran exactly once from a single upload.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_interrupted_detaches_and_the_same_command_reattaches() {
+/// A server process against a slow fake and `n` lines in `<name>.jsonl`; `run --server` is
+/// started on them with `extra` flags and sent SIGINT once the backend has taken 6 calls.
+/// Returns what it needs to go on: (fake, dir, server, the run's arguments, its exit code,
+/// stdout, stderr).
+struct Interrupted {
+    fake: Fake,
+    dir: tempfile::TempDir,
+    server: process::Proc,
+    args: Vec<String>,
+    code: i32,
+    out: String,
+    err: String,
+}
+
+async fn interrupt_run_on_a_server(name: &str, n: usize, extra: &[&str]) -> Interrupted {
     let fake = Fake::start(Shape::OpenAi).await;
     fake.set(|b| b.delay = Duration::from_millis(40));
     let dir = tempfile::tempdir().expect("tempdir");
     let server = process::spawn(&dir.path().join("state"), &fake.url(), 2, &[]);
-    let n = 60;
-    let file = dir.path().join("scores.jsonl");
+    let file = dir.path().join(format!("{name}.jsonl"));
     std::fs::write(&file, input(n, &[])).expect("input");
-    let args = [
-        file.to_str().expect("path"),
-        "--server",
-        &server.addr,
-        "--poll",
-        "100ms",
+    let mut args: Vec<String> = vec![
+        file.to_str().expect("path").into(),
+        "--server".into(),
+        server.addr.clone(),
+        "--poll".into(),
+        "100ms".into(),
     ];
-    let first = RunProc::start(dir.path(), "first", &args);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let first = RunProc::start(dir.path(), name, &refs(&args));
     wait_calls(&fake, 6, Duration::from_secs(30)).await;
     signal(&first.child, "-INT");
-    let (code, _, err) = first.finish(Duration::from_secs(10));
+    let (code, out, err) = first.finish(Duration::from_secs(30));
+    Interrupted {
+        fake,
+        dir,
+        server,
+        args,
+        code,
+        out,
+        err,
+    }
+}
+
+/// SIGINT while a separate server runs the batch: `run` detaches (the batch goes on), the
+/// same command re-attaches, and every line ran exactly once from a single upload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_interrupted_detaches_and_the_same_command_reattaches() {
+    let n = 60;
+    let Interrupted {
+        fake,
+        dir,
+        server,
+        args,
+        code,
+        err,
+        ..
+    } = interrupt_run_on_a_server("scores", n, &[]).await;
     assert_eq!(code, 130, "{err}");
     assert!(
         err.contains("detached: batch_") && err.contains("keeps running"),
@@ -310,7 +346,7 @@ async fn run_interrupted_detaches_and_the_same_command_reattaches() {
     );
 
     let (code, out, err) =
-        RunProc::start(dir.path(), "second", &args).finish(Duration::from_secs(60));
+        RunProc::start(dir.path(), "second", &refs(&args)).finish(Duration::from_secs(60));
     assert_eq!(code, 0, "{out}{err}");
     assert!(err.contains("re-attaching to batch_"), "{err}");
     assert!(!err.contains("uploading"), "{err}");
@@ -403,25 +439,16 @@ async fn run_in_process_interrupted_resumes_with_the_same_command() {
 /// downloaded, the rest is in the error file as cancelled, and the exit says interrupted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_with_cancel_on_interrupt_cancels_and_downloads_what_finished() {
-    let fake = Fake::start(Shape::OpenAi).await;
-    fake.set(|b| b.delay = Duration::from_millis(40));
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = process::spawn(&dir.path().join("state"), &fake.url(), 2, &[]);
     let n = 80;
-    let file = dir.path().join("cut.jsonl");
-    std::fs::write(&file, input(n, &[])).expect("input");
-    let args = [
-        file.to_str().expect("path"),
-        "--server",
-        &server.addr,
-        "--poll",
-        "100ms",
-        "--cancel-on-interrupt",
-    ];
-    let first = RunProc::start(dir.path(), "cut", &args);
-    wait_calls(&fake, 6, Duration::from_secs(30)).await;
-    signal(&first.child, "-INT");
-    let (code, out, err) = first.finish(Duration::from_secs(30));
+    let Interrupted {
+        fake,
+        dir,
+        server: _server,
+        code,
+        out,
+        err,
+        ..
+    } = interrupt_run_on_a_server("cut", n, &["--cancel-on-interrupt"]).await;
     assert_eq!(code, 130, "{out}{err}");
     assert!(err.contains("interrupted: cancelling batch_"), "{err}");
     assert!(out.contains(" cancelled: "), "{out}");

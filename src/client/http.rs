@@ -47,13 +47,14 @@ impl Server {
         )
     }
 
-    /// Sends, and reads a JSON answer; a non-2xx answer becomes its error message.
+    /// Sends (within 60 s), and reads a JSON answer; a non-2xx answer becomes its error message.
     async fn json(&self, req: reqwest::RequestBuilder) -> Result<Value, String> {
-        let r = req
-            .timeout(Duration::from_secs(60))
-            .send()
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        self.answer(req.timeout(Duration::from_secs(60))).await
+    }
+
+    /// Sends, and reads a JSON answer; a non-2xx answer becomes its error message.
+    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<Value, String> {
+        let r = req.send().await.map_err(|e| self.unreachable(e))?;
         let status = r.status();
         let v: Value = r
             .json()
@@ -106,23 +107,13 @@ impl Server {
             .text("purpose", "batch")
             .part("file", part);
         // No overall timeout: a large upload takes its time (the server cuts off a stalled one).
-        let r = self
-            .request(reqwest::Method::POST, "/v1/files")
-            .multipart(form)
-            .send()
+        let v = self
+            .answer(
+                self.request(reqwest::Method::POST, "/v1/files")
+                    .multipart(form),
+            )
             .await
-            .map_err(|e| self.unreachable(e))?;
-        let status = r.status();
-        let v: Value = r
-            .json()
-            .await
-            .map_err(|e| format!("the server's answer ({status}) is not JSON: {e}"))?;
-        if !status.is_success() {
-            return Err(format!(
-                "upload refused: {} ({status})",
-                v["error"]["message"].as_str().unwrap_or("no reason given")
-            ));
-        }
+            .map_err(|e| format!("upload of {name}: {e}"))?;
         v["id"]
             .as_str()
             .map(str::to_string)
