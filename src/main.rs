@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use futures_util::StreamExt;
+use ollama_batch::client::{note, say};
 use ollama_batch::config::{Cli, Command, Config, LogFormat, ServeArgs};
 use ollama_batch::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -25,18 +26,9 @@ impl std::io::Write for LogWriter {
     }
 }
 
-/// Prints a line on stdout; a closed stdout is ignored (never a panic, as `println!` would).
-fn say(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
 /// Prints an error on stderr, ignoring a closed stderr.
 fn complain(line: &str) {
-    use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "ollama-batch: {line}");
+    note(&format!("ollama-batch: {line}"));
 }
 
 /// Logs at `default` (unless RUST_LOG says otherwise).
@@ -131,7 +123,6 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
     };
     match result {
         Ok(report) => {
-            use std::io::Write;
             let counted = match &args.tokenizer_url {
                 Some(url) => match runtime().and_then(|rt| {
                     rt.block_on(ollama_batch::client::csv_to_batch::count_tokens(
@@ -146,12 +137,11 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
                 },
                 None => None,
             };
-            let _ = writeln!(
-                std::io::stderr(),
-                "{}\n{}",
-                summary(&report, counted),
-                ollama_batch::client::csv_to_batch::duration(report.written, args.rate)
-            );
+            note(&summary(&report, counted));
+            note(&ollama_batch::client::csv_to_batch::duration(
+                report.written,
+                args.rate,
+            ));
             ExitCode::SUCCESS
         }
         Err(e) => {

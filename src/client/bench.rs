@@ -10,6 +10,7 @@
 use super::csv_to_batch::{self, RequestShape};
 use super::engine::Engine;
 use super::http::Server;
+use super::note;
 use crate::config::ServeArgs;
 use clap::Args;
 use serde::Serialize;
@@ -306,9 +307,6 @@ fn table(rows: &[Row]) -> String {
 
 /// Runs the benchmark; the exit code.
 pub async fn bench(args: &BenchArgs) -> u8 {
-    let note = |l: &str| {
-        let _ = writeln!(std::io::stderr(), "{l}");
-    };
     let interrupted = CancellationToken::new();
     if let Err(e) = super::run::watch_interrupts(interrupted.clone()) {
         note(&format!("ollama-batch: {e}"));

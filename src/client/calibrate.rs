@@ -15,6 +15,7 @@
 //! With an OpenAI-compatible backend (llama.cpp) the context is fixed by the server
 //! (`llama-server -c`), so only parallelism is measured, at the per-slot context `/props` reports.
 
+use super::note;
 use crate::config::{BackendKind, Secret, parse_size};
 use clap::Args;
 use serde::Serialize;
@@ -475,10 +476,6 @@ fn table(steps: &[Step]) -> String {
         }
     }
     s
-}
-
-fn note(line: &str) {
-    let _ = writeln!(std::io::stderr(), "{line}");
 }
 
 /// Runs the calibration; the exit code.

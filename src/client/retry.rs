@@ -5,6 +5,7 @@
 //! (which then waits there for `run` or `serve`).
 
 use super::engine::Engine;
+use super::note;
 use crate::config::ServeArgs;
 use clap::Args;
 
@@ -26,10 +27,6 @@ pub struct RetryArgs {
 
 /// Runs it: `Ok((input file id, new batch id))`, or the error in words.
 pub async fn retry(args: &RetryArgs) -> Result<(String, String), String> {
-    let note = |l: &str| {
-        use std::io::Write;
-        let _ = writeln!(std::io::stderr(), "{l}");
-    };
     let engine = Engine::connect(args.server.as_deref(), &args.serve, &note).await?;
     let made = engine.server.retry(&args.batch_id).await;
     engine.stop().await?;

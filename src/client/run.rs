@@ -11,6 +11,7 @@
 use super::csv_to_batch::{self, RequestShape};
 use super::engine::Engine;
 use super::http::Server;
+use super::{note, say};
 use crate::config::ServeArgs;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -92,16 +93,6 @@ pub fn write_stderr(buf: &[u8]) {
         Some(bar) => bar.suspend(write),
         None => write(),
     }
-}
-
-fn note(line: &str) {
-    write_stderr(format!("{line}\n").as_bytes());
-}
-
-fn say(line: &str) {
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
 }
 
 /// The input as uploaded: a JSONL file on disk, its hash, endpoint and line count.
