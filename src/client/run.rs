@@ -206,6 +206,30 @@ fn prepare(args: &RunArgs) -> Result<Input, String> {
     Ok(input)
 }
 
+/// A batch object's `request_counts`.
+#[derive(Clone, Copy)]
+struct Counts {
+    total: u64,
+    succeeded: u64,
+    failed: u64,
+}
+
+impl Counts {
+    fn of(b: &Value) -> Counts {
+        let c = &b["request_counts"];
+        Counts {
+            total: c["total"].as_u64().unwrap_or(0),
+            succeeded: c["completed"].as_u64().unwrap_or(0),
+            failed: c["failed"].as_u64().unwrap_or(0),
+        }
+    }
+
+    /// Lines that ended, well or not.
+    fn done(&self) -> u64 {
+        self.succeeded + self.failed
+    }
+}
+
 /// The progress display: an indicatif bar on a terminal, plain lines elsewhere.
 struct Ui {
     bar: Option<ProgressBar>,
@@ -238,10 +262,8 @@ impl Ui {
 
     fn update(&mut self, b: &Value) {
         let status = b["status"].as_str().unwrap_or("?");
-        let c = &b["request_counts"];
-        let total = c["total"].as_u64().unwrap_or(0);
-        let failed = c["failed"].as_u64().unwrap_or(0);
-        let done = c["completed"].as_u64().unwrap_or(0) + failed;
+        let counts = Counts::of(b);
+        let (total, failed, done) = (counts.total, counts.failed, counts.done());
         let now = Instant::now();
         if total > 0 && self.origin.is_none() {
             self.origin = Some((now, done));
@@ -281,11 +303,12 @@ impl Ui {
             .is_none_or(|t| now.duration_since(t) >= self.every);
         if due {
             self.last_line = Some(now);
-            note(&self.line(status, done, total, failed, now));
+            note(&self.line(status, counts, now));
         }
     }
 
-    fn line(&self, status: &str, done: u64, total: u64, failed: u64, now: Instant) -> String {
+    fn line(&self, status: &str, counts: Counts, now: Instant) -> String {
+        let (total, failed, done) = (counts.total, counts.failed, counts.done());
         if total == 0 {
             return format!("{status}…");
         }
@@ -310,39 +333,37 @@ impl Ui {
         s
     }
 
+    /// The bar, no longer drawn around log lines.
+    fn take_bar(&mut self) -> Option<ProgressBar> {
+        if let Ok(mut g) = BAR.lock() {
+            *g = None;
+        }
+        self.bar.take()
+    }
+
     /// The last word: a finished bar stays on screen; plain output gets a final line.
     fn finish(&mut self, b: &Value) {
-        if let Some(bar) = self.bar.take() {
-            if let Ok(mut g) = BAR.lock() {
-                *g = None;
+        match self.take_bar() {
+            Some(bar) => bar.finish(),
+            None => {
+                let status = b["status"].as_str().unwrap_or("?");
+                note(&self.line(status, Counts::of(b), Instant::now()));
             }
-            bar.finish();
-        } else {
-            let c = &b["request_counts"];
-            let failed = c["failed"].as_u64().unwrap_or(0);
-            let done = c["completed"].as_u64().unwrap_or(0) + failed;
-            let total = c["total"].as_u64().unwrap_or(0);
-            let status = b["status"].as_str().unwrap_or("?");
-            note(&self.line(status, done, total, failed, Instant::now()));
         }
     }
 
     /// Takes the bar off the screen and says where the batch stood (detaching).
     fn abandon(&mut self, b: &Value) {
-        if let Some(bar) = self.bar.take() {
-            if let Ok(mut g) = BAR.lock() {
-                *g = None;
-            }
+        if let Some(bar) = self.take_bar() {
             bar.finish_and_clear();
         }
-        let c = &b["request_counts"];
-        let failed = c["failed"].as_u64().unwrap_or(0);
-        let done = c["completed"].as_u64().unwrap_or(0) + failed;
-        let total = c["total"].as_u64().unwrap_or(0);
+        let c = Counts::of(b);
         note(&format!(
-            "stopped following at {done}/{total} done{}",
-            if failed > 0 {
-                format!(", {failed} failed")
+            "stopped following at {}/{} done{}",
+            c.done(),
+            c.total,
+            if c.failed > 0 {
+                format!(", {} failed", c.failed)
             } else {
                 String::new()
             }
@@ -526,12 +547,11 @@ async fn drive(
         .and_then(|s| s.to_str())
         .unwrap_or("batch");
     let status = b["status"].as_str().unwrap_or_default().to_string();
-    let c = &b["request_counts"];
-    let (total, ok, failed) = (
-        c["total"].as_u64().unwrap_or(0),
-        c["completed"].as_u64().unwrap_or(0),
-        c["failed"].as_u64().unwrap_or(0),
-    );
+    let Counts {
+        total,
+        succeeded: ok,
+        failed,
+    } = Counts::of(&b);
     if status == "failed" {
         let errors: Vec<String> = b["errors"]["data"]
             .as_array()
