@@ -510,6 +510,15 @@ impl Config {
             .collect()
     }
 
+    /// Per lane, in order: (its backend's index, its slot on that backend).
+    pub fn lane_map(&self) -> Vec<(usize, usize)> {
+        self.slots()
+            .into_iter()
+            .enumerate()
+            .flat_map(|(b, n)| (0..n).map(move |slot| (b, slot)))
+            .collect()
+    }
+
     /// Lanes in all: every backend's slots.
     pub fn lanes(&self) -> usize {
         self.slots().iter().sum::<usize>().max(1)
@@ -655,6 +664,10 @@ mod tests {
             "--concurrency for the one without #"
         );
         assert_eq!(cfg.lanes(), 10);
+        let map = cfg.lane_map();
+        assert_eq!(map.len(), 10);
+        assert_eq!(map[..5], [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]);
+        assert_eq!(map[9], (2, 4));
         assert_eq!(cfg.lease_window(), 20);
     }
 

@@ -94,20 +94,19 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     // One client and one limiter per backend; one lane per slot of each.
     let mut backends = Vec::new();
     let mut limiters = Vec::new();
-    let mut lanes = Vec::new();
     for ((url, _), slots) in cfg.backends.iter().zip(cfg.slots()) {
-        let backend = Backend::for_url(&cfg, url).map_err(ServerError::Config)?;
-        let limiter = Arc::new(Limiter::new(slots));
-        for slot in 0..slots {
-            lanes.push(worker::Lane {
-                backend: backend.clone(),
-                limiter: limiter.clone(),
-                slot,
-            });
-        }
-        backends.push(backend);
-        limiters.push(limiter);
+        backends.push(Backend::for_url(&cfg, url).map_err(ServerError::Config)?);
+        limiters.push(Arc::new(Limiter::new(slots)));
     }
+    let lanes: Vec<worker::Lane> = cfg
+        .lane_map()
+        .into_iter()
+        .map(|(b, slot)| worker::Lane {
+            backend: backends[b].clone(),
+            limiter: limiters[b].clone(),
+            slot,
+        })
+        .collect();
     let backend = backends
         .first()
         .cloned()

@@ -142,9 +142,9 @@ struct Active {
     succeeded: u64,
     failed: u64,
     usage: Usage,
-    /// At load: the prefix group of every line not done, and the lines ready to run; handed
-    /// to the scheduler when the supervisor takes the batch on.
-    load_groups: HashMap<u32, u64>,
+    /// At load: the prefix group of every line not done (in line order), and the lines ready
+    /// to run; handed to the scheduler when the supervisor takes the batch on.
+    load_groups: Vec<(u32, u64)>,
     load_ready: Vec<u32>,
     retry_wait: u64,
     in_flight: u64,
@@ -190,7 +190,7 @@ impl Active {
             succeeded: 0,
             failed: 0,
             usage: Usage::default(),
-            load_groups: HashMap::new(),
+            load_groups: Vec::new(),
             load_ready: Vec::new(),
             retry_wait: 0,
             in_flight: 0,
@@ -232,7 +232,7 @@ fn load_batch(
         lines += 1;
         if !r.state.is_done() {
             a.load_groups
-                .insert(key.line, groups.get(&key.line).copied().unwrap_or(0));
+                .push((key.line, groups.get(&key.line).copied().unwrap_or(0)));
         }
         if r.state == RequestState::Leased {
             report.requeued_from_in_flight += 1;
@@ -398,13 +398,7 @@ impl Supervisor {
         let lanes = parts.cfg.lanes();
         let sched = Scheduler::new(parts.cfg.scheduling, lanes, parts.cfg.group_wait_max);
         let backends = parts.backends;
-        let lane_backend: Vec<usize> = parts
-            .cfg
-            .slots()
-            .iter()
-            .enumerate()
-            .flat_map(|(i, n)| std::iter::repeat_n(i, *n))
-            .collect();
+        let lane_backend: Vec<usize> = parts.cfg.lane_map().into_iter().map(|l| l.0).collect();
         let mut s = Supervisor {
             store: parts.store,
             cfg: parts.cfg,
@@ -637,12 +631,17 @@ impl Supervisor {
         }
     }
 
+    /// Forgets a lease (answered, rescued): its lane has room again.
+    fn end_lease(&mut self, key: RequestKey) -> Option<Lease> {
+        let l = self.leased.remove(&key)?;
+        self.lane_load[l.lane] = self.lane_load[l.lane].saturating_sub(1);
+        Some(l)
+    }
+
     /// Adds a loaded batch: its lines' groups and ready lines go to the scheduler.
     fn take_on(&mut self, id: BatchId, mut a: Active) {
         let now = Instant::now();
-        let mut groups: Vec<(u32, u64)> = std::mem::take(&mut a.load_groups).into_iter().collect();
-        groups.sort_unstable();
-        for (line, group) in groups {
+        for (line, group) in std::mem::take(&mut a.load_groups) {
             self.sched.register(id, line, group);
         }
         for line in std::mem::take(&mut a.load_ready) {
@@ -670,8 +669,9 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        let lane = self.leased.remove(&o.key).map(|l| l.lane).unwrap_or(0);
-        self.lane_load[lane] = self.lane_load[lane].saturating_sub(1);
+        let Some(Lease { lane, .. }) = self.end_lease(o.key) else {
+            return;
+        };
         let backend_index = self.lane_backend.get(lane).copied().unwrap_or(0);
         let Some(active) = self.batches.get_mut(&o.key.batch) else {
             return;
@@ -877,9 +877,7 @@ impl Supervisor {
             .map(|(k, l)| (*k, l.lease))
             .collect();
         for (key, lease) in stale {
-            if let Some(l) = self.leased.remove(&key) {
-                self.lane_load[l.lane] = self.lane_load[l.lane].saturating_sub(1);
-            }
+            self.end_lease(key);
             let r = self
                 .store
                 .transition_request(key, Expect::Leased(lease), |r| {
