@@ -214,32 +214,31 @@ struct Client {
 }
 
 impl Client {
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        let r = self
-            .http
-            .post(format!(
-                "{}{path}",
-                self.args.backend_url.trim_end_matches('/')
-            ))
-            .json(body);
+    /// A request to the backend, with its key when there is one.
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let r = self.http.request(
+            method,
+            format!("{}{path}", self.args.backend_url.trim_end_matches('/')),
+        );
         match &self.args.backend_api_key {
             Some(k) => r.bearer_auth(k.expose()),
             None => r,
         }
     }
 
+    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.request(reqwest::Method::POST, path).json(body)
+    }
+
     async fn get(&self, path: &str) -> Option<Value> {
-        let mut r = self
-            .http
-            .get(format!(
-                "{}{path}",
-                self.args.backend_url.trim_end_matches('/')
-            ))
-            .timeout(Duration::from_secs(10));
-        if let Some(k) = &self.args.backend_api_key {
-            r = r.bearer_auth(k.expose());
-        }
-        r.send().await.ok()?.json().await.ok()
+        self.request(reqwest::Method::GET, path)
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()
     }
 
     /// One chat call with `prompt` at context `ctx`, generating at most `gen` tokens.
