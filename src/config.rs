@@ -255,6 +255,20 @@ pub struct ServeArgs {
         default_value = "auto"
     )]
     pub slot_affinity: SlotAffinity,
+    /// How a batch whose metadata names no `mode` runs: `independent` (each line alone) or
+    /// `conversation` (the lines of a prefix group as `--concurrency` growing chats, each
+    /// answer kept as context for the next line; needs `--num-ctx`). See docs/operations.md.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_MODE",
+        value_enum,
+        default_value = "independent"
+    )]
+    pub mode: Mode,
+    /// Conversation mode: the messages a history keeps when it is cut back (after the system
+    /// prompt; it grows to 2.5 times this, or to the context budget, before a cut).
+    #[arg(long, env = "OLLAMA_BATCH_CONVERSATION_KEEP", default_value_t = 40)]
+    pub conversation_keep: u32,
     /// Log format.
     #[arg(
         long,
@@ -272,6 +286,32 @@ pub enum Scheduling {
     Affine,
     /// Input order, oldest batch first.
     Fifo,
+}
+
+/// `--mode`, and a batch's metadata `mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// Every line on its own.
+    Independent,
+    /// The lines of a prefix group as growing conversations.
+    Conversation,
+}
+
+impl Mode {
+    /// The metadata value naming it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Independent => "independent",
+            Mode::Conversation => "conversation",
+        }
+    }
+
+    /// The mode a metadata value names.
+    pub fn parse(s: &str) -> Option<Mode> {
+        [Mode::Independent, Mode::Conversation]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+    }
 }
 
 /// `--slot-affinity`.
@@ -354,6 +394,10 @@ pub struct Config {
     pub group_wait_max: Duration,
     /// Whether to send `id_slot`.
     pub slot_affinity: SlotAffinity,
+    /// The mode of a batch whose metadata names none.
+    pub mode: Mode,
+    /// Conversation mode: messages kept after a cut.
+    pub conversation_keep: u32,
 }
 
 /// Parses `2GiB`, `500MB`, `64k`, `1048576`.
@@ -459,6 +503,12 @@ impl Config {
         if max_answer_bytes < 1024 {
             return Err("--max-answer-size must be at least 1KiB".into());
         }
+        if a.mode == Mode::Conversation && a.num_ctx.is_none() {
+            return Err("--mode conversation needs --num-ctx: the history is cut to stay within the context of one call".into());
+        }
+        if a.conversation_keep < 2 {
+            return Err("--conversation-keep must be at least 2 (a turn and its answer)".into());
+        }
         let client_timeout: Duration = a.client_timeout.into();
         if client_timeout.is_zero() {
             return Err("--client-timeout must be positive".into());
@@ -499,6 +549,8 @@ impl Config {
             },
             group_wait_max: a.group_wait_max.into(),
             slot_affinity: a.slot_affinity,
+            mode: a.mode,
+            conversation_keep: a.conversation_keep,
         })
     }
 

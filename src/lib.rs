@@ -14,6 +14,7 @@ pub mod api;
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod conversation;
 pub mod domain;
 pub mod gpu;
 pub mod intake;

@@ -15,9 +15,17 @@
 //!
 //! [`Policy::Fifo`]: lines in input order, oldest batch first, to whichever lane asks (the
 //! behaviour before prefix groups).
+//!
+//! **Conversations** (a batch in conversation mode, see `conversation.rs`): line *i* of a group
+//! belongs to conversation *i mod lanes*, which runs on lane *i mod lanes*, one line at a time
+//! in input order (the next turn needs the previous answer). A lane with a conversation to
+//! continue serves it before anything else: it takes the conversation's next line once its
+//! other leases are done, and nothing else while that line runs. A conversation whose next line
+//! waits for a retry waits with it (the line's turn keeps its place); the lane meanwhile serves
+//! its other conversations or other batches.
 
 use crate::domain::BatchId;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How lines are given to lanes.
@@ -64,6 +72,36 @@ impl BatchQueues {
     }
 }
 
+/// A conversation: (its prefix group, its number within the group).
+pub type ConvId = (u64, u32);
+
+/// One conversation's lines not done, in input order; the first is the next turn.
+#[derive(Debug, Default)]
+struct Conv {
+    lines: VecDeque<u32>,
+    /// Lines ready to run (not waiting for a retry, not leased).
+    ready: HashSet<u32>,
+    /// Its first line is leased.
+    busy: bool,
+}
+
+impl Conv {
+    fn available(&self) -> Option<u32> {
+        let head = *self.lines.front()?;
+        (!self.busy && self.ready.contains(&head)).then_some(head)
+    }
+}
+
+/// A batch in conversation mode.
+#[derive(Debug, Default)]
+struct ConvBatch {
+    lanes: u32,
+    /// Lines registered per group so far (line *i* of a group goes to conversation i mod lanes).
+    registered: HashMap<u64, u32>,
+    of_line: HashMap<u32, ConvId>,
+    convs: BTreeMap<ConvId, Conv>,
+}
+
 /// The scheduler's state.
 #[derive(Debug)]
 pub struct Scheduler {
@@ -73,6 +111,9 @@ pub struct Scheduler {
     lanes: Vec<Option<(BatchId, u64)>>,
     /// Ordered by id = creation time: first-come first-served.
     batches: BTreeMap<BatchId, BatchQueues>,
+    /// Batches in conversation mode, and per lane the conversation it serves.
+    conv_batches: BTreeMap<BatchId, ConvBatch>,
+    conv_lanes: Vec<Option<(BatchId, ConvId)>>,
 }
 
 impl Scheduler {
@@ -83,7 +124,105 @@ impl Scheduler {
             starve_after,
             lanes: vec![None; lanes.max(1)],
             batches: BTreeMap::new(),
+            conv_batches: BTreeMap::new(),
+            conv_lanes: vec![None; lanes.max(1)],
         }
+    }
+
+    /// Runs `batch` in conversation mode with `lanes` conversations per group: call it before
+    /// registering the batch's lines.
+    pub fn conversational(&mut self, batch: BatchId, lanes: u32) {
+        self.conv_batches.entry(batch).or_default().lanes = lanes.max(1);
+    }
+
+    /// The conversation of a line of a batch in conversation mode.
+    pub fn conversation_of(&self, batch: BatchId, line: u32) -> Option<ConvId> {
+        self.conv_batches.get(&batch)?.of_line.get(&line).copied()
+    }
+
+    /// A line of a conversation is done (succeeded or failed for good): the conversation's next
+    /// line is its next turn. Nothing for other batches.
+    pub fn finished(&mut self, batch: BatchId, line: u32) {
+        let Some(b) = self.conv_batches.get_mut(&batch) else {
+            return;
+        };
+        let Some(c) = b.of_line.remove(&line).and_then(|id| b.convs.get_mut(&id)) else {
+            return;
+        };
+        if c.lines.front() == Some(&line) {
+            c.lines.pop_front();
+            c.busy = false;
+        } else {
+            c.lines.retain(|l| *l != line);
+        }
+        c.ready.remove(&line);
+    }
+
+    /// A leased line waits for a retry: its conversation waits with it, and its lane is free for
+    /// other work meanwhile. Nothing for other batches (the line is pushed when it is due).
+    pub fn waiting(&mut self, batch: BatchId, line: u32) {
+        if let Some(b) = self.conv_batches.get_mut(&batch)
+            && let Some(c) = b.of_line.get(&line).and_then(|id| b.convs.get_mut(id))
+        {
+            if c.lines.front() == Some(&line) {
+                c.busy = false;
+            }
+            c.ready.remove(&line);
+        }
+    }
+
+    /// A line of a conversation is ready (or back): whether the batch is in conversation mode.
+    fn conv_ready(&mut self, batch: BatchId, line: u32) -> bool {
+        let Some(b) = self.conv_batches.get_mut(&batch) else {
+            return false;
+        };
+        if let Some(c) = b.of_line.get(&line).and_then(|id| b.convs.get_mut(id)) {
+            if c.lines.front() == Some(&line) {
+                c.busy = false;
+            }
+            c.ready.insert(line);
+        }
+        true
+    }
+
+    /// The conversation lane `lane` should continue: the one it serves while it has its next
+    /// line ready, else the first (oldest batch) of its conversations that has.
+    fn conv_for(
+        &self,
+        lane: usize,
+        dispatching: &impl Fn(BatchId) -> bool,
+    ) -> Option<(BatchId, ConvId)> {
+        let lanes = self.lanes.len() as u32;
+        if let Some((b, id)) = self.conv_lanes[lane]
+            && dispatching(b)
+            && self
+                .conv_batches
+                .get(&b)
+                .and_then(|x| x.convs.get(&id))
+                .and_then(Conv::available)
+                .is_some()
+        {
+            return Some((b, id));
+        }
+        self.conv_batches
+            .iter()
+            .filter(|(b, _)| dispatching(**b))
+            .find_map(|(b, x)| {
+                x.convs
+                    .iter()
+                    .find(|(id, c)| id.1 % lanes == lane as u32 && c.available().is_some())
+                    .map(|(id, _)| (*b, *id))
+            })
+    }
+
+    /// Whether the lane has a conversation's line in flight.
+    fn conv_busy(&self, lane: usize) -> bool {
+        self.conv_lanes[lane].is_some_and(|(b, id)| {
+            self.conv_batches
+                .get(&b)
+                .and_then(|x| x.convs.get(&id))
+                .is_some_and(|c| c.busy)
+        })
     }
 
     /// Its policy.
@@ -99,6 +238,14 @@ impl Scheduler {
     /// Records the group of a line (before it is pushed). Under [`Policy::Fifo`] every line is
     /// in one queue per batch, in input order.
     pub fn register(&mut self, batch: BatchId, line: u32, group: u64) {
+        if let Some(b) = self.conv_batches.get_mut(&batch) {
+            let n = b.registered.entry(group).or_insert(0);
+            let id = (group, *n % b.lanes);
+            *n += 1;
+            b.of_line.insert(line, id);
+            b.convs.entry(id).or_default().lines.push_back(line);
+            return;
+        }
         let group = if self.policy == Policy::Fifo {
             0
         } else {
@@ -131,16 +278,25 @@ impl Scheduler {
 
     /// A line is ready (new, or back after a retry delay or a rescue): at the end of its queue.
     pub fn push_back(&mut self, batch: BatchId, line: u32, now: Instant) {
+        if self.conv_ready(batch, line) {
+            return;
+        }
         self.queue(batch, line, now).ready.push_back(line);
     }
 
     /// A line given back without being tried (backend down, shutdown): at the front.
     pub fn push_front(&mut self, batch: BatchId, line: u32, now: Instant) {
+        if self.conv_ready(batch, line) {
+            return;
+        }
         self.queue(batch, line, now).ready.push_front(line);
     }
 
     /// Drops a batch's ready lines (cancelled, expiring); its groups stay known.
     pub fn clear(&mut self, batch: BatchId) {
+        if let Some(b) = self.conv_batches.get_mut(&batch) {
+            b.convs.values_mut().for_each(|c| c.ready.clear());
+        }
         if let Some(b) = self.batches.get_mut(&batch) {
             for q in b.queues.values_mut() {
                 q.ready.clear();
@@ -151,6 +307,12 @@ impl Scheduler {
     /// Forgets a finished batch.
     pub fn forget(&mut self, batch: BatchId) {
         self.batches.remove(&batch);
+        self.conv_batches.remove(&batch);
+        for lane in self.conv_lanes.iter_mut() {
+            if lane.is_some_and(|(b, _)| b == batch) {
+                *lane = None;
+            }
+        }
         for lane in self.lanes.iter_mut() {
             if lane.is_some_and(|(b, _)| b == batch) {
                 *lane = None;
@@ -160,6 +322,9 @@ impl Scheduler {
 
     /// Prefix groups of a batch (1 under [`Policy::Fifo`], which does not tell them apart).
     pub fn groups(&self, batch: BatchId) -> usize {
+        if let Some(b) = self.conv_batches.get(&batch) {
+            return b.registered.len();
+        }
         self.batches
             .get(&batch)
             .map(|b| b.all_groups.len())
@@ -168,6 +333,9 @@ impl Scheduler {
 
     /// Ready lines of a batch.
     pub fn ready(&self, batch: BatchId) -> usize {
+        if let Some(b) = self.conv_batches.get(&batch) {
+            return b.convs.values().map(|c| c.ready.len()).sum();
+        }
         self.batches
             .get(&batch)
             .map(|b| b.queues.values().map(|q| q.ready.len()).sum())
@@ -179,6 +347,9 @@ impl Scheduler {
         self.batches
             .iter()
             .any(|(id, b)| dispatching(*id) && b.queues.values().any(|q| !q.ready.is_empty()))
+            || self.conv_batches.iter().any(|(id, b)| {
+                dispatching(*id) && b.convs.values().any(|c| c.available().is_some())
+            })
     }
 
     /// The lane now serves `to` (counts move from its old queue).
@@ -209,15 +380,37 @@ impl Scheduler {
         Some((at.0, line))
     }
 
-    /// The next line for `lane`, of a batch `dispatching` accepts; `None` when the lane should
-    /// stay idle.
+    /// The next line for `lane` (`idle`: it holds no lease now), of a batch `dispatching`
+    /// accepts; `None` when the lane should stay idle (or finish what it holds first).
     pub fn next(
         &mut self,
         lane: usize,
         now: Instant,
+        idle: bool,
         dispatching: impl Fn(BatchId) -> bool,
     ) -> Option<(BatchId, u32)> {
         let lane = lane.min(self.lanes.len() - 1);
+        // A conversation to continue comes first, alone on its lane.
+        if self.conv_busy(lane) {
+            return None;
+        }
+        if let Some((b, id)) = self.conv_for(lane, &dispatching) {
+            if !idle {
+                return None;
+            }
+            let c = self.conv_batches.get_mut(&b)?.convs.get_mut(&id)?;
+            let line = c.available()?;
+            c.busy = true;
+            c.ready.remove(&line);
+            self.conv_lanes[lane] = Some((b, id));
+            // It no longer serves an independent queue.
+            if let Some((qb, g)) = self.lanes[lane].take()
+                && let Some(q) = self.batches.get_mut(&qb).and_then(|x| x.queues.get_mut(&g))
+            {
+                q.lanes = q.lanes.saturating_sub(1);
+            }
+            return Some((b, line));
+        }
         if self.policy == Policy::Fifo {
             let at = self.batches.iter().find_map(|(id, b)| {
                 (dispatching(*id) && b.queues.values().any(|q| !q.ready.is_empty()))
@@ -312,7 +505,7 @@ mod tests {
         loop {
             let mut any = false;
             for (lane, seen) in served.iter_mut().enumerate() {
-                if let Some((_, line)) = s.next(lane, now, |_| true) {
+                if let Some((_, line)) = s.next(lane, now, true, |_| true) {
                     any = true;
                     seen.push(group(line));
                 }
@@ -373,21 +566,24 @@ mod tests {
         let mut s = Scheduler::new(Policy::Affine, 2, Duration::from_secs(10));
         fill(&mut s, batch(1), 1000, |_| 1, t0);
         for lane in 0..2 {
-            assert_eq!(s.next(lane, t0, |_| true).map(|x| x.0), Some(batch(1)));
+            assert_eq!(
+                s.next(lane, t0, true, |_| true).map(|x| x.0),
+                Some(batch(1))
+            );
         }
         fill(&mut s, batch(2), 5, |_| 1, t0);
         // Before the bound: the big batch, first come first served.
         let t1 = t0 + Duration::from_secs(5);
-        assert_eq!(s.next(0, t1, |_| true).map(|x| x.0), Some(batch(1)));
+        assert_eq!(s.next(0, t1, true, |_| true).map(|x| x.0), Some(batch(1)));
         // After: a lane moves to the small batch and stays until it is done.
         let t2 = t0 + Duration::from_secs(11);
         let mut small = 0;
         for _ in 0..5 {
-            let got = s.next(0, t2, |_| true).expect("work");
+            let got = s.next(0, t2, true, |_| true).expect("work");
             if got.0 == batch(2) {
                 small += 1;
             }
-            assert_eq!(s.next(1, t2, |_| true).map(|x| x.0), Some(batch(1)));
+            assert_eq!(s.next(1, t2, true, |_| true).map(|x| x.0), Some(batch(1)));
         }
         assert_eq!(small, 5, "lane 0 drained the small batch");
         assert_eq!(s.ready(batch(2)), 0);
@@ -400,15 +596,91 @@ mod tests {
         fill(&mut s, batch(1), 3, |_| 1, now);
         fill(&mut s, batch(2), 3, |_| 2, now);
         assert_eq!(
-            s.next(0, now, |b| b != batch(1)).map(|x| x.0),
+            s.next(0, now, true, |b| b != batch(1)).map(|x| x.0),
             Some(batch(2))
         );
-        let (b, line) = s.next(0, now, |_| true).expect("work");
+        let (b, line) = s.next(0, now, true, |_| true).expect("work");
         s.push_front(b, line, now);
-        assert_eq!(s.next(0, now, |_| true), Some((b, line)));
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, line)));
         s.clear(batch(1));
         assert_eq!(s.ready(batch(1)), 0);
         s.forget(batch(2));
         assert!(!s.any_ready(|_| true));
+    }
+
+    #[test]
+    fn conversations_run_one_line_at_a_time_on_their_own_lane() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Policy::Affine, 2, Duration::from_secs(30));
+        let b = batch(1);
+        s.conversational(b, 2);
+        // Group 1: lines 1, 3, 5, 7; group 2: lines 2, 4, 6.
+        fill(&mut s, b, 7, |l| (l % 2) as u64 + 1, now);
+        assert_eq!(s.groups(b), 2);
+        assert_eq!(s.conversation_of(b, 1), Some((2, 0)));
+        assert_eq!(s.conversation_of(b, 3), Some((2, 1)));
+        assert_eq!(s.conversation_of(b, 5), Some((2, 0)));
+        assert_eq!(s.conversation_of(b, 2), Some((1, 0)));
+        assert_eq!(s.conversation_of(b, 4), Some((1, 1)));
+        // Lane 0 serves conversations (1, 0) then (2, 0): the first of its own that is ready.
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, 2)));
+        assert_eq!(s.next(0, now, false, |_| true), None, "one turn at a time");
+        assert_eq!(s.next(0, now, true, |_| true), None, "its line still runs");
+        assert_eq!(s.next(1, now, true, |_| true), Some((b, 4)));
+        s.finished(b, 2);
+        assert_eq!(
+            s.next(0, now, true, |_| true),
+            Some((b, 6)),
+            "same conversation"
+        );
+        // A line given back (backend down, rescue) is the conversation's next turn again.
+        s.push_front(b, 6, now);
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, 6)));
+        s.finished(b, 6);
+        // A retry: the line goes back later; meanwhile the lane takes its other conversation.
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, 1)));
+        s.waiting(b, 1);
+        assert_eq!(
+            s.next(0, now, true, |_| true),
+            None,
+            "the conversation waits for its line's retry"
+        );
+        s.push_back(b, 1, now); // the retry came due
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, 1)));
+        s.finished(b, 1);
+        assert_eq!(s.next(0, now, true, |_| true), Some((b, 5)));
+        s.finished(b, 5);
+        assert_eq!(
+            s.next(0, now, true, |_| true),
+            None,
+            "lane 0's turns are done"
+        );
+        assert_eq!(s.ready(b), 2, "lines 3 and 7 on lane 1");
+        assert!(s.any_ready(|_| true));
+    }
+
+    #[test]
+    fn a_lane_with_a_conversation_takes_nothing_else_while_it_runs() {
+        let now = Instant::now();
+        let mut s = Scheduler::new(Policy::Affine, 1, Duration::from_secs(30));
+        fill(&mut s, batch(1), 10, |_| 1, now);
+        s.conversational(batch(2), 1);
+        fill(&mut s, batch(2), 2, |_| 1, now);
+        // The lane holds an independent line: the conversation waits for it to end.
+        assert_eq!(s.next(0, now, false, |_| true), None);
+        assert_eq!(s.next(0, now, true, |_| true), Some((batch(2), 1)));
+        assert_eq!(s.next(0, now, false, |_| true), None);
+        s.finished(batch(2), 1);
+        assert_eq!(s.next(0, now, true, |_| true), Some((batch(2), 2)));
+        s.finished(batch(2), 2);
+        assert_eq!(s.next(0, now, false, |_| true).map(|x| x.0), Some(batch(1)));
+        // A cancelled conversation batch: nothing of it is ready.
+        s.conversational(batch(3), 1);
+        fill(&mut s, batch(3), 2, |_| 1, now);
+        s.clear(batch(3));
+        assert_eq!(s.ready(batch(3)), 0);
+        assert_eq!(s.next(0, now, true, |_| true).map(|x| x.0), Some(batch(1)));
+        s.forget(batch(3));
+        assert_eq!(s.conversation_of(batch(3), 1), None);
     }
 }

@@ -7,6 +7,7 @@ mod api;
 mod bench;
 mod client;
 mod conformance;
+mod conversation;
 mod crash;
 mod dashboard;
 mod economy;

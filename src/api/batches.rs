@@ -111,6 +111,9 @@ pub async fn create(
         ));
     }
     let metadata = metadata(obj.get("metadata"))?;
+    if let Some(mode) = metadata.as_ref().and_then(|m| m.get("mode")) {
+        check_mode(&st.cfg, endpoint, mode)?;
+    }
     let file_id = crate::domain::FileId::parse(input)
         .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
     let file = st
@@ -128,6 +131,28 @@ pub async fn create(
     }
     let rec = start_batch(&st, endpoint, file_id, metadata).await?;
     Ok(Json(batch_object(&rec, None)))
+}
+
+/// A batch's metadata `mode` (an extension: `independent` or `conversation`; the openai SDKs pass
+/// metadata through) must name a mode this server can run for the endpoint.
+fn check_mode(cfg: &crate::config::Config, endpoint: Endpoint, mode: &str) -> Result<(), ApiError> {
+    let bad = |m: String| ApiError::bad(Some("metadata.mode"), m);
+    match crate::config::Mode::parse(mode) {
+        None => Err(bad(format!(
+            "metadata mode must be 'independent' or 'conversation', got '{}'",
+            crate::domain::clip(mode, 40)
+        ))),
+        Some(crate::config::Mode::Conversation) if endpoint != Endpoint::ChatCompletions => {
+            Err(bad(format!(
+                "conversation mode runs chat completions only; this batch's endpoint is {}",
+                endpoint.as_str()
+            )))
+        }
+        Some(crate::config::Mode::Conversation) if cfg.num_ctx.is_none() => Err(bad(
+            "conversation mode needs the server started with --num-ctx (the context of one call), to keep each conversation's history within it".into(),
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// Writes a new batch (`validating`) on an input file and starts its intake. From the first

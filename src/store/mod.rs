@@ -12,6 +12,8 @@
 //! | `blobs`    | sha-256 (32 B)               | shared content (a system prompt), stored once |
 //! | `groups`   | same as `requests`           | the line's prefix group (u64, big-endian); absent in stores made before groups: group 0 |
 //! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
+//! | `conversations` | batch uuid (16 B)       | a batch's mode: its conversation [`Plan`], or none (independent lines) |
+//! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
 //!
@@ -27,6 +29,7 @@
 
 mod commit;
 
+use crate::conversation::{Plan, Record as ConvRecord};
 use crate::domain::{BatchId, BatchRecord, BatchStatus, FileId, RequestKey, RequestRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
@@ -137,6 +140,26 @@ pub enum Expect {
     Leased(u32),
 }
 
+impl Expect {
+    fn holds(&self, rec: &RequestRecord) -> bool {
+        match *self {
+            Expect::Queued => rec.state == crate::domain::RequestState::Queued,
+            Expect::Leased(lease) => {
+                rec.state == crate::domain::RequestState::Leased && rec.lease == lease
+            }
+        }
+    }
+}
+
+/// The key of a conversation's record: batch ‖ group ‖ number, big-endian.
+fn conv_key(batch: BatchId, (group, n): (u64, u32)) -> [u8; 28] {
+    let mut k = [0u8; 28];
+    k[..16].copy_from_slice(batch.0.as_bytes());
+    k[16..24].copy_from_slice(&group.to_be_bytes());
+    k[24..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Encoding plain structs into a Vec cannot fail; an error here would be a bug in a type.
     bincode::serde::encode_to_vec(value, bincode::config::standard())
@@ -162,6 +185,7 @@ pub struct Store {
     blobs: sled::Tree,
     stats: sled::Tree,
     groups: sled::Tree,
+    conversations: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -208,6 +232,7 @@ impl Store {
             blobs: db.open_tree("blobs")?,
             stats: db.open_tree("stats")?,
             groups: db.open_tree("groups")?,
+            conversations: db.open_tree("conversations")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -459,7 +484,12 @@ impl Store {
 
     /// Removes every request and body of a batch (a failed validation, or a re-run intake).
     pub fn delete_requests(&self, batch: BatchId) -> Result<(), StoreError> {
-        for tree in [&self.requests, &self.bodies, &self.groups] {
+        for tree in [
+            &self.requests,
+            &self.bodies,
+            &self.groups,
+            &self.conversations,
+        ] {
             let mut b = sled::Batch::default();
             for item in tree.scan_prefix(batch.0.as_bytes()) {
                 let (k, _) = item?;
@@ -506,13 +536,7 @@ impl Store {
         loop {
             let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
             let mut rec: RequestRecord = decode("request", &old)?;
-            let ok = match expect {
-                Expect::Queued => rec.state == crate::domain::RequestState::Queued,
-                Expect::Leased(lease) => {
-                    rec.state == crate::domain::RequestState::Leased && rec.lease == lease
-                }
-            };
-            if !ok {
+            if !expect.holds(&rec) {
                 return Err(TransitionError::Conflict(format!(
                     "{:?} under lease {}",
                     rec.state, rec.lease
@@ -526,6 +550,73 @@ impl Store {
             {
                 return Ok(rec);
             }
+        }
+    }
+
+    /// [`Store::transition_request`] and a conversation's record in one transaction: a line of a
+    /// conversation succeeds together with the history that now holds it.
+    pub fn transition_request_in_conversation(
+        &self,
+        key: RequestKey,
+        expect: Expect,
+        change: impl Fn(&mut RequestRecord),
+        conversation: (u64, u32),
+        record: &ConvRecord,
+    ) -> Result<RequestRecord, TransitionError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
+        let k = key.to_bytes();
+        let ck = conv_key(key.batch, conversation);
+        let value = encode(record);
+        let r = (&self.requests, &self.conversations).transaction(|(reqs, convs)| {
+            let old = reqs
+                .get(k)?
+                .ok_or(Abort::Abort(TransitionError::NotFound))?;
+            let mut rec: RequestRecord =
+                decode("request", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
+            if !expect.holds(&rec) {
+                return Err(Abort::Abort(TransitionError::Conflict(format!(
+                    "{:?} under lease {}",
+                    rec.state, rec.lease
+                ))));
+            }
+            change(&mut rec);
+            reqs.insert(&k[..], encode(&rec))?;
+            convs.insert(&ck[..], value.clone())?;
+            Ok(rec)
+        });
+        match r {
+            Ok(rec) => Ok(rec),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    /// A batch's conversation plan: `Some(None)` when it was fixed as independent lines,
+    /// `None` when it was never fixed.
+    pub fn get_plan(&self, batch: BatchId) -> Result<Option<Option<Plan>>, StoreError> {
+        match self.conversations.get(batch.0.as_bytes())? {
+            Some(v) => Ok(Some(decode("conversation plan", &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Fixes a batch's mode: a conversation plan, or `None` for independent lines.
+    pub fn put_plan(&self, batch: BatchId, plan: Option<Plan>) -> Result<(), StoreError> {
+        self.conversations
+            .insert(batch.0.as_bytes(), encode(&plan))?;
+        Ok(())
+    }
+
+    /// A conversation's record (`None` before its first success).
+    pub fn get_conversation(
+        &self,
+        batch: BatchId,
+        conversation: (u64, u32),
+    ) -> Result<Option<ConvRecord>, StoreError> {
+        match self.conversations.get(conv_key(batch, conversation))? {
+            Some(v) => Ok(Some(decode("conversation", &v)?)),
+            None => Ok(None),
         }
     }
 

@@ -21,6 +21,7 @@
 pub mod finalize;
 pub mod live;
 pub mod progress;
+mod turns;
 
 use crate::backend::Backend;
 use crate::config::Config;
@@ -142,9 +143,9 @@ struct Active {
     succeeded: u64,
     failed: u64,
     usage: Usage,
-    /// At load: the prefix group of every line not done (in line order), and the lines ready
-    /// to run; handed to the scheduler when the supervisor takes the batch on.
-    load_groups: Vec<(u32, u64)>,
+    /// At load: every line's prefix group and whether it is done (in line order), and the
+    /// lines ready to run; handed to the scheduler when the supervisor takes the batch on.
+    load_groups: Vec<(u32, u64, bool)>,
     load_ready: Vec<u32>,
     retry_wait: u64,
     in_flight: u64,
@@ -160,6 +161,9 @@ struct Active {
     progress: progress::Progress,
     /// The low-cache warning was logged for this batch.
     cache_warned: bool,
+    /// Conversation mode's settings, when the batch runs in it (fixed and stored when first
+    /// taken on).
+    plan: Option<crate::conversation::Plan>,
 }
 
 impl Active {
@@ -201,6 +205,7 @@ impl Active {
             expiring: false,
             progress: progress::Progress::new(0),
             cache_warned: false,
+            plan: None,
         }
     }
 }
@@ -225,15 +230,18 @@ fn load_batch(
     };
     let now_ms = unix_millis();
     let mut lines = 0u64;
+    let mut started = false;
     let mut fixes = Vec::new();
     let groups = store.batch_groups(rec.id)?;
     for item in store.batch_requests(rec.id) {
         let (key, mut r) = item?;
         lines += 1;
-        if !r.state.is_done() {
-            a.load_groups
-                .push((key.line, groups.get(&key.line).copied().unwrap_or(0)));
-        }
+        started |= r.attempts > 0 || r.state.is_done();
+        a.load_groups.push((
+            key.line,
+            groups.get(&key.line).copied().unwrap_or(0),
+            r.state.is_done(),
+        ));
         if r.state == RequestState::Leased {
             report.requeued_from_in_flight += 1;
             if r.attempts >= cfg.retry.max_attempts {
@@ -278,6 +286,14 @@ fn load_batch(
     for (key, r) in fixes {
         store.put_request(key, &r)?;
     }
+    a.plan = match store.get_plan(rec.id)? {
+        Some(plan) => plan,
+        None => {
+            let plan = conversation_plan(cfg, rec, started);
+            store.put_plan(rec.id, plan)?;
+            plan
+        }
+    };
     a.total = a.total.max(lines);
     a.progress = progress::Progress::new(a.succeeded + a.failed);
     report.total = a.total;
@@ -285,6 +301,35 @@ fn load_batch(
     report.failed = a.failed;
     report.remaining = a.total - a.succeeded - a.failed;
     Ok((a, report))
+}
+
+/// The mode a batch taken on for the first time runs in: its metadata's `mode`, else `--mode`;
+/// conversations only for chat completions, and never for a batch whose lines already ran
+/// (a store from before conversation mode).
+fn conversation_plan(
+    cfg: &Config,
+    rec: &crate::domain::BatchRecord,
+    started: bool,
+) -> Option<crate::conversation::Plan> {
+    use crate::config::Mode;
+    let mode = rec
+        .metadata
+        .as_ref()
+        .and_then(|m| m.get("mode"))
+        .and_then(|m| Mode::parse(m))
+        .unwrap_or(cfg.mode);
+    if mode != Mode::Conversation || rec.endpoint != Endpoint::ChatCompletions || started {
+        return None;
+    }
+    let num_ctx = cfg.num_ctx.unwrap_or_else(|| {
+        tracing::warn!(batch = %rec.id, "conversation mode without --num-ctx (the server was restarted without it): histories are kept within 2048 tokens");
+        2048
+    });
+    Some(crate::conversation::Plan {
+        lanes: cfg.lanes() as u32,
+        keep_messages: cfg.conversation_keep,
+        num_ctx,
+    })
 }
 
 /// Start-up recovery: reads every unfinished batch, returns leased requests to the queue and
@@ -317,6 +362,8 @@ struct Lease {
     /// Set when the worker reports the call started: start + request timeout + margin.
     /// A job still waiting for a worker slot is not rescued.
     deadline: Option<Instant>,
+    /// A conversation's line: the history it was sent with.
+    turn: Option<turns::Leased>,
 }
 
 /// Everything the supervisor task owns.
@@ -335,6 +382,8 @@ pub struct Supervisor {
     batches: BTreeMap<BatchId, Active>,
     /// Which ready line goes to which lane (the policy; this module keeps the state).
     sched: Scheduler,
+    /// The conversations of batches in conversation mode.
+    turns: turns::Turns,
     /// Leases held per lane: one running, one waiting at most.
     lane_load: Vec<usize>,
     /// The last leasing turn left a lane with room idle (the scheduler declined it).
@@ -411,6 +460,7 @@ impl Supervisor {
             stop: parts.stop,
             batches: BTreeMap::new(),
             sched,
+            turns: turns::Turns::default(),
             lane_load: vec![0; lanes],
             lanes_declined: false,
             delayed: recovery.delayed.into_iter().map(Reverse).collect(),
@@ -558,6 +608,7 @@ impl Supervisor {
             }
             Command::Finalized(id) => {
                 self.sched.forget(id);
+                self.turns.forget(id);
                 if let Some(a) = self.batches.remove(&id) {
                     let status = self.keep_final_figures(id, &a);
                     self.notices.send(live::Notice::BatchFinished {
@@ -641,8 +692,19 @@ impl Supervisor {
     /// Adds a loaded batch: its lines' groups and ready lines go to the scheduler.
     fn take_on(&mut self, id: BatchId, mut a: Active) {
         let now = Instant::now();
-        for (line, group) in std::mem::take(&mut a.load_groups) {
+        if let Some(plan) = &a.plan {
+            self.sched.conversational(id, plan.lanes);
+        }
+        // A conversation batch registers its done lines too: line i of a group is in
+        // conversation i mod lanes, whatever has run.
+        for (line, group, done) in std::mem::take(&mut a.load_groups) {
+            if done && a.plan.is_none() {
+                continue;
+            }
             self.sched.register(id, line, group);
+            if done {
+                self.sched.finished(id, line);
+            }
         }
         for line in std::mem::take(&mut a.load_ready) {
             self.sched.push_back(id, line, now);
@@ -669,7 +731,7 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        let Some(Lease { lane, .. }) = self.end_lease(o.key) else {
+        let Some(Lease { lane, turn, .. }) = self.end_lease(o.key) else {
             return;
         };
         let backend_index = self.lane_backend.get(lane).copied().unwrap_or(0);
@@ -720,15 +782,35 @@ impl Supervisor {
                 let succeeded = step == Step::Succeed;
                 let result = result_record(&o, &self.cfg);
                 let usage = result.usage;
-                let r = self.store.transition_request(key, expect, |r| {
+                let change = |r: &mut crate::domain::RequestRecord| {
                     r.state = if succeeded {
                         RequestState::Succeeded
                     } else {
                         RequestState::Failed
                     };
                     r.result = Some(result.clone());
+                };
+                // A conversation's success is stored with the history that now holds it; a
+                // failure leaves the history as it was.
+                let in_conversation = turn.filter(|_| succeeded).and_then(|t| {
+                    let record = self.turns.after(key.batch, key.line, &t, usage.as_ref())?;
+                    Some((t, record))
                 });
+                let r = match in_conversation {
+                    Some((t, record)) => {
+                        let r = self.store.transition_request_in_conversation(
+                            key, expect, change, t.conv, &record,
+                        );
+                        if r.is_ok() {
+                            let answer = result.body.as_deref().unwrap_or_default();
+                            self.turns.stored(key.batch, key.line, t, answer, record);
+                        }
+                        r
+                    }
+                    None => self.store.transition_request(key, expect, change),
+                };
                 if r.is_ok() {
+                    self.sched.finished(key.batch, key.line);
                     if self.pending.is_empty() {
                         self.first_pending = Some(Instant::now());
                     }
@@ -745,6 +827,7 @@ impl Supervisor {
                     r.last_error = Some(err.clone());
                 });
                 if r.is_ok() {
+                    self.sched.waiting(key.batch, key.line);
                     self.counters.retries += 1;
                     let cause = progress::retry_cause(&o.result, o.verdict);
                     active.progress.retry(cause);
@@ -933,7 +1016,8 @@ impl Supervisor {
             .min_by_key(|&l| self.lane_load[l])
         {
             let batches = &self.batches;
-            let Some((id, line)) = self.sched.next(lane, now, |id| {
+            let idle = self.lane_load[lane] == 0;
+            let Some((id, line)) = self.sched.next(lane, now, idle, |id| {
                 batches.get(&id).is_some_and(Active::dispatching)
             }) else {
                 declined[lane] = true;
@@ -952,6 +1036,7 @@ impl Supervisor {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(request = %key, error = %e, "cannot lease; skipped");
+                    self.sched.finished(id, line);
                     continue;
                 }
             };
@@ -961,14 +1046,22 @@ impl Supervisor {
                 .map_err(|e| e.to_string())
                 .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
                 .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
+            let body = match (body, a.plan, self.sched.conversation_of(id, line)) {
+                (Ok(body), Some(plan), Some(conv)) => self
+                    .turns
+                    .prepare(&self.store, key, conv, &plan, body)
+                    .map(|(b, t)| (b, Some(t))),
+                (body, _, _) => body.map(|b| (b, None)),
+            };
             match body {
-                Ok(body) => {
+                Ok((body, turn)) => {
                     self.leased.insert(
                         key,
                         Lease {
                             lease: rec.lease,
                             lane,
                             deadline: None,
+                            turn,
                         },
                     );
                     self.lane_load[lane] += 1;
@@ -999,6 +1092,7 @@ impl Supervisor {
                                 });
                             });
                     if failed.is_ok() {
+                        self.sched.finished(id, line);
                         self.pending.push((key.batch, false, None));
                         self.first_pending.get_or_insert_with(Instant::now);
                     }

@@ -71,6 +71,11 @@ pub struct Behaviour {
     /// the longest prefix with it (llama.cpp's choice); its cached tokens are that common
     /// prefix (4 characters a token). `/props` reports the slots.
     pub slot_cache: Option<usize>,
+    /// Every answer ends with a number no other call got: a line run again answers differently.
+    pub unique_answers: bool,
+    /// A slot's context (llama.cpp `-c / -np`): a call whose prompt tokens plus its
+    /// `max_tokens` pass it is refused 400 `exceed_context_size_error`.
+    pub context_limit: Option<u64>,
 }
 
 #[derive(Default)]
@@ -96,6 +101,9 @@ pub struct Stats {
     pub prefilled: AtomicU64,
     /// Calls that named a slot (`id_slot`).
     pub pinned: AtomicU64,
+    /// Calls refused for passing `context_limit`, and the largest prompt seen (tokens).
+    pub over_context: AtomicU64,
+    pub max_prompt: AtomicU64,
     /// The Authorization header of the last request, if any.
     pub last_auth: Mutex<Option<String>>,
 }
@@ -457,7 +465,7 @@ impl Ctx {
             *c += 1;
             *c
         };
-        self.stats.total.fetch_add(1, Ordering::SeqCst);
+        let call_number = self.stats.total.fetch_add(1, Ordering::SeqCst);
         self.stats.order.lock().expect("lock").push(user.clone());
         // The sender lives as long as the fake, so this only ends when the gate opens.
         let _ = self.gate.subscribe().wait_for(|open| *open).await;
@@ -601,6 +609,20 @@ impl Ctx {
                 "server busy, please try again. maximum pending requests exceeded",
             );
         }
+        let whole_prompt = req.to_string().len() as u64 / 4;
+        self.stats
+            .max_prompt
+            .fetch_max(whole_prompt, Ordering::SeqCst);
+        if let Some(limit) = b.context_limit
+            && whole_prompt + req["max_tokens"].as_u64().unwrap_or(0) > limit
+        {
+            self.stats.over_context.fetch_add(1, Ordering::SeqCst);
+            return Reply::Json(
+                400,
+                json!({"error": {"code": 400, "type": "exceed_context_size_error",
+                                 "message": format!("the request exceeds the available context size ({whole_prompt} tokens, context {limit}), try increasing it")}}),
+            );
+        }
         *self
             .stats
             .successes
@@ -611,7 +633,11 @@ impl Ctx {
         if let Some(raw) = &b.raw_answer {
             return Reply::Raw(200, raw.clone());
         }
-        let answer = format!("echo:{user}");
+        let answer = if b.unique_answers {
+            format!("echo:{user} #{call_number}")
+        } else {
+            format!("echo:{user}")
+        };
         let mut prompt_tokens = req.to_string().len() as u64 / 4;
         let mut cached_tokens = 2;
         if let Some((t, c)) = cache_figures {
