@@ -165,3 +165,86 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
         ours * 100.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
+async fn real_llama_cpp_server_keeps_conversations_within_the_context() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
+        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &url);
+    cfg.concurrency = 4;
+    // llama-server -np 4 -c 8192: 2,048 tokens a slot.
+    cfg.num_ctx = Some(2048);
+    cfg.request_timeout = Duration::from_secs(60);
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let system = "You score candidates from 1 to 10 against a rubric. ".repeat(12);
+    let n = 80;
+    let mut jsonl = String::new();
+    for i in 1..=n {
+        let v = serde_json::json!({"custom_id": format!("c-{i}"), "method": "POST",
+            "url": "/v1/chat/completions", "body": {"model": "tiny", "max_tokens": 8,
+            "messages": [{"role": "system", "content": system},
+                         {"role": "user", "content": format!("Candidate {i}: {}", "built storage engines and led teams; ".repeat(10))}]}});
+        jsonl.push_str(&format!("{v}\n"));
+    }
+    let (status, f) = api.upload("conv.jsonl", jsonl.into_bytes(), "batch").await;
+    assert_eq!(status, 200, "{f}");
+    let (status, b) = api
+        .post(
+            "/v1/batches",
+            serde_json::json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                   "completion_window": "24h", "metadata": {"mode": "conversation"}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{b}");
+    let done = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(300))
+        .await;
+    println!("{done}");
+    assert_eq!(done["status"], "completed");
+    assert_eq!(
+        done["request_counts"]["completed"],
+        n,
+        "no call passed the slot's context: {}",
+        api.lines(&done["error_file_id"])
+            .await
+            .first()
+            .cloned()
+            .unwrap_or_default()
+    );
+    // Line i is in conversation (i - 1) mod 4: its prompts grow turn by turn and drop at a cut.
+    let out = api.lines(&done["output_file_id"]).await;
+    let prompt = |i: usize| {
+        out.iter()
+            .find(|l| l["custom_id"] == format!("c-{i}").as_str())
+            .and_then(|l| l["response"]["body"]["usage"]["prompt_tokens"].as_u64())
+            .expect("usage")
+    };
+    let mut grew = 0;
+    let mut cuts = 0;
+    for lane in 0..4 {
+        let seq: Vec<u64> = (1..=n as usize)
+            .filter(|i| (i - 1) % 4 == lane)
+            .map(prompt)
+            .collect();
+        println!("conversation {lane}: prompt tokens {seq:?}");
+        assert!(seq.iter().all(|p| *p <= 2048));
+        grew += seq.windows(2).filter(|w| w[1] > w[0]).count();
+        cuts += seq.windows(2).filter(|w| w[1] < w[0]).count();
+    }
+    assert!(grew > 40, "the histories grew");
+    assert!(cuts > 0, "and were cut to stay within 2,048 tokens");
+    let cached = done["usage"]["input_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    let input = done["usage"]["input_tokens"].as_u64().unwrap_or(1);
+    println!("cached {cached} of {input}");
+    assert!(
+        cached * 2 > input,
+        "each turn reuses the previous one from the slot"
+    );
+    server.stop().await;
+}

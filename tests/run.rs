@@ -532,3 +532,66 @@ async fn run_in_a_terminal_draws_a_progress_bar() {
         "{screen}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_in_conversation_mode_asks_for_it_and_is_a_different_batch() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.keep_bodies
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = dir.path().join("job.jsonl");
+    std::fs::write(&file, input(12, &[])).expect("input");
+    let mut args = vec![file.to_str().expect("path").to_string()];
+    args.extend(engine_flags(&state, &fake));
+    args.extend(["--concurrency", "2"].map(String::from));
+    let (code, _, err) =
+        RunProc::start(dir.path(), "plain", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{err}");
+    args.extend(["--mode", "conversation", "--num-ctx", "4096"].map(String::from));
+    let (code, _, err) =
+        RunProc::start(dir.path(), "conv", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains("re-attaching"),
+        "another mode is another batch: {err}"
+    );
+    let output = by_id(&dir.path().join("job.output.jsonl"));
+    assert_eq!(output.len(), 12);
+    // The second run's calls carry their conversation's history: line i after line i - 2.
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), 24);
+    for (i, b) in bodies[12..].iter().enumerate() {
+        let ms = b["messages"].as_array().expect("messages");
+        let own = ms.last().and_then(|m| m["content"].as_str()).unwrap_or("");
+        let line: usize = own
+            .strip_prefix("candidate ")
+            .and_then(|n| n.parse().ok())
+            .expect("a line");
+        assert_eq!(
+            ms.len(),
+            2 + 2 * (line / 2),
+            "call {i}, line {line}: {ms:?}"
+        );
+    }
+    let mut srv = TestServer::start(config(
+        &state,
+        ollama_batch::config::BackendKind::Openai,
+        &fake.url(),
+    ))
+    .await;
+    let api = Api::new(&srv.base);
+    let (_, batches) = api.get("/v1/batches").await;
+    let modes: Vec<Value> = batches["data"]
+        .as_array()
+        .expect("batches")
+        .iter()
+        .map(|b| b["metadata"]["mode"].clone())
+        .collect();
+    assert_eq!(
+        modes,
+        vec![Value::from("conversation"), Value::Null],
+        "newest first"
+    );
+    srv.stop().await;
+}

@@ -105,6 +105,9 @@ struct Input {
     endpoint: String,
     lines: u64,
     bytes: u64,
+    /// `--mode conversation`: the batch asks for it in its metadata (so a `--server` runs it
+    /// so too), and its hash differs from the same input's in independent mode.
+    conversation: bool,
 }
 
 impl Drop for Input {
@@ -161,6 +164,7 @@ fn prepare(args: &RunArgs) -> Result<Input, String> {
         endpoint: String::new(),
         lines: 0,
         bytes: 0,
+        conversation: args.serve.mode == crate::config::Mode::Conversation,
     };
     let file = std::fs::File::open(&input.path)
         .map_err(|e| format!("cannot read {}: {e}", input.path.display()))?;
@@ -201,6 +205,9 @@ fn prepare(args: &RunArgs) -> Result<Input, String> {
     }
     if input.lines == 0 {
         return Err(format!("{}: no requests in it", args.file.display()));
+    }
+    if input.conversation {
+        hasher.update(b"\0mode=conversation");
     }
     input.sha256 = format!("{:x}", hasher.finalize());
     Ok(input)
@@ -424,12 +431,12 @@ async fn attach_or_create(
         r = upload => r?,
         _ = interrupted.cancelled() => return Ok(None),
     };
+    let mut metadata = json!({META_SHA256: input.sha256, META_NAME: input.name});
+    if input.conversation {
+        metadata["mode"] = json!("conversation");
+    }
     let b = server
-        .create_batch(
-            &file_id,
-            &input.endpoint,
-            json!({META_SHA256: input.sha256, META_NAME: input.name}),
-        )
+        .create_batch(&file_id, &input.endpoint, metadata)
         .await?;
     note(&format!(
         "batch {} created (input file {file_id})",
