@@ -22,7 +22,9 @@
 //! continue serves it before anything else: it takes the conversation's next line once its
 //! other leases are done, and nothing else while that line runs. A conversation whose next line
 //! waits for a retry waits with it (the line's turn keeps its place); the lane meanwhile serves
-//! its other conversations or other batches.
+//! its other conversations or other batches. A queue of independent lines that no lane has
+//! served for `starve_after` is taken ahead of the conversations by the next free lane, which
+//! keeps it until it is empty: a small batch behind a conversation batch still finishes.
 
 use crate::domain::BatchId;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -114,6 +116,8 @@ pub struct Scheduler {
     /// Batches in conversation mode, and per lane the conversation it serves.
     conv_batches: BTreeMap<BatchId, ConvBatch>,
     conv_lanes: Vec<Option<(BatchId, ConvId)>>,
+    /// Per lane: it took a starved queue ahead of its conversations and keeps it until empty.
+    rescuing: Vec<bool>,
 }
 
 impl Scheduler {
@@ -126,6 +130,7 @@ impl Scheduler {
             batches: BTreeMap::new(),
             conv_batches: BTreeMap::new(),
             conv_lanes: vec![None; lanes.max(1)],
+            rescuing: vec![false; lanes.max(1)],
         }
     }
 
@@ -380,6 +385,33 @@ impl Scheduler {
         Some((at.0, line))
     }
 
+    /// The queue no lane has served for `starve_after` that has waited longest, if any.
+    fn starved(
+        &self,
+        now: Instant,
+        dispatching: &impl Fn(BatchId) -> bool,
+    ) -> Option<(BatchId, u64)> {
+        self.batches
+            .iter()
+            .filter(|(id, _)| dispatching(**id))
+            .flat_map(|(id, b)| b.queues.iter().map(move |(g, q)| ((*id, *g), q)))
+            .filter(|(_, q)| {
+                !q.ready.is_empty()
+                    && q.lanes == 0
+                    && now.saturating_duration_since(q.since) >= self.starve_after
+            })
+            .min_by_key(|(_, q)| q.since)
+            .map(|(at, _)| at)
+    }
+
+    /// Whether a queue has ready lines.
+    fn has_ready(&self, (b, g): (BatchId, u64)) -> bool {
+        self.batches
+            .get(&b)
+            .and_then(|x| x.queues.get(&g))
+            .is_some_and(|q| !q.ready.is_empty())
+    }
+
     /// The next line for `lane` (`idle`: it holds no lease now), of a batch `dispatching`
     /// accepts; `None` when the lane should stay idle (or finish what it holds first).
     pub fn next(
@@ -390,10 +422,28 @@ impl Scheduler {
         dispatching: impl Fn(BatchId) -> bool,
     ) -> Option<(BatchId, u32)> {
         let lane = lane.min(self.lanes.len() - 1);
-        // A conversation to continue comes first, alone on its lane.
+        // A conversation's line runs alone on its lane.
         if self.conv_busy(lane) {
             return None;
         }
+        // Beside conversations (which a lane would otherwise always continue), a starved queue
+        // is taken first, and its lane keeps it until it is empty.
+        if self.rescuing[lane] {
+            match self.lanes[lane] {
+                Some(at) if dispatching(at.0) && self.has_ready(at) => {
+                    return self.take(lane, at, now);
+                }
+                _ => self.rescuing[lane] = false,
+            }
+        }
+        if self.policy == Policy::Affine
+            && !self.conv_batches.is_empty()
+            && let Some(at) = self.starved(now, &dispatching)
+        {
+            self.rescuing[lane] = true;
+            return self.take(lane, at, now);
+        }
+        // A conversation to continue comes next.
         if let Some((b, id)) = self.conv_for(lane, &dispatching) {
             if !idle {
                 return None;
@@ -419,19 +469,7 @@ impl Scheduler {
             return self.take(lane, at, now);
         }
         // A queue nobody has served for too long comes first (the longest wait first).
-        let starved = self
-            .batches
-            .iter()
-            .filter(|(id, _)| dispatching(**id))
-            .flat_map(|(id, b)| b.queues.iter().map(move |(g, q)| ((*id, *g), q)))
-            .filter(|(_, q)| {
-                !q.ready.is_empty()
-                    && q.lanes == 0
-                    && now.saturating_duration_since(q.since) >= self.starve_after
-            })
-            .min_by_key(|(_, q)| q.since)
-            .map(|(at, _)| at);
-        if let Some(at) = starved {
+        if let Some(at) = self.starved(now, &dispatching) {
             return self.take(lane, at, now);
         }
         // Its own queue while it has lines.
@@ -682,5 +720,29 @@ mod tests {
         assert_eq!(s.next(0, now, true, |_| true).map(|x| x.0), Some(batch(1)));
         s.forget(batch(3));
         assert_eq!(s.conversation_of(batch(3), 1), None);
+    }
+
+    #[test]
+    fn a_small_batch_behind_conversations_is_rescued_and_drained() {
+        let t0 = Instant::now();
+        let mut s = Scheduler::new(Policy::Affine, 2, Duration::from_secs(10));
+        s.conversational(batch(1), 2);
+        fill(&mut s, batch(1), 1000, |_| 1, t0);
+        fill(&mut s, batch(2), 4, |_| 2, t0);
+        // Conversations come first while the small batch has not waited long.
+        let (b, line) = s.next(0, t0, true, |_| true).expect("work");
+        assert_eq!(b, batch(1));
+        s.finished(b, line);
+        // Past the bound, the next idle lane takes the small batch and keeps it until empty,
+        // though its conversation has its next line ready.
+        let t1 = t0 + Duration::from_secs(11);
+        let mut small = Vec::new();
+        for idle in [true, false, true, true] {
+            let (b, line) = s.next(0, t1, idle, |_| true).expect("work");
+            assert_eq!(b, batch(2), "line {line}");
+            small.push(line);
+        }
+        assert_eq!(small, [1, 2, 3, 4]);
+        assert_eq!(s.next(0, t1, true, |_| true).map(|x| x.0), Some(batch(1)));
     }
 }
