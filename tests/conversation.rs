@@ -416,3 +416,34 @@ async fn sigkill_mid_conversation_resumes_each_turn_with_its_recorded_context() 
     p.child.kill().expect("kill");
     p.child.wait().expect("wait");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversations_run_on_ollama_with_its_context_set() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.keep_bodies.store(true, Ordering::SeqCst);
+    fake.set(|b| {
+        b.unique_answers = true;
+        b.refuse_marker = Some("REFUSE".into());
+    });
+    let (_dir, server) = server_with(&fake, |c| {
+        c.concurrency = 2;
+        c.num_ctx = Some(8192);
+    })
+    .await;
+    let api = Api::new(&server.base);
+    let (file, groups) = input(1, 10, 3);
+    let id = create(&api, file).await;
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    for b in &bodies {
+        assert_eq!(
+            b["options"]["num_ctx"], 8192,
+            "the same context on every call"
+        );
+    }
+    let seen = check(&api, &done, &groups, 2, &bodies).await;
+    // 10 lines in 2 conversations of 5 turns (one refused: line 4), none cut at 8,192 tokens.
+    assert_eq!(seen.cut_calls, 0, "{seen:?}");
+    assert_eq!(seen.longest_history, 4, "{seen:?}");
+}
