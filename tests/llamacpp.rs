@@ -14,17 +14,30 @@ use std::time::Duration;
 /// four slots and their caches, which the cache test measures).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The real server's URL (`OLLAMA_BATCH_LLAMA_URL`).
+fn real_url() -> String {
+    std::env::var("OLLAMA_BATCH_LLAMA_URL")
+        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)")
+}
+
+/// ollama-batch on a fresh state directory against the real server: its 4 slots, a minute a
+/// call, changed by `tweak`.
+async fn on_the_real_server(
+    tweak: impl FnOnce(&mut ollama_batch::config::Config),
+) -> (tempfile::TempDir, TestServer) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &real_url());
+    cfg.concurrency = 4;
+    cfg.request_timeout = Duration::from_secs(60);
+    tweak(&mut cfg);
+    (dir, TestServer::start(cfg).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
 async fn real_llama_cpp_server_runs_a_batch() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
-        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &url);
-    cfg.concurrency = 4;
-    cfg.request_timeout = Duration::from_secs(60);
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = on_the_real_server(|_| {}).await;
     let api = Api::new(&server.base);
     let system = "You score candidates from 1 to 10 against a long rubric. ".repeat(40);
     let n = 40;
@@ -88,8 +101,7 @@ async fn real_llama_cpp_server_runs_a_batch() {
 #[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
 async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
-        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
+    let url = real_url();
     let rubric = |g: usize| {
         format!("Rubric {g}. ")
             + &format!("Criterion {g}: weigh the evidence with care and score strictly. ")
@@ -170,15 +182,8 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
 #[ignore = "needs a real llama.cpp server: scripts/llama-server.sh, then OLLAMA_BATCH_LLAMA_URL=http://127.0.0.1:18080 and --ignored"]
 async fn real_llama_cpp_server_keeps_conversations_within_the_context() {
     let _turn = ONE_AT_A_TIME.lock().await;
-    let url = std::env::var("OLLAMA_BATCH_LLAMA_URL")
-        .expect("set OLLAMA_BATCH_LLAMA_URL to a running llama-server (scripts/llama-server.sh)");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &url);
-    cfg.concurrency = 4;
     // llama-server -np 4 -c 8192: 2,048 tokens a slot.
-    cfg.num_ctx = Some(2048);
-    cfg.request_timeout = Duration::from_secs(60);
-    let mut server = TestServer::start(cfg).await;
+    let (_dir, mut server) = on_the_real_server(|c| c.num_ctx = Some(2048)).await;
     let api = Api::new(&server.base);
     let system = "You score candidates from 1 to 10 against a rubric. ".repeat(12);
     let n = 80;

@@ -108,7 +108,7 @@ impl Turns {
 
     /// The conversation's record after `line` succeeded with `usage` (not yet stored).
     pub fn after(
-        &mut self,
+        &self,
         batch: BatchId,
         line: u32,
         leased: &Leased,
