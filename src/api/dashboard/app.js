@@ -203,6 +203,7 @@ function renderBatches() {
     } else if (usage.input_tokens_details && usage.input_tokens) {
       cached = (100 * usage.input_tokens_details.cached_tokens / usage.input_tokens).toFixed(1) + " %";
     }
+    const conversation = (live ? live.mode : b.metadata && b.metadata.mode) === "conversation";
     const actions = el("td", {});
     if (status === "validating" || status === "in_progress") {
       actions.append(el("button", { type: "button", onclick: () => cancel(b.id) }, "Cancel"));
@@ -210,7 +211,7 @@ function renderBatches() {
     if (b.output_file_id) actions.append(el("a", { href: withKey("/v1/files/" + b.output_file_id + "/content"), download: b.id + "_output.jsonl" }, "output"));
     if (b.error_file_id) actions.append(el("a", { href: withKey("/v1/files/" + b.error_file_id + "/content"), download: b.id + "_errors.jsonl" }, "errors"));
     body.append(el("tr", { "data-batch-id": b.id, "data-status": status, "data-done": String(done + failed), "data-total": String(total) },
-      el("td", { class: "id", title: new Date(b.created_at * 1000).toLocaleString() }, b.id.slice(0, 16) + "…", el("div", { class: "muted" }, fmtAgo(b.created_at))),
+      el("td", { class: "id", title: new Date(b.created_at * 1000).toLocaleString() }, b.id.slice(0, 16) + "…", el("div", { class: "muted" }, fmtAgo(b.created_at) + (conversation ? " · conversation mode" : ""))),
       el("td", {}, el("span", { class: "pill " + status }, status.replace("_", " "))),
       el("td", {}, bar),
       el("td", {}, fmtInt(done + failed) + " / " + fmtInt(total) + (failed ? " (" + fmtInt(failed) + " failed)" : "")),
