@@ -114,15 +114,18 @@ impl Record {
         self.history.iter().map(|e| e.messages).sum()
     }
 
+    /// Tokens per KiB of turn text: the highest seen, or the conservative default before any.
+    fn rate(&self) -> u64 {
+        match self.tokens_per_kb {
+            0 => DEFAULT_TOKENS_PER_KB as u64,
+            n => n as u64,
+        }
+    }
+
     /// The record after `turn` succeeded for `line`, with the backend's (prompt, answer) token
     /// counts (`None`: it gave none; then the bytes are counted at the highest rate seen).
     pub fn after(&self, turn: &Turn, line: u32, counts: Option<(u64, u64)>) -> Record {
         let clamp = |n: u64| n.min(u32::MAX as u64) as u32;
-        let tpk = if self.tokens_per_kb == 0 {
-            DEFAULT_TOKENS_PER_KB
-        } else {
-            self.tokens_per_kb
-        };
         let mut next = Record {
             history: turn.history.clone(),
             context_tokens: self.context_tokens,
@@ -149,7 +152,7 @@ impl Record {
             }
             None => {
                 let bytes = turn.turn_bytes + if turn.first { turn.prefix_bytes } else { 0 };
-                let own = clamp(bytes * tpk as u64 / 1024);
+                let own = clamp(bytes * self.rate() / 1024);
                 (own, turn.context_before.saturating_add(own))
             }
         };
@@ -174,12 +177,7 @@ pub fn prepare(
     prefix_bytes: u64,
     reserve: u32,
 ) -> Turn {
-    let tpk = if record.tokens_per_kb == 0 {
-        DEFAULT_TOKENS_PER_KB
-    } else {
-        record.tokens_per_kb
-    } as u64;
-    let own = (turn_bytes * tpk / 1024) * 5 / 4 + 1;
+    let own = (turn_bytes * record.rate() / 1024) * 5 / 4 + 1;
     let budget = plan.budget() as u64;
     let fits = |context: u64, messages: u32| {
         context + own + reserve as u64 <= budget && messages + turn_messages <= plan.max_messages()

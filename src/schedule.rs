@@ -92,6 +92,13 @@ impl Conv {
         let head = *self.lines.front()?;
         (!self.busy && self.ready.contains(&head)).then_some(head)
     }
+
+    /// `line` is not leased any more: if it is the next turn, the conversation is free.
+    fn release(&mut self, line: u32) {
+        if self.lines.front() == Some(&line) {
+            self.busy = false;
+        }
+    }
 }
 
 /// A batch in conversation mode.
@@ -154,40 +161,39 @@ impl Scheduler {
         let Some(c) = b.of_line.remove(&line).and_then(|id| b.convs.get_mut(&id)) else {
             return;
         };
+        c.release(line);
+        // Turns end in order: the next turn is at the front (no scan of a long conversation).
         if c.lines.front() == Some(&line) {
             c.lines.pop_front();
-            c.busy = false;
         } else {
             c.lines.retain(|l| *l != line);
         }
         c.ready.remove(&line);
     }
 
+    /// The conversation of a line of a batch in conversation mode, to change.
+    fn conv_mut(&mut self, batch: BatchId, line: u32) -> Option<&mut Conv> {
+        let b = self.conv_batches.get_mut(&batch)?;
+        let id = b.of_line.get(&line)?;
+        b.convs.get_mut(id)
+    }
+
     /// A leased line waits for a retry: its conversation waits with it, and its lane is free for
     /// other work meanwhile. Nothing for other batches (the line is pushed when it is due).
     pub fn waiting(&mut self, batch: BatchId, line: u32) {
-        if let Some(b) = self.conv_batches.get_mut(&batch)
-            && let Some(c) = b.of_line.get(&line).and_then(|id| b.convs.get_mut(id))
-        {
-            if c.lines.front() == Some(&line) {
-                c.busy = false;
-            }
+        if let Some(c) = self.conv_mut(batch, line) {
+            c.release(line);
             c.ready.remove(&line);
         }
     }
 
     /// A line of a conversation is ready (or back): whether the batch is in conversation mode.
     fn conv_ready(&mut self, batch: BatchId, line: u32) -> bool {
-        let Some(b) = self.conv_batches.get_mut(&batch) else {
-            return false;
-        };
-        if let Some(c) = b.of_line.get(&line).and_then(|id| b.convs.get_mut(id)) {
-            if c.lines.front() == Some(&line) {
-                c.busy = false;
-            }
+        if let Some(c) = self.conv_mut(batch, line) {
+            c.release(line);
             c.ready.insert(line);
         }
-        true
+        self.conv_batches.contains_key(&batch)
     }
 
     /// The conversation lane `lane` should continue: the one it serves while it has its next
@@ -473,15 +479,11 @@ impl Scheduler {
             return self.take(lane, at, now);
         }
         // Its own queue while it has lines.
-        if let Some((b, g)) = self.lanes[lane]
-            && dispatching(b)
-            && self
-                .batches
-                .get(&b)
-                .and_then(|x| x.queues.get(&g))
-                .is_some_and(|q| !q.ready.is_empty())
+        if let Some(at) = self.lanes[lane]
+            && dispatching(at.0)
+            && self.has_ready(at)
         {
-            return self.take(lane, (b, g), now);
+            return self.take(lane, at, now);
         }
         let own_group = self.lanes[lane].map(|(_, g)| g);
         // Batches oldest first: the lane's group there, else a queue no lane serves, else the

@@ -223,16 +223,13 @@ async fn check(
 }
 
 async fn create(api: &Api, file: Vec<u8>) -> String {
-    let (status, f) = api.upload("conversations.jsonl", file, "batch").await;
-    assert_eq!(status, 200, "{f}");
-    let (status, b) = api
-        .post(
-            "/v1/batches",
-            json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                   "completion_window": "24h", "metadata": {"mode": "conversation"}}),
+    let b = api
+        .submit_with(
+            file,
+            "/v1/chat/completions",
+            json!({"mode": "conversation"}),
         )
         .await;
-    assert_eq!(status, 200, "{b}");
     b["id"].as_str().expect("id").to_string()
 }
 
@@ -373,16 +370,7 @@ async fn sigkill_mid_conversation_resumes_each_turn_with_its_recorded_context() 
                 "the mode survives a restart: {b}"
             );
         }
-        requeued += p
-            .report
-            .iter()
-            .filter_map(|l| {
-                l.split(" requeued from in-flight")
-                    .next()
-                    .filter(|h| h.len() < l.len())
-            })
-            .filter_map(|h| h.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum::<u64>();
+        requeued += p.requeued_at_start();
         let again = fake
             .stats
             .calls

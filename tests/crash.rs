@@ -15,20 +15,6 @@ fn spawn(state: &Path, backend: &str, extra: &[&str]) -> Proc {
     process::spawn(state, backend, CONCURRENCY, extra)
 }
 
-/// The requests the recovery report says it put back in the queue from in-flight.
-fn requeued_at_start(report: &[String]) -> u64 {
-    report
-        .iter()
-        .filter_map(|l| {
-            let head = l.split(" requeued from in-flight").next()?;
-            if head.len() == l.len() {
-                return None;
-            }
-            head.rsplit(' ').next()?.parse::<u64>().ok()
-        })
-        .sum()
-}
-
 /// Exactly-once check over the output and error files. Returns (lost, duplicated).
 async fn exactly_once(api: &Api, done: &Value, n: usize) -> (usize, usize) {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -133,7 +119,7 @@ async fn sigkill_at_random_moments_loses_nothing_and_duplicates_nothing() {
         api = Api::new(&p.addr);
         let (status, b) = api.get(&format!("/v1/batches/{id}")).await;
         assert_eq!(status, 200, "the created batch survived the kill: {b}");
-        if requeued_at_start(&p.report) > 0 {
+        if p.requeued_at_start() > 0 {
             kills_with_work_in_flight += 1;
         }
         println!(

@@ -195,16 +195,13 @@ async fn real_llama_cpp_server_keeps_conversations_within_the_context() {
                          {"role": "user", "content": format!("Candidate {i}: {}", "built storage engines and led teams; ".repeat(10))}]}});
         jsonl.push_str(&format!("{v}\n"));
     }
-    let (status, f) = api.upload("conv.jsonl", jsonl.into_bytes(), "batch").await;
-    assert_eq!(status, 200, "{f}");
-    let (status, b) = api
-        .post(
-            "/v1/batches",
-            serde_json::json!({"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
-                   "completion_window": "24h", "metadata": {"mode": "conversation"}}),
+    let b = api
+        .submit_with(
+            jsonl.into_bytes(),
+            "/v1/chat/completions",
+            serde_json::json!({"mode": "conversation"}),
         )
         .await;
-    assert_eq!(status, 200, "{b}");
     let done = api
         .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(300))
         .await;

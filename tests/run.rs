@@ -77,6 +77,16 @@ fn engine_flags(state: &Path, fake: &Fake) -> Vec<String> {
     .collect()
 }
 
+/// A server on the state directory a `run` left, against the fake: to look at what it holds.
+async fn server_on(state: &Path, fake: &Fake) -> TestServer {
+    TestServer::start(config(
+        state,
+        ollama_batch::config::BackendKind::Openai,
+        &fake.url(),
+    ))
+    .await
+}
+
 fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
@@ -196,12 +206,7 @@ async fn run_with_no_server_does_the_whole_job_a_rerun_downloads_again_and_retry
     assert_eq!(fake.total_calls(), calls, "nothing ran again");
 
     // One input file on the server, and one batch.
-    let mut srv = TestServer::start(config(
-        &state,
-        ollama_batch::config::BackendKind::Openai,
-        &fake.url(),
-    ))
-    .await;
+    let mut srv = server_on(&state, &fake).await;
     let api = Api::new(&srv.base);
     assert_eq!(inputs(&api).await, 1, "one upload");
     let (_, batches) = api.get("/v1/batches").await;
@@ -574,12 +579,7 @@ async fn run_in_conversation_mode_asks_for_it_and_is_a_different_batch() {
             "call {i}, line {line}: {ms:?}"
         );
     }
-    let mut srv = TestServer::start(config(
-        &state,
-        ollama_batch::config::BackendKind::Openai,
-        &fake.url(),
-    ))
-    .await;
+    let mut srv = server_on(&state, &fake).await;
     let api = Api::new(&srv.base);
     let (_, batches) = api.get("/v1/batches").await;
     let modes: Vec<Value> = batches["data"]

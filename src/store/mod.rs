@@ -141,12 +141,21 @@ pub enum Expect {
 }
 
 impl Expect {
-    fn holds(&self, rec: &RequestRecord) -> bool {
-        match *self {
+    /// The fence: `Conflict` (saying where the record is) unless it is as expected.
+    fn check(&self, rec: &RequestRecord) -> Result<(), TransitionError> {
+        let holds = match *self {
             Expect::Queued => rec.state == crate::domain::RequestState::Queued,
             Expect::Leased(lease) => {
                 rec.state == crate::domain::RequestState::Leased && rec.lease == lease
             }
+        };
+        if holds {
+            Ok(())
+        } else {
+            Err(TransitionError::Conflict(format!(
+                "{:?} under lease {}",
+                rec.state, rec.lease
+            )))
         }
     }
 }
@@ -536,12 +545,7 @@ impl Store {
         loop {
             let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
             let mut rec: RequestRecord = decode("request", &old)?;
-            if !expect.holds(&rec) {
-                return Err(TransitionError::Conflict(format!(
-                    "{:?} under lease {}",
-                    rec.state, rec.lease
-                )));
-            }
+            expect.check(&rec)?;
             change(&mut rec);
             if self
                 .requests
@@ -574,12 +578,7 @@ impl Store {
                 .ok_or(Abort::Abort(TransitionError::NotFound))?;
             let mut rec: RequestRecord =
                 decode("request", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
-            if !expect.holds(&rec) {
-                return Err(Abort::Abort(TransitionError::Conflict(format!(
-                    "{:?} under lease {}",
-                    rec.state, rec.lease
-                ))));
-            }
+            expect.check(&rec).map_err(Abort::Abort)?;
             change(&mut rec);
             reqs.insert(&k[..], encode(&rec))?;
             convs.insert(&ck[..], value.clone())?;

@@ -638,7 +638,7 @@ impl Ctx {
         } else {
             format!("echo:{user}")
         };
-        let mut prompt_tokens = req.to_string().len() as u64 / 4;
+        let mut prompt_tokens = whole_prompt;
         let mut cached_tokens = 2;
         if let Some((t, c)) = cache_figures {
             (prompt_tokens, cached_tokens) = (t, c);

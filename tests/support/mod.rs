@@ -129,10 +129,16 @@ impl Api {
     }
 
     pub async fn create_batch(&self, file_id: &str, endpoint: &str) -> Value {
+        self.create_batch_with(file_id, endpoint, Value::Null).await
+    }
+
+    /// [`Api::create_batch`] with `metadata` (null: none).
+    pub async fn create_batch_with(&self, file_id: &str, endpoint: &str, metadata: Value) -> Value {
         let (status, b) = self
             .post(
                 "/v1/batches",
-                json!({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h"}),
+                json!({"input_file_id": file_id, "endpoint": endpoint, "completion_window": "24h",
+                       "metadata": metadata}),
             )
             .await;
         assert_eq!(status, 200, "create batch: {b}");
@@ -141,9 +147,14 @@ impl Api {
 
     /// Uploads `bytes`, creates a batch on `endpoint` and returns the created batch object.
     pub async fn submit(&self, bytes: Vec<u8>, endpoint: &str) -> Value {
+        self.submit_with(bytes, endpoint, Value::Null).await
+    }
+
+    /// [`Api::submit`] with `metadata` (null: none).
+    pub async fn submit_with(&self, bytes: Vec<u8>, endpoint: &str, metadata: Value) -> Value {
         let (status, file) = self.upload("input.jsonl", bytes, "batch").await;
         assert_eq!(status, 200, "upload: {file}");
-        self.create_batch(file["id"].as_str().expect("file id"), endpoint)
+        self.create_batch_with(file["id"].as_str().expect("file id"), endpoint, metadata)
             .await
     }
 

@@ -14,6 +14,22 @@ pub struct Proc {
     pub report: Vec<String>,
 }
 
+impl Proc {
+    /// The requests its recovery report says it put back in the queue from in-flight.
+    pub fn requeued_at_start(&self) -> u64 {
+        self.report
+            .iter()
+            .filter_map(|l| {
+                let head = l.split(" requeued from in-flight").next()?;
+                if head.len() == l.len() {
+                    return None;
+                }
+                head.rsplit(' ').next()?.parse::<u64>().ok()
+            })
+            .sum()
+    }
+}
+
 impl Drop for Proc {
     /// A test that fails (panics) must not leave its server running.
     fn drop(&mut self) {
