@@ -2,48 +2,11 @@
 //! configuration built from them. Cross-field rules are checked here, once, at start-up.
 
 use crate::domain::RetryPolicy;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, ValueEnum};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// A durable, OpenAI-compatible Batch API server for a local model server.
-#[derive(Parser, Debug)]
-#[command(name = "ollama-batch", version, about)]
-pub struct Cli {
-    /// What to do.
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-/// Subcommands.
-#[derive(Subcommand, Debug)]
-pub enum Command {
-    /// Serve the Batch API and run queued work (recovers unfinished batches first).
-    Serve(ServeArgs),
-    /// Print a recovery report for each unfinished batch, then serve as `serve` does.
-    Resume(ServeArgs),
-    /// Turn a CSV of candidates into a Batch API input file (JSONL), one chat request per row;
-    /// or, with --sample N, write a synthetic candidates CSV.
-    CsvToBatch(crate::client::csv_to_batch::CsvArgs),
-    /// The whole job in one command: upload a JSONL (or a CSV), run it with a progress bar,
-    /// download `<name>.output.jsonl` and `<name>.errors.jsonl`. Re-runnable; Ctrl-C safe;
-    /// starts the engine in this process unless --server is given.
-    Run(Box<crate::client::run::RunArgs>),
-    /// Measure which context length and how many parallel requests fit this GPU and model
-    /// (memory, rates, truncation, OOM), and recommend --num-ctx and --concurrency.
-    Calibrate(crate::client::calibrate::CalibrateArgs),
-    /// Run synthetic batches of the given sizes through the real path and report requests/s,
-    /// tokens/s, cached share, latency, GPU memory, and the duration of N lines.
-    Bench(Box<crate::client::bench::BenchArgs>),
-    /// Report on a batch's output: successes and failures, a field's distribution, answers
-    /// that did not parse, tokens; optionally a CSV of every line.
-    Analyze(crate::client::analyze::AnalyzeArgs),
-    /// Make a new batch of the failed, expired and cancelled lines of a finished batch (on the
-    /// server, or the engine on --state); prints the new batch's id as the last line.
-    Retry(crate::client::retry::RetryArgs),
-}
 
 /// Which kind of model server runs the requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -101,24 +64,11 @@ impl std::str::FromStr for Secret {
     }
 }
 
-/// Log format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object a line.
-    Json,
-}
-
-/// Flags of `serve` and `resume`.
+/// The model server flags, declared once and flattened into every subcommand that reaches a
+/// model server (`serve`, `resume`, `run`, `bench`, `calibrate`), so that `URL#SLOTS`, comma
+/// lists and the environment variables mean the same everywhere.
 #[derive(Args, Debug, Clone)]
-pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is logged).
-    #[arg(long, env = "OLLAMA_BATCH_LISTEN", default_value = "127.0.0.1:4080")]
-    pub listen: SocketAddr,
-    /// State directory (database and files).
-    #[arg(long, env = "OLLAMA_BATCH_STATE", default_value = "./state")]
-    pub state: PathBuf,
+pub struct BackendArgs {
     /// Kind of model server.
     #[arg(
         long,
@@ -139,6 +89,77 @@ pub struct ServeArgs {
         value_name = "URL[#SLOTS]"
     )]
     pub backend_url: Vec<String>,
+    /// Send `Authorization: Bearer <key>` to the backend (vLLM --api-key, a gateway).
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_BACKEND_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
+    pub backend_api_key: Option<Secret>,
+}
+
+impl BackendArgs {
+    /// Every backend: (base URL without a trailing slash, its slots when `#SLOTS` gave them),
+    /// in order; or why the flags are wrong.
+    pub fn urls(&self) -> Result<Vec<(String, Option<usize>)>, String> {
+        let mut backends: Vec<(String, Option<usize>)> = Vec::new();
+        for raw in &self.backend_url {
+            let (url, slots) = match raw.rsplit_once('#') {
+                Some((u, n)) => (
+                    u,
+                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!(
+                            "--backend-url {raw}: the slots after '#' must be a count of 1 or more"
+                        )
+                    })?),
+                ),
+                None => (raw.as_str(), None),
+            };
+            let url = url.trim_end_matches('/').to_string();
+            if url.starts_with("https://") {
+                return Err(format!(
+                    "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
+                ));
+            }
+            if !url.starts_with("http://") || url.len() <= "http://".len() {
+                return Err(format!(
+                    "--backend-url must start with http://, got '{raw}'"
+                ));
+            }
+            if backends.iter().any(|(u, _)| *u == url) {
+                return Err(format!("--backend-url {url} is given twice"));
+            }
+            backends.push((url, slots));
+        }
+        if backends.is_empty() {
+            return Err("--backend-url: at least one model server is needed".into());
+        }
+        Ok(backends)
+    }
+}
+
+/// Log format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object a line.
+    Json,
+}
+
+/// Flags of `serve` and `resume`.
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is logged).
+    #[arg(long, env = "OLLAMA_BATCH_LISTEN", default_value = "127.0.0.1:4080")]
+    pub listen: SocketAddr,
+    /// State directory (database and files).
+    #[arg(long, env = "OLLAMA_BATCH_STATE", default_value = "./state")]
+    pub state: PathBuf,
+    /// The model server(s).
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// Run every request on this model, whatever its line says.
     #[arg(long, env = "OLLAMA_BATCH_MODEL")]
     pub model: Option<String>,
@@ -209,14 +230,6 @@ pub struct ServeArgs {
         value_name = "KEY"
     )]
     pub api_key: Vec<Secret>,
-    /// Send `Authorization: Bearer <key>` to the backend (vLLM --api-key, a gateway).
-    #[arg(
-        long,
-        env = "OLLAMA_BATCH_BACKEND_API_KEY",
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub backend_api_key: Option<Secret>,
     /// Largest backend answer accepted; a larger one fails its line (`answer_too_large`).
     #[arg(long, env = "OLLAMA_BATCH_MAX_ANSWER_SIZE", default_value = "64MiB")]
     pub max_answer_size: String,
@@ -277,6 +290,23 @@ pub struct ServeArgs {
         default_value = "text"
     )]
     pub log_format: LogFormat,
+}
+
+impl ServeArgs {
+    /// `serve`'s flags alone, from an argument list whose first item is the program name
+    /// (tests and embedding; the command line itself is `cli`).
+    pub fn parse_flags<I, T>(argv: I) -> ServeArgs
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Flags {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        Flags::parse_from(argv).serve
+    }
 }
 
 /// `--scheduling`.
@@ -449,38 +479,8 @@ impl Config {
         if request_timeout.is_zero() {
             return Err("--request-timeout must be positive".into());
         }
-        let mut backends = Vec::new();
-        for raw in &a.backend_url {
-            let (url, slots) = match raw.rsplit_once('#') {
-                Some((u, n)) => (
-                    u,
-                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                        format!(
-                            "--backend-url {raw}: the slots after '#' must be a count of 1 or more"
-                        )
-                    })?),
-                ),
-                None => (raw.as_str(), None),
-            };
-            let url = url.trim_end_matches('/').to_string();
-            if url.starts_with("https://") {
-                return Err(format!(
-                    "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
-                ));
-            }
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
-                return Err(format!(
-                    "--backend-url must start with http://, got '{raw}'"
-                ));
-            }
-            if backends.iter().any(|(u, _)| *u == url) {
-                return Err(format!("--backend-url {url} is given twice"));
-            }
-            backends.push((url, slots));
-        }
-        let Some(url) = backends.first().map(|b| b.0.clone()) else {
-            return Err("--backend-url: at least one model server is needed".into());
-        };
+        let backends = a.backend.urls()?;
+        let url = backends[0].0.clone();
         let mut model_map = HashMap::new();
         for pair in &a.model_map {
             let (from, to) = pair
@@ -516,7 +516,7 @@ impl Config {
         Ok(Config {
             listen: a.listen,
             state_dir: a.state.clone(),
-            backend: a.backend,
+            backend: a.backend.backend,
             backend_url: url,
             backends,
             model: a.model.clone(),
@@ -537,7 +537,7 @@ impl Config {
             max_line_bytes: 32 << 20,
             max_listed_errors: 1000,
             api_keys: a.api_key.clone(),
-            backend_api_key: a.backend_api_key.clone(),
+            backend_api_key: a.backend.backend_api_key.clone(),
             max_answer_bytes,
             model_check: !a.no_model_check,
             client_timeout,
@@ -596,9 +596,8 @@ impl Config {
     /// A configuration for tests and embedding: the defaults of `serve` with this state
     /// directory and backend.
     pub fn for_tests(state_dir: PathBuf, backend: BackendKind, backend_url: &str) -> Config {
-        let cli = Cli::parse_from([
+        let mut args = ServeArgs::parse_flags([
             "ollama-batch",
-            "serve",
             "--listen",
             "127.0.0.1:0",
             "--backend-url",
@@ -606,9 +605,6 @@ impl Config {
             "--backend",
             backend.as_str(),
         ]);
-        let Command::Serve(mut args) = cli.command else {
-            unreachable!("parsed serve")
-        };
         args.state = state_dir;
         Config::from_args(&args).expect("default flags are valid")
     }
@@ -632,12 +628,9 @@ mod tests {
     #[test]
     fn bad_flags_are_refused_with_a_message() {
         let parse = |extra: &[&str]| {
-            let mut argv = vec!["ollama-batch", "serve"];
+            let mut argv = vec!["ollama-batch"];
             argv.extend_from_slice(extra);
-            let Command::Serve(a) = Cli::parse_from(argv).command else {
-                unreachable!()
-            };
-            Config::from_args(&a)
+            Config::from_args(&ServeArgs::parse_flags(argv))
         };
         assert!(parse(&[]).is_ok());
         for (args, needle) in [
@@ -673,18 +666,13 @@ mod tests {
 
     #[test]
     fn keys_are_never_printed() {
-        let Command::Serve(a) = Cli::parse_from([
+        let a = ServeArgs::parse_flags([
             "ollama-batch",
-            "serve",
             "--api-key",
             "sk-one,sk-two",
             "--backend-api-key",
             "sk-backend",
-        ])
-        .command
-        else {
-            unreachable!()
-        };
+        ]);
         let cfg = Config::from_args(&a).expect("valid");
         assert_eq!(cfg.api_keys.len(), 2);
         assert_eq!(cfg.api_keys[1].expose(), "sk-two");
@@ -694,20 +682,15 @@ mod tests {
 
     #[test]
     fn several_backends_each_with_slots_make_the_lanes() {
-        let Command::Serve(a) = Cli::parse_from([
+        let a = ServeArgs::parse_flags([
             "ollama-batch",
-            "serve",
             "--concurrency",
             "3",
             "--backend-url",
             "http://gpu0:11434/,http://gpu1:11434#2",
             "--backend-url",
             "http://gpu2:11434#5",
-        ])
-        .command
-        else {
-            unreachable!()
-        };
+        ]);
         let cfg = Config::from_args(&a).expect("valid");
         assert_eq!(cfg.backend_url, "http://gpu0:11434");
         assert_eq!(

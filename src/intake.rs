@@ -428,56 +428,6 @@ pub fn materialize(
     Ok(body)
 }
 
-/// Writes the original lines (custom_id, method, url, body with its shared contents restored)
-/// of every request of `batch` that did not succeed, in input order, as the file `file_id`
-/// (scratch file, fsync, rename). Returns its size, or `None` (and no file) when every line
-/// succeeded. For `POST /batches/{id}/retry`.
-pub fn write_unsucceeded_lines(
-    store: &Store,
-    batch: BatchId,
-    endpoint: Endpoint,
-    file_id: crate::domain::FileId,
-) -> Result<Option<u64>, StoreError> {
-    use std::io::Write;
-    let scratch = store.scratch_path(file_id);
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&scratch)?);
-    let mut bytes = 0u64;
-    let mut lines = 0u64;
-    for item in store.batch_requests(batch) {
-        let (key, rec) = item?;
-        if rec.state == crate::domain::RequestState::Succeeded {
-            continue;
-        }
-        let Some(stored) = store.get_body(key)? else {
-            continue;
-        };
-        let body = materialize(store, &stored, None).map_err(|e| StoreError::Codec {
-            what: "body",
-            detail: e,
-        })?;
-        let line = serde_json::json!({
-            "custom_id": rec.custom_id,
-            "method": "POST",
-            "url": endpoint.as_str(),
-            "body": body,
-        })
-        .to_string();
-        out.write_all(line.as_bytes())?;
-        out.write_all(b"\n")?;
-        bytes += line.len() as u64 + 1;
-        lines += 1;
-    }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    if lines == 0 {
-        drop(file);
-        let _ = std::fs::remove_file(&scratch);
-        return Ok(None);
-    }
-    file.sync_all()?;
-    std::fs::rename(&scratch, store.file_path(file_id))?;
-    Ok(Some(bytes))
-}
-
 /// What validation found, before the batch moves on.
 #[derive(Debug, PartialEq)]
 pub enum Validated {
@@ -730,8 +680,8 @@ fn expand(
 mod tests {
     use super::*;
     use crate::config::BackendKind;
+    use crate::domain::FileRecord;
     use crate::domain::{Endpoint, FileId};
-    use crate::store::FileRecord;
 
     #[test]
     fn batch_cancelled_before_its_intake_is_handed_on() {

@@ -12,12 +12,14 @@
 
 pub mod api;
 pub mod backend;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod conversation;
 pub mod domain;
 pub mod gpu;
 pub mod intake;
+pub mod live;
 pub mod metrics;
 pub mod schedule;
 pub mod server;

@@ -2,8 +2,9 @@
 
 use clap::Parser;
 use futures_util::StreamExt;
+use ollama_batch::cli::{Cli, Command};
 use ollama_batch::client::{note, say};
-use ollama_batch::config::{Cli, Command, Config, LogFormat, ServeArgs};
+use ollama_batch::config::{Config, LogFormat, ServeArgs};
 use ollama_batch::server;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use std::process::ExitCode;

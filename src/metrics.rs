@@ -72,7 +72,7 @@ pub struct Scrape<'a> {
     /// Batches by status.
     pub batches: &'a [(&'static str, u64)],
     /// The supervisor's counters.
-    pub counters: &'a crate::supervisor::live::Counters,
+    pub counters: &'a crate::live::Counters,
     /// Backend reachable.
     pub backend_up: Option<bool>,
     /// Calls in flight and the current concurrency limit.
@@ -173,7 +173,7 @@ impl Metrics {
                 ("failed".into(), c.failed),
             ],
         );
-        let causes: Vec<(String, u64)> = crate::supervisor::progress::RETRY_CAUSES
+        let causes: Vec<(String, u64)> = crate::live::progress::RETRY_CAUSES
             .iter()
             .map(|k| {
                 (

@@ -324,7 +324,7 @@ fn spawn_ps_poll(
 fn spawn_health_probe(
     backend: Backend,
     index: usize,
-    live: Arc<supervisor::live::LiveView>,
+    live: Arc<crate::live::LiveView>,
     detect_slots: Option<usize>,
     tracker: &TaskTracker,
     stop: CancellationToken,

@@ -1,8 +1,8 @@
 //! The OpenAI JSON shapes: file and batch objects, list pages, the error envelope, and the
 //! output / error lines. Every field of the batch object is always present (null when unknown).
 
+use crate::domain::FileRecord;
 use crate::domain::{BatchRecord, RequestCounts, RequestKey, ResultRecord, Usage};
-use crate::store::FileRecord;
 use serde::Serialize;
 use serde_json::{Value, json, value::RawValue};
 

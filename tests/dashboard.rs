@@ -140,7 +140,9 @@ async fn dashboard_screenshot() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_stream_snapshots_and_the_finish_and_end_on_sigterm() {
     let fake = Fake::start(Shape::OpenAi).await;
-    fake.set(|b| b.delay = Duration::from_millis(10));
+    // 300 lines of 30 ms on 2 lanes: a run of about 4.5 s, so that several snapshots (at most
+    // one a second) fall within it.
+    fake.set(|b| b.delay = Duration::from_millis(30));
     let tmp = tempfile::tempdir().expect("tempdir");
     let state = tmp.path().join("state");
     let mut p = process::spawn(&state, &fake.url(), 2, &["--shutdown-grace", "5s"]);

@@ -5,6 +5,7 @@ mod support;
 
 mod api;
 mod bench;
+mod boundaries;
 mod client;
 mod conformance;
 mod conversation;

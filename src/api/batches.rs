@@ -180,7 +180,7 @@ async fn start_batch(
         tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
         s.supervisor
             .notices
-            .send(crate::supervisor::live::Notice::BatchCreated {
+            .send(crate::live::Notice::BatchCreated {
                 id: rec.id.to_string(),
             });
         spawn_intake(
@@ -220,7 +220,7 @@ pub async fn retry(
         let file_id = crate::domain::FileId::new();
         let store = s.store.clone();
         let written = tokio::task::spawn_blocking(move || {
-            crate::intake::write_unsucceeded_lines(&store, id, b.endpoint, file_id)
+            crate::supervisor::finalize::write_retry_file(&store, id, b.endpoint, file_id)
         })
         .await
         .map_err(ApiError::internal)??;
@@ -229,7 +229,7 @@ pub async fn retry(
                 "batch {id} has no failed, expired or cancelled lines to retry"
             )));
         };
-        let rec = crate::store::FileRecord {
+        let rec = crate::domain::FileRecord {
             id: file_id,
             bytes,
             created_at: unix_now(),

@@ -16,7 +16,7 @@ use tokio::sync::broadcast::error::RecvError;
 
 struct Reader {
     st: AppState,
-    notices: tokio::sync::broadcast::Receiver<crate::supervisor::live::Notice>,
+    notices: tokio::sync::broadcast::Receiver<crate::live::Notice>,
     tick: tokio::time::Interval,
     last: Option<String>,
 }

@@ -1,8 +1,8 @@
 //! `/v1/files`: upload (streamed to disk), list, retrieve, delete, content.
 
 use super::{ApiError, AppState};
+use crate::domain::FileRecord;
 use crate::domain::{BatchStatus, FileId, unix_now};
-use crate::store::FileRecord;
 use crate::wire::{file_object, list_page};
 use axum::Json;
 use axum::body::Body;
@@ -225,8 +225,10 @@ pub async fn upload(
     let s = st.clone();
     let rec = super::detached(&st, async move {
         let mut scratch = Scratch(Some(scratch_path.clone()));
-        tokio::fs::rename(&scratch_path, s.store.file_path(id))
+        let (from, to) = (scratch_path.clone(), s.store.file_path(id));
+        tokio::task::spawn_blocking(move || crate::store::files::publish(&from, &to))
             .await
+            .map_err(|e| ApiError::io(std::io::Error::other(e.to_string())))?
             .map_err(ApiError::io)?;
         scratch.0 = None;
         let rec = FileRecord {

@@ -2,8 +2,8 @@
 
 use super::AppState;
 use crate::domain::BatchStatus;
+use crate::live::Live;
 use crate::store::Store;
-use crate::supervisor::live::Live;
 use axum::Json;
 use axum::extract::State;
 use serde_json::{Value, json};

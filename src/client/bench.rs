@@ -393,8 +393,8 @@ pub async fn bench(args: &BenchArgs) -> u8 {
         _ => None,
     };
     if let Some(path) = &args.json {
-        let v = serde_json::json!({"model": model, "backend": args.serve.backend.as_str(),
-            "backend_url": args.serve.backend_url.join(","), "measured_at": crate::domain::unix_now(),
+        let v = serde_json::json!({"model": model, "backend": args.serve.backend.backend.as_str(),
+            "backend_url": args.serve.backend.backend_url.join(","), "measured_at": crate::domain::unix_now(),
             "sizes": rows, "extrapolated": extrapolated});
         let bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
         if let Err(e) = std::fs::write(path, bytes) {

@@ -68,8 +68,8 @@ impl Engine {
         note(&format!(
             "engine running in this process on {} (backend {} at {}); dashboard: {base}/",
             state.display(),
-            serve.backend.as_str(),
-            serve.backend_url.join(", ")
+            serve.backend.backend.as_str(),
+            serve.backend.backend_url.join(", ")
         ));
         Ok(Engine {
             server: Server::new(&base, key)?,

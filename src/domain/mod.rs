@@ -5,11 +5,13 @@
 //! transitions with the functions below; the API renders them through `wire`.
 
 pub mod batch;
+pub mod file;
 pub mod ids;
 pub mod outcome;
 pub mod request;
 
 pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, RequestCounts};
+pub use file::FileRecord;
 pub use ids::{BatchId, FileId, RequestKey};
 pub use outcome::{CallResult, RetryPolicy, Step, Verdict};
 pub use request::{RequestRecord, RequestState, ResultRecord, Usage};

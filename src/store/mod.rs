@@ -28,29 +28,15 @@
 //! off, so at most one flush runs at any time.
 
 mod commit;
+pub mod files;
 
 use crate::conversation::{Plan, Record as ConvRecord};
-use crate::domain::{BatchId, BatchRecord, BatchStatus, FileId, RequestKey, RequestRecord};
+use crate::domain::{
+    BatchId, BatchRecord, BatchStatus, FileId, FileRecord, RequestKey, RequestRecord,
+};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// A stored file's metadata (the bytes are on disk at [`Store::file_path`]).
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FileRecord {
-    /// Its id.
-    pub id: FileId,
-    /// Size in bytes.
-    pub bytes: u64,
-    /// Unix seconds.
-    pub created_at: i64,
-    /// The uploaded name, or `batch_…_output.jsonl` for ours.
-    pub filename: String,
-    /// `batch`, `batch_output`, …
-    pub purpose: String,
-    /// Unix seconds, or `None`.
-    pub expires_at: Option<i64>,
-}
 
 /// A line's body with its large shared strings taken out and stored once in `blobs`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -296,6 +282,11 @@ impl Store {
     /// Where a file's bytes live.
     pub fn file_path(&self, id: FileId) -> PathBuf {
         self.dir.join("files").join(id.0.simple().to_string())
+    }
+
+    /// A file to be published as `id` (written at its scratch path until then).
+    pub fn atomic_file(&self, id: FileId) -> files::AtomicFile {
+        files::AtomicFile::new(self.file_path(id), self.scratch_path(id))
     }
 
     /// A scratch path in the same directory (so that a rename publishes it atomically).

@@ -1,15 +1,16 @@
 //! The finalizer: writes a batch's output and error files in input order and moves the batch
 //! to its terminal state. It owns `finalizing → completed`, `cancelling → cancelled` and
-//! `in_progress → expired`.
+//! `in_progress → expired`. The other file made from a batch's lines, a retry batch's input
+//! ([`write_retry_file`]), is written here too, the same way.
 //!
 //! Idempotent: file ids are derived from the batch id, files are written to a scratch name,
 //! fsynced and renamed into place, and the terminal transition is a compare-and-swap on the
 //! status it expects, so a finalization interrupted by a crash is simply run again.
 
+use crate::domain::FileRecord;
 use crate::domain::{BatchId, BatchStatus, RequestState, ResultRecord, Usage, unix_now};
-use crate::store::{FileRecord, Store, StoreError, TransitionError};
+use crate::store::{Store, StoreError, TransitionError};
 use crate::wire::output_line;
-use std::io::Write;
 
 /// Which terminal state to reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,52 +21,6 @@ pub enum Target {
     Cancelled,
     /// From `in_progress`; unrun lines get `batch_expired`.
     Expired,
-}
-
-struct Sink {
-    path: std::path::PathBuf,
-    scratch: std::path::PathBuf,
-    out: Option<std::io::BufWriter<std::fs::File>>,
-    lines: u64,
-    bytes: u64,
-}
-
-impl Sink {
-    fn new(store: &Store, id: crate::domain::FileId) -> Sink {
-        Sink {
-            path: store.file_path(id),
-            scratch: store.scratch_path(id),
-            out: None,
-            lines: 0,
-            bytes: 0,
-        }
-    }
-    fn write(&mut self, line: &str) -> std::io::Result<()> {
-        if self.out.is_none() {
-            let f = std::fs::File::create(&self.scratch)?;
-            self.out = Some(std::io::BufWriter::with_capacity(1 << 20, f));
-        }
-        if let Some(out) = self.out.as_mut() {
-            out.write_all(line.as_bytes())?;
-            out.write_all(b"\n")?;
-        }
-        self.lines += 1;
-        self.bytes += line.len() as u64 + 1;
-        Ok(())
-    }
-    /// Publishes the file atomically; false if nothing was written.
-    fn publish(self) -> std::io::Result<bool> {
-        let Some(out) = self.out else {
-            return Ok(false);
-        };
-        let f = out.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        std::fs::rename(&self.scratch, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(true)
-    }
 }
 
 /// Writes the files and the terminal state. Returns `Ok(false)` when the batch was not in
@@ -92,8 +47,8 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
     };
     let out_id = batch_id.output_file();
     let err_id = batch_id.error_file();
-    let mut out = Sink::new(store, out_id);
-    let mut errs = Sink::new(store, err_id);
+    let mut out = store.atomic_file(out_id);
+    let mut errs = store.atomic_file(err_id);
     let (mut total, mut completed, mut failed) = (0u64, 0u64, 0u64);
     let mut usage = Usage::default();
     for item in store.batch_requests(batch_id) {
@@ -105,14 +60,14 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
                 if let Some(u) = &result.usage {
                     usage.add(u);
                 }
-                out.write(&output_line(key, &rec.custom_id, result))?;
+                out.write_line(&output_line(key, &rec.custom_id, result))?;
             }
             (RequestState::Failed, Some(result)) => {
                 failed += 1;
                 if let Some(u) = &result.usage {
                     usage.add(u);
                 }
-                errs.write(&output_line(key, &rec.custom_id, result))?;
+                errs.write_line(&output_line(key, &rec.custom_id, result))?;
             }
             _ => {
                 let result = ResultRecord {
@@ -122,7 +77,7 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
                     error_message: Some(unrun_message.into()),
                     usage: None,
                 };
-                errs.write(&output_line(key, &rec.custom_id, &result))?;
+                errs.write_line(&output_line(key, &rec.custom_id, &result))?;
             }
         }
     }
@@ -132,7 +87,7 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
         .into_iter()
         .enumerate()
     {
-        let (lines, bytes) = (sink.lines, sink.bytes);
+        let (lines, bytes) = (sink.lines(), sink.bytes());
         if sink.publish()? {
             store.put_file(&FileRecord {
                 id,
@@ -174,6 +129,43 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
         Err(TransitionError::Conflict(_)) | Err(TransitionError::NotFound) => Ok(false),
         Err(TransitionError::Store(e)) => Err(e),
     }
+}
+
+/// Writes the original lines (custom_id, method, url, body with its shared contents restored)
+/// of every request of `batch` that did not succeed, in input order, as the file `file_id`
+/// (atomically, as every published file). Returns its size, or `None` (and no file) when every
+/// line succeeded. For `POST /batches/{id}/retry`.
+pub fn write_retry_file(
+    store: &Store,
+    batch: BatchId,
+    endpoint: crate::domain::Endpoint,
+    file_id: crate::domain::FileId,
+) -> Result<Option<u64>, StoreError> {
+    let mut out = store.atomic_file(file_id);
+    for item in store.batch_requests(batch) {
+        let (key, rec) = item?;
+        if rec.state == RequestState::Succeeded {
+            continue;
+        }
+        let Some(stored) = store.get_body(key)? else {
+            continue;
+        };
+        let body =
+            crate::intake::materialize(store, &stored, None).map_err(|e| StoreError::Codec {
+                what: "body",
+                detail: e,
+            })?;
+        let line = serde_json::json!({
+            "custom_id": rec.custom_id,
+            "method": "POST",
+            "url": endpoint.as_str(),
+            "body": body,
+        })
+        .to_string();
+        out.write_line(&line)?;
+    }
+    let bytes = out.bytes();
+    Ok(out.publish()?.then_some(bytes))
 }
 
 #[cfg(test)]

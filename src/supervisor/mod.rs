@@ -19,8 +19,6 @@
 //! back in the queue (its attempt stays counted) before anything is dispatched.
 
 pub mod finalize;
-pub mod live;
-pub mod progress;
 mod turns;
 
 use crate::backend::Backend;
@@ -30,11 +28,11 @@ use crate::domain::{
     Usage, Verdict, unix_millis, unix_now,
 };
 use crate::intake;
+use crate::live::{self, BatchLive, LiveView, progress};
 use crate::schedule::Scheduler;
 use crate::store::{Expect, Store, StoreError, TransitionError};
 use crate::worker::{Event, Job, Outcome};
 use finalize::Target;
-use live::{BatchLive, LiveView};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
@@ -1207,11 +1205,12 @@ impl Supervisor {
         let mut gpu: Option<String> = None;
         for (id, a) in self.batches.iter_mut() {
             let done = a.succeeded + a.failed;
-            let p = &a.progress;
-            let due = done.saturating_sub(p.logged_done) >= self.cfg.progress_every
-                || (done != p.logged_done
-                    && now.duration_since(p.logged_at) >= self.cfg.progress_interval);
-            if !due {
+            if !a.progress.log_due(
+                now,
+                done,
+                self.cfg.progress_every,
+                self.cfg.progress_interval,
+            ) {
                 continue;
             }
             a.progress.sample(now, done);
@@ -1222,8 +1221,7 @@ impl Supervisor {
                 a.cache_warned = true;
                 tracing::warn!(batch = %id, cached_share = f.cached_share, "{why}");
             }
-            a.progress.logged_at = now;
-            a.progress.logged_done = done;
+            a.progress.logged(now, done);
             let retries: u64 = f.retries.values().sum();
             tracing::info!(
                 batch = %id,

@@ -1,6 +1,10 @@
-//! What the supervisor publishes for readers (the API's batch counts and `/status`): a
-//! snapshot behind a std mutex, replaced wholesale by the supervisor after each commit and
-//! never held across an await.
+//! What the supervisor publishes for readers (`/status`, `/metrics`, `/events`, the dashboard,
+//! the API's batch counts): a snapshot behind a std mutex, replaced wholesale by the supervisor
+//! after each commit and never held across an await, and the channel of discrete events.
+//! It sits below the supervisor, so readers import it and never the supervisor's insides;
+//! `progress` holds the per-batch figures the snapshot carries.
+
+pub mod progress;
 
 use crate::domain::{BatchId, BatchStatus, RequestCounts, Usage};
 use std::collections::HashMap;
@@ -24,7 +28,7 @@ pub struct BatchLive {
     /// Why the last try to write its output files failed, while it waits to try again.
     pub finalize_error: Option<String>,
     /// Rates, ETA, tokens, retries by cause.
-    pub figures: super::progress::Figures,
+    pub figures: progress::Figures,
     /// `independent`, or `conversation` (conversation mode).
     pub mode: &'static str,
 }
@@ -57,7 +61,7 @@ pub struct Counters {
     /// Retries by cause.
     pub retries_by_cause: std::collections::BTreeMap<&'static str, u64>,
     /// Tokens of durable answers.
-    pub tokens: super::progress::Tokens,
+    pub tokens: progress::Tokens,
 }
 
 /// Backend health as last seen.

@@ -98,8 +98,8 @@ pub struct Progress {
     tokens: Tokens,
     retries: BTreeMap<&'static str, u64>,
     /// When the last progress line was logged, and at how many lines.
-    pub(super) logged_at: Instant,
-    pub(super) logged_done: u64,
+    logged_at: Instant,
+    logged_done: u64,
 }
 
 /// What `/status`, the log and the per-batch export show of a batch.
@@ -176,6 +176,19 @@ impl Progress {
         if let Some(u) = usage {
             self.tokens.add(u);
         }
+    }
+
+    /// Whether a progress line is due at `done` lines: `every` lines since the last one, or
+    /// `interval` since it while lines still finish.
+    pub fn log_due(&self, now: Instant, done: u64, every: u64, interval: Duration) -> bool {
+        done.saturating_sub(self.logged_done) >= every
+            || (done != self.logged_done && now.duration_since(self.logged_at) >= interval)
+    }
+
+    /// A progress line was logged at `done` lines.
+    pub fn logged(&mut self, now: Instant, done: u64) {
+        self.logged_at = now;
+        self.logged_done = done;
     }
 
     /// A retry scheduled for this cause.
