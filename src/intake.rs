@@ -529,12 +529,11 @@ fn finish(
 ) -> Result<IntakeOutcome, StoreError> {
     match result {
         Ok(_) => Ok(ok),
-        Err(TransitionError::Conflict(state)) if state == "cancelling" => {
-            Ok(IntakeOutcome::Cancelled)
-        }
-        Err(TransitionError::Conflict(_)) | Err(TransitionError::NotFound) => {
-            Ok(IntakeOutcome::Skipped)
-        }
+        Err(TransitionError::BatchIs(BatchStatus::Cancelling)) => Ok(IntakeOutcome::Cancelled),
+        // Another status, or gone (a request's `Refused` cannot come from a batch's move).
+        Err(
+            TransitionError::BatchIs(_) | TransitionError::NotFound | TransitionError::Refused(_),
+        ) => Ok(IntakeOutcome::Skipped),
         Err(TransitionError::Store(e)) => Err(e),
     }
 }

@@ -184,13 +184,7 @@ mod tests {
         assert!(v["error"].is_null());
         assert!(v["id"].as_str().expect("id").starts_with("batch_req_"));
 
-        let timeout = ResultRecord {
-            status_code: None,
-            body: None,
-            error_code: Some("request_timeout".into()),
-            error_message: Some("timed out after 8 attempts".into()),
-            usage: None,
-        };
+        let timeout = ResultRecord::error("request_timeout", "timed out after 8 attempts");
         let v: Value = serde_json::from_str(&output_line(key, "c-3", &timeout)).expect("json");
         assert!(v["response"].is_null());
         assert_eq!(v["error"]["code"], "request_timeout");

@@ -277,3 +277,25 @@ fn the_check_finds_an_upward_import_and_a_circle() {
         ["domain", "gpu", "store", "wire"].map(String::from).into()
     );
 }
+
+#[test]
+fn only_the_supervisors_transitions_move_a_request() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let owner = src.join("supervisor").join("transitions.rs");
+    let store = src.join("store").join("mod.rs");
+    let mut callers = Vec::new();
+    for file in files {
+        let code = code_of(&std::fs::read_to_string(&file).expect("read"));
+        // The store defines it (and its own test calls it); everything else goes through
+        // supervisor/transitions.rs.
+        if file != owner && file != store && code.contains(".transition_request") {
+            callers.push(file.display().to_string());
+        }
+    }
+    assert!(
+        callers.is_empty(),
+        "only src/supervisor/transitions.rs may ask the store to move a request: {callers:?}"
+    );
+}

@@ -300,13 +300,14 @@ pub async fn cancel(
         Err(TransitionError::NotFound) => {
             Err(ApiError::not_found("Batch", &id.to_string(), "batch_id"))
         }
-        Err(TransitionError::Conflict(state)) => {
-            if state == "cancelling" || state == "cancelled" {
+        Err(TransitionError::BatchIs(status)) => {
+            if matches!(status, BatchStatus::Cancelling | BatchStatus::Cancelled) {
                 let b = load(&st, id)?;
                 return Ok(Json(render(&st, &b)));
             }
             Err(ApiError::conflict(format!(
-                "Cannot cancel a batch with status '{state}'."
+                "Cannot cancel a batch with status '{}'.",
+                status.as_str()
             )))
         }
         Err(e) => Err(e.into()),

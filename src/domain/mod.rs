@@ -14,7 +14,7 @@ pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, RequestCounts};
 pub use file::FileRecord;
 pub use ids::{BatchId, FileId, RequestKey};
 pub use outcome::{CallResult, RetryPolicy, Step, Verdict};
-pub use request::{RequestRecord, RequestState, ResultRecord, Usage};
+pub use request::{Refused, RequestRecord, RequestState, ResultRecord, Transition, Usage};
 
 /// Seconds since the Unix epoch, the unit of every timestamp in the OpenAI objects.
 pub fn unix_now() -> i64 {

@@ -10,8 +10,11 @@
 //!    │                                                └── permanent failure or attempts
 //!    │                                                    exhausted ──▶ Failed
 //! ```
-//! Only the supervisor changes a request, and every change from `Leased` is a compare-and-swap
-//! on (`Leased`, `lease`): an answer that arrives after its lease was rescued is dropped.
+//! Each arrow is one [`Transition`]; [`RequestRecord::apply`] is the machine: it refuses every
+//! edge the drawing does not have, and every edge from `Leased` under another lease number (an
+//! answer that arrives after its lease was rescued is dropped). The store applies transitions
+//! as compare-and-swaps and accepts nothing else; `supervisor/transitions.rs` is the one place
+//! that asks for them.
 
 use serde::{Deserialize, Serialize};
 
@@ -105,5 +108,300 @@ impl RequestRecord {
             last_error: None,
             result: None,
         }
+    }
+}
+
+/// One edge of the request state machine, with what it writes.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Transition {
+    /// `Queued → Leased`: a new lease number, one more attempt.
+    Lease,
+    /// `Leased → Succeeded` (`succeeded`) or `Leased → Failed`: the call's result is kept.
+    Settle {
+        /// The lease it settles.
+        lease: u32,
+        /// Whether the line succeeded.
+        succeeded: bool,
+        /// The result.
+        result: ResultRecord,
+    },
+    /// `Leased → Queued` after a transient failure: not before `due_ms`, the attempt counted.
+    Retry {
+        /// The lease it ends.
+        lease: u32,
+        /// Unix ms before which it is not sent again.
+        due_ms: u64,
+        /// The failure, for operators and the final message.
+        error: String,
+    },
+    /// `Leased → Queued` with the attempt given back (the backend was unreachable, or a
+    /// graceful shutdown ended the call).
+    GiveBack {
+        /// The lease it ends.
+        lease: u32,
+        /// Why, when there is something to say.
+        error: Option<String>,
+    },
+    /// `Leased → Queued` with the attempt kept (a lease past its deadline, or one held by a
+    /// process that died).
+    Rescue {
+        /// The lease it ends.
+        lease: u32,
+        /// Why, when there is something to say (after a restart the last error is kept).
+        error: Option<String>,
+    },
+    /// `Leased → Failed` without an answer (the stored body is unusable, or the line was in
+    /// flight in every process that ran it).
+    Fail {
+        /// The lease it ends.
+        lease: u32,
+        /// Our error.
+        result: ResultRecord,
+    },
+}
+
+/// A transition the machine does not allow from where the record is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refused {
+    /// The edge asked for.
+    pub edge: &'static str,
+    /// Where the record is.
+    pub state: RequestState,
+    /// Its lease number.
+    pub lease: u32,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} refused: the record is {:?} under lease {}",
+            self.edge, self.state, self.lease
+        )
+    }
+}
+
+impl Transition {
+    /// Its name (for messages and tests).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transition::Lease => "lease",
+            Transition::Settle { .. } => "settle",
+            Transition::Retry { .. } => "retry",
+            Transition::GiveBack { .. } => "give_back",
+            Transition::Rescue { .. } => "rescue",
+            Transition::Fail { .. } => "fail",
+        }
+    }
+
+    /// Where it starts, and under which lease (`None`: a queued record has no live lease).
+    pub fn from(&self) -> (RequestState, Option<u32>) {
+        match self {
+            Transition::Lease => (RequestState::Queued, None),
+            Transition::Settle { lease, .. }
+            | Transition::Retry { lease, .. }
+            | Transition::GiveBack { lease, .. }
+            | Transition::Rescue { lease, .. }
+            | Transition::Fail { lease, .. } => (RequestState::Leased, Some(*lease)),
+        }
+    }
+
+    /// Where it ends.
+    pub fn to(&self) -> RequestState {
+        match self {
+            Transition::Lease => RequestState::Leased,
+            Transition::Settle {
+                succeeded: true, ..
+            } => RequestState::Succeeded,
+            Transition::Settle { .. } | Transition::Fail { .. } => RequestState::Failed,
+            Transition::Retry { .. } | Transition::GiveBack { .. } | Transition::Rescue { .. } => {
+                RequestState::Queued
+            }
+        }
+    }
+}
+
+impl RequestRecord {
+    /// Takes the edge `t` if the record is where it starts (under its lease); otherwise
+    /// changes nothing and says where the record is.
+    pub fn apply(&mut self, t: &Transition) -> Result<(), Refused> {
+        let (state, lease) = t.from();
+        if self.state != state || lease.is_some_and(|l| l != self.lease) {
+            return Err(Refused {
+                edge: t.name(),
+                state: self.state,
+                lease: self.lease,
+            });
+        }
+        self.state = t.to();
+        match t {
+            Transition::Lease => {
+                self.lease = self.lease.wrapping_add(1);
+                self.attempts += 1;
+                self.not_before_ms = 0;
+            }
+            Transition::Settle { result, .. } | Transition::Fail { result, .. } => {
+                self.result = Some(result.clone());
+            }
+            Transition::Retry { due_ms, error, .. } => {
+                self.not_before_ms = *due_ms;
+                self.last_error = Some(error.clone());
+            }
+            Transition::GiveBack { error, .. } => {
+                self.attempts = self.attempts.saturating_sub(1);
+                self.not_before_ms = 0;
+                if let Some(e) = error {
+                    self.last_error = Some(e.clone());
+                }
+            }
+            Transition::Rescue { error, .. } => {
+                if let Some(e) = error {
+                    self.last_error = Some(e.clone());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl ResultRecord {
+    /// The result of a line that ended without an answer: our error code and message.
+    pub fn error(code: &str, message: impl Into<String>) -> ResultRecord {
+        ResultRecord {
+            status_code: None,
+            body: None,
+            error_code: Some(code.to_string()),
+            error_message: Some(message.into()),
+            usage: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STATES: [RequestState; 4] = [
+        RequestState::Queued,
+        RequestState::Leased,
+        RequestState::Succeeded,
+        RequestState::Failed,
+    ];
+
+    /// Every edge, under lease `lease`.
+    fn edges(lease: u32) -> Vec<Transition> {
+        vec![
+            Transition::Lease,
+            Transition::Settle {
+                lease,
+                succeeded: true,
+                result: ResultRecord::error("x", "y"),
+            },
+            Transition::Settle {
+                lease,
+                succeeded: false,
+                result: ResultRecord::error("x", "y"),
+            },
+            Transition::Retry {
+                lease,
+                due_ms: 99,
+                error: "e".into(),
+            },
+            Transition::GiveBack { lease, error: None },
+            Transition::Rescue {
+                lease,
+                error: Some("r".into()),
+            },
+            Transition::Fail {
+                lease,
+                result: ResultRecord::error("internal_error", "z"),
+            },
+        ]
+    }
+
+    /// The drawing in the module doc, as (from, edge, to).
+    const DRAWN: [(RequestState, &str, RequestState); 7] = [
+        (RequestState::Queued, "lease", RequestState::Leased),
+        (RequestState::Leased, "settle", RequestState::Succeeded),
+        (RequestState::Leased, "settle", RequestState::Failed),
+        (RequestState::Leased, "retry", RequestState::Queued),
+        (RequestState::Leased, "give_back", RequestState::Queued),
+        (RequestState::Leased, "rescue", RequestState::Queued),
+        (RequestState::Leased, "fail", RequestState::Failed),
+    ];
+
+    #[test]
+    fn every_drawn_edge_is_taken_and_every_other_one_refused() {
+        let mut taken = Vec::new();
+        for state in STATES {
+            for lease_matches in [true, false] {
+                for t in edges(if lease_matches { 7 } else { 8 }) {
+                    let mut rec = RequestRecord::queued("c".into());
+                    rec.state = state;
+                    rec.lease = 7;
+                    rec.attempts = 3;
+                    let before = rec.clone();
+                    let drawn = DRAWN
+                        .iter()
+                        .any(|(f, e, to)| *f == state && *e == t.name() && *to == t.to());
+                    // Lease starts from Queued, where no lease is checked.
+                    let allowed = drawn && (lease_matches || t == Transition::Lease);
+                    match rec.apply(&t) {
+                        Ok(()) => {
+                            assert!(allowed, "{state:?} --{}--> allowed", t.name());
+                            assert_eq!(rec.state, t.to());
+                            taken.push((state, t.name(), t.to()));
+                        }
+                        Err(refused) => {
+                            assert!(!allowed, "{state:?} --{}--> refused", t.name());
+                            assert_eq!(rec, before, "a refused edge changes nothing");
+                            assert_eq!(refused.state, state);
+                        }
+                    }
+                }
+            }
+        }
+        for edge in DRAWN {
+            assert!(taken.contains(&edge), "{edge:?} never taken");
+        }
+    }
+
+    #[test]
+    fn each_edge_writes_what_it_says() {
+        let mut rec = RequestRecord::queued("c".into());
+        rec.apply(&Transition::Lease).expect("lease");
+        assert_eq!((rec.lease, rec.attempts), (1, 1));
+        rec.apply(&Transition::Retry {
+            lease: 1,
+            due_ms: 5,
+            error: "HTTP 503".into(),
+        })
+        .expect("retry");
+        assert_eq!((rec.attempts, rec.not_before_ms), (1, 5), "attempt kept");
+        rec.apply(&Transition::Lease).expect("lease again");
+        assert_eq!((rec.lease, rec.attempts, rec.not_before_ms), (2, 2, 0));
+        rec.apply(&Transition::GiveBack {
+            lease: 2,
+            error: Some("unreachable".into()),
+        })
+        .expect("give back");
+        assert_eq!(rec.attempts, 1, "attempt given back");
+        rec.apply(&Transition::Lease).expect("lease");
+        rec.apply(&Transition::Rescue {
+            lease: 3,
+            error: Some("rescued".into()),
+        })
+        .expect("rescue");
+        assert_eq!(rec.attempts, 2, "attempt kept");
+        assert_eq!(rec.last_error.as_deref(), Some("rescued"));
+        rec.apply(&Transition::Lease).expect("lease");
+        let result = ResultRecord::error("internal_error", "unusable");
+        rec.apply(&Transition::Fail {
+            lease: 4,
+            result: result.clone(),
+        })
+        .expect("fail");
+        assert_eq!(rec.state, RequestState::Failed);
+        assert_eq!(rec.result, Some(result));
     }
 }

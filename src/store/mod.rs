@@ -32,7 +32,8 @@ pub mod files;
 
 use crate::conversation::{Plan, Record as ConvRecord};
 use crate::domain::{
-    BatchId, BatchRecord, BatchStatus, FileId, FileRecord, RequestKey, RequestRecord,
+    BatchId, BatchRecord, BatchStatus, FileId, FileRecord, Refused, RequestKey, RequestRecord,
+    Transition,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
@@ -87,9 +88,13 @@ pub enum TransitionError {
     /// No such record.
     #[error("not found")]
     NotFound,
-    /// The record is not in the state the caller expected (the fence held).
-    #[error("conflict: the record is {0}")]
-    Conflict(String),
+    /// The batch is not in a status the caller expected (the fence held): it is this one.
+    #[error("conflict: the batch is {}", .0.as_str())]
+    BatchIs(BatchStatus),
+    /// The request state machine refused the edge (the record is elsewhere, or under another
+    /// lease): nothing changed.
+    #[error("conflict: {0}")]
+    Refused(Refused),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -114,35 +119,6 @@ pub fn is_enospc(e: &std::io::Error) -> bool {
 impl From<sled::Error> for TransitionError {
     fn from(e: sled::Error) -> Self {
         TransitionError::Store(StoreError::Sled(e))
-    }
-}
-
-/// What a request transition expects to find.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Expect {
-    /// Queued (a lease may be taken).
-    Queued,
-    /// Leased under exactly this lease number.
-    Leased(u32),
-}
-
-impl Expect {
-    /// The fence: `Conflict` (saying where the record is) unless it is as expected.
-    fn check(&self, rec: &RequestRecord) -> Result<(), TransitionError> {
-        let holds = match *self {
-            Expect::Queued => rec.state == crate::domain::RequestState::Queued,
-            Expect::Leased(lease) => {
-                rec.state == crate::domain::RequestState::Leased && rec.lease == lease
-            }
-        };
-        if holds {
-            Ok(())
-        } else {
-            Err(TransitionError::Conflict(format!(
-                "{:?} under lease {}",
-                rec.state, rec.lease
-            )))
-        }
     }
 }
 
@@ -424,7 +400,7 @@ impl Store {
             let old = self.batches.get(key)?.ok_or(TransitionError::NotFound)?;
             let mut rec: BatchRecord = decode("batch", &old)?;
             if !expect.contains(&rec.status) {
-                return Err(TransitionError::Conflict(rec.status.as_str().to_string()));
+                return Err(TransitionError::BatchIs(rec.status));
             }
             change(&mut rec);
             if self
@@ -523,21 +499,20 @@ impl Store {
         })
     }
 
-    /// Fenced request transition: applies `change` only if the record is as `expect` says
-    /// (`Queued`, or `Leased` under that exact lease), as one compare-and-swap. A stale lease
-    /// gets `Conflict` and changes nothing.
+    /// Applies one edge of the request state machine ([`Transition`]) as one compare-and-swap:
+    /// the record changes only if it is where the edge starts (`Queued`, or `Leased` under
+    /// that exact lease); otherwise `Refused`, and nothing changes. Returns the new record.
+    /// The supervisor's `transitions.rs` is the only caller.
     pub fn transition_request(
         &self,
         key: RequestKey,
-        expect: Expect,
-        mut change: impl FnMut(&mut RequestRecord),
+        t: &Transition,
     ) -> Result<RequestRecord, TransitionError> {
         let k = key.to_bytes();
         loop {
             let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
             let mut rec: RequestRecord = decode("request", &old)?;
-            expect.check(&rec)?;
-            change(&mut rec);
+            rec.apply(t).map_err(TransitionError::Refused)?;
             if self
                 .requests
                 .compare_and_swap(k, Some(&old), Some(encode(&rec)))?
@@ -553,8 +528,7 @@ impl Store {
     pub fn transition_request_in_conversation(
         &self,
         key: RequestKey,
-        expect: Expect,
-        change: impl Fn(&mut RequestRecord),
+        t: &Transition,
         conversation: (u64, u32),
         record: &ConvRecord,
     ) -> Result<RequestRecord, TransitionError> {
@@ -569,8 +543,8 @@ impl Store {
                 .ok_or(Abort::Abort(TransitionError::NotFound))?;
             let mut rec: RequestRecord =
                 decode("request", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
-            expect.check(&rec).map_err(Abort::Abort)?;
-            change(&mut rec);
+            rec.apply(t)
+                .map_err(|e| Abort::Abort(TransitionError::Refused(e)))?;
             reqs.insert(&k[..], encode(&rec))?;
             convs.insert(&ck[..], value.clone())?;
             Ok(rec)
@@ -608,13 +582,6 @@ impl Store {
             Some(v) => Ok(Some(decode("conversation", &v)?)),
             None => Ok(None),
         }
-    }
-
-    /// Overwrites a request's record unconditionally. Only start-up recovery uses this, before
-    /// any lease exists.
-    pub fn put_request(&self, key: RequestKey, rec: &RequestRecord) -> Result<(), StoreError> {
-        self.requests.insert(key.to_bytes(), encode(rec))?;
-        Ok(())
     }
 
     /// A line's stored body.
@@ -687,29 +654,30 @@ mod tests {
         s.put_requests(&[(key, RequestRecord::queued("a".into()), body)])
             .expect("put");
         let leased = s
-            .transition_request(key, Expect::Queued, |r| {
-                r.state = RequestState::Leased;
-                r.lease += 1;
-                r.attempts += 1;
-            })
+            .transition_request(key, &Transition::Lease)
             .expect("lease");
         assert_eq!(leased.lease, 1);
         // Rescue: back to the queue, then leased again under lease 2.
-        s.transition_request(key, Expect::Leased(1), |r| r.state = RequestState::Queued)
-            .expect("rescue");
-        s.transition_request(key, Expect::Queued, |r| {
-            r.state = RequestState::Leased;
-            r.lease += 1;
-        })
-        .expect("re-lease");
+        s.transition_request(
+            key,
+            &Transition::Rescue {
+                lease: 1,
+                error: Some("rescued".into()),
+            },
+        )
+        .expect("rescue");
+        s.transition_request(key, &Transition::Lease)
+            .expect("re-lease");
         // The late answer of lease 1 is fenced off.
-        let late = s.transition_request(key, Expect::Leased(1), |r| {
-            r.state = RequestState::Succeeded
-        });
-        assert!(
-            matches!(late, Err(TransitionError::Conflict(_))),
-            "{late:?}"
+        let late = s.transition_request(
+            key,
+            &Transition::Settle {
+                lease: 1,
+                succeeded: true,
+                result: crate::domain::ResultRecord::error("x", "late"),
+            },
         );
+        assert!(matches!(late, Err(TransitionError::Refused(_))), "{late:?}");
         assert_eq!(
             s.get_request(key).expect("get").expect("some").state,
             RequestState::Leased

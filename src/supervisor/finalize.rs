@@ -7,10 +7,12 @@
 //! fsynced and renamed into place, and the terminal transition is a compare-and-swap on the
 //! status it expects, so a finalization interrupted by a crash is simply run again.
 
+use super::Command;
 use crate::domain::FileRecord;
 use crate::domain::{BatchId, BatchStatus, RequestState, ResultRecord, Usage, unix_now};
 use crate::store::{Store, StoreError, TransitionError};
 use crate::wire::output_line;
+use std::time::{Duration, Instant};
 
 /// Which terminal state to reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,13 +72,7 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
                 errs.write_line(&output_line(key, &rec.custom_id, result))?;
             }
             _ => {
-                let result = ResultRecord {
-                    status_code: None,
-                    body: None,
-                    error_code: Some(unrun_code.into()),
-                    error_message: Some(unrun_message.into()),
-                    usage: None,
-                };
+                let result = ResultRecord::error(unrun_code, unrun_message);
                 errs.write_line(&output_line(key, &rec.custom_id, &result))?;
             }
         }
@@ -126,7 +122,10 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
             tracing::info!(batch = %batch_id, status = b.status.as_str(), completed, failed, "batch finished");
             Ok(true)
         }
-        Err(TransitionError::Conflict(_)) | Err(TransitionError::NotFound) => Ok(false),
+        Err(TransitionError::BatchIs(_)) | Err(TransitionError::NotFound) => Ok(false),
+        Err(TransitionError::Refused(r)) => {
+            Err(StoreError::Io(std::io::Error::other(r.to_string())))
+        }
         Err(TransitionError::Store(e)) => Err(e),
     }
 }
@@ -168,11 +167,89 @@ pub fn write_retry_file(
     Ok(out.publish()?.then_some(bytes))
 }
 
+impl super::Supervisor {
+    pub(super) fn start_finalizers(&mut self) {
+        for (id, a) in self.batches.iter_mut() {
+            if a.finalizing
+                || a.in_flight > 0
+                || a.finalize_after.is_some_and(|t| t > Instant::now())
+            {
+                continue;
+            }
+            let target = match a.status {
+                BatchStatus::Cancelling => Target::Cancelled,
+                BatchStatus::Finalizing => Target::Completed,
+                BatchStatus::InProgress if a.expiring => Target::Expired,
+                BatchStatus::InProgress if a.succeeded + a.failed >= a.total => {
+                    let counts = crate::domain::RequestCounts {
+                        total: a.total,
+                        completed: a.succeeded,
+                        failed: a.failed,
+                    };
+                    let moved = self
+                        .store
+                        .update_batch(*id, &[BatchStatus::InProgress], |b| {
+                            b.status = BatchStatus::Finalizing;
+                            b.finalizing_at = Some(unix_now());
+                            b.request_counts = counts;
+                        });
+                    match moved {
+                        Ok(_) => a.status = BatchStatus::Finalizing,
+                        Err(TransitionError::BatchIs(BatchStatus::Cancelling)) => {
+                            a.status = BatchStatus::Cancelling;
+                            continue;
+                        }
+                        Err(e) => {
+                            tracing::error!(batch = %id, error = %e, "cannot start finalizing");
+                            continue;
+                        }
+                    }
+                    Target::Completed
+                }
+                _ => continue,
+            };
+            a.finalizing = true;
+            let store = self.store.clone();
+            let tx = self.cmds_tx.clone();
+            let id = *id;
+            self.tracker.spawn(async move {
+                let s = store.clone();
+                let r = tokio::task::spawn_blocking(move || finalize(&s, id, target)).await;
+                let cmd = match r {
+                    Ok(Ok(_)) => Command::Finalized(id),
+                    Ok(Err(e)) => Command::FinalizeFailed(id, e.to_string()),
+                    Err(e) => Command::FinalizeFailed(id, format!("finalizer panicked: {e}")),
+                };
+                // A supervisor already gone (shutdown) leaves it to the next start's recovery.
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+}
+
+/// How long to wait before finalizing again after `failures` failed tries: 1 s, doubling, at
+/// most a minute.
+pub(super) fn finalize_retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::domain::{BatchRecord, Endpoint, FileId, RequestKey, RequestRecord};
-    use crate::store::{Expect, StoredBody};
+    use crate::store::StoredBody;
+
+    #[test]
+    fn finalize_retries_back_off_to_a_minute() {
+        let secs: Vec<u64> = (1..=9)
+            .map(|n| super::finalize_retry_delay(n).as_secs())
+            .collect();
+        assert_eq!(secs, [1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(
+            super::finalize_retry_delay(u32::MAX),
+            std::time::Duration::from_secs(60)
+        );
+    }
 
     #[test]
     fn finalization_interrupted_before_its_last_step_runs_again_to_the_same_files() {
@@ -204,21 +281,17 @@ mod tests {
             .collect();
         store.put_requests(&items).expect("requests");
         for (i, k) in keys.iter().enumerate() {
-            store
-                .transition_request(*k, Expect::Queued, |r| {
-                    r.state = if i < 2 {
-                        RequestState::Succeeded
-                    } else {
-                        RequestState::Failed
-                    };
-                    r.result = Some(ResultRecord {
-                        status_code: Some(if i < 2 { 200 } else { 400 }),
-                        body: Some(format!("{{\"n\":{i}}}")),
-                        error_code: None,
-                        error_message: None,
-                        usage: None,
-                    });
-                })
+            let lease = super::super::transitions::lease(&store, *k)
+                .expect("lease")
+                .lease;
+            let result = ResultRecord {
+                status_code: Some(if i < 2 { 200 } else { 400 }),
+                body: Some(format!("{{\"n\":{i}}}")),
+                error_code: None,
+                error_message: None,
+                usage: None,
+            };
+            super::super::transitions::settle(&store, *k, lease, i < 2, result, None)
                 .expect("done");
         }
         assert!(finalize(&store, batch.id, Target::Completed).expect("first run"));

@@ -1,0 +1,183 @@
+//! What the supervisor does with a call's outcome: the retry policy picks the step, one edge of
+//! the request machine applies it (`transitions.rs`), and the figures, the recent errors and the
+//! conversation's record follow.
+
+use super::{Lease, Supervisor, transitions};
+use crate::config::Config;
+use crate::domain::{CallResult, ResultRecord, Step, Verdict, unix_millis, unix_now};
+use crate::live::{self, progress};
+use crate::store::TransitionError;
+use crate::worker::Outcome;
+use std::cmp::Reverse;
+use std::time::Instant;
+
+impl Supervisor {
+    pub(super) fn on_outcome(&mut self, o: Outcome) {
+        let current = self.leased.get(&o.key).map(|l| l.lease);
+        if current != Some(o.lease) {
+            self.counters.stale_outcomes += 1;
+            tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
+            return;
+        }
+        let Some(Lease { lane, turn, .. }) = self.end_lease(o.key) else {
+            return;
+        };
+        let backend_index = self.lane_backend.get(lane).copied().unwrap_or(0);
+        let Some(active) = self.batches.get_mut(&o.key.batch) else {
+            return;
+        };
+        active.in_flight = active.in_flight.saturating_sub(1);
+        if matches!(o.result, CallResult::Answered { .. }) {
+            if self.answered_since_publish.len() <= backend_index {
+                self.answered_since_publish.resize(backend_index + 1, false);
+            }
+            self.answered_since_publish[backend_index] = true;
+        }
+        if !matches!(o.verdict, Verdict::Success | Verdict::BackendDown) {
+            let is_final = matches!(o.verdict, Verdict::Permanent)
+                || o.attempts >= self.cfg.retry.max_attempts;
+            if self.recent_errors.len() == live::RECENT_ERRORS {
+                self.recent_errors.pop_front();
+            }
+            self.recent_errors.push_back(live::RecentError {
+                at: unix_now(),
+                batch: o.key.batch.to_string(),
+                line: o.key.line,
+                attempt: o.attempts,
+                is_final,
+                error: describe(&o.result).chars().take(300).collect(),
+            });
+            self.recent_errors_changed = true;
+        }
+        match o.verdict {
+            Verdict::OutOfMemory => {
+                self.counters.oom += 1;
+                self.notices.send(live::Notice::OutOfMemory {
+                    batch: o.key.batch.to_string(),
+                });
+            }
+            _ if o.result == CallResult::Timeout => self.counters.timeouts += 1,
+            _ => {}
+        }
+        let step = self
+            .cfg
+            .retry
+            .next_step(o.verdict, o.attempts, fastrand::f64());
+        let key = o.key;
+        let applied = match step {
+            Step::Succeed | Step::Fail => {
+                let succeeded = step == Step::Succeed;
+                let result = result_record(&o, &self.cfg);
+                let usage = result.usage;
+                // A conversation's success is stored with the history that now holds it; a
+                // failure leaves the history as it was.
+                let in_conversation = turn.filter(|_| succeeded).and_then(|t| {
+                    let record = self.turns.after(key.batch, key.line, &t, usage.as_ref())?;
+                    Some((t, record))
+                });
+                let r = transitions::settle(
+                    &self.store,
+                    key,
+                    o.lease,
+                    succeeded,
+                    result.clone(),
+                    in_conversation.as_ref().map(|(t, record)| (t.conv, record)),
+                );
+                if r.is_ok() {
+                    if let Some((t, record)) = in_conversation {
+                        let answer = result.body.as_deref().unwrap_or_default();
+                        self.turns.stored(key.batch, key.line, t, answer, record);
+                    }
+                    self.sched.finished(key.batch, key.line);
+                    if self.pending.is_empty() {
+                        self.first_pending = Some(Instant::now());
+                    }
+                    self.pending.push((key.batch, succeeded, usage));
+                }
+                r
+            }
+            Step::RetryAfter(delay) => {
+                let due = unix_millis() + delay.as_millis() as u64;
+                let err = describe(&o.result);
+                let r = transitions::retry(&self.store, key, o.lease, due, err.clone());
+                if r.is_ok() {
+                    self.sched.waiting(key.batch, key.line);
+                    self.counters.retries += 1;
+                    let cause = progress::retry_cause(&o.result, o.verdict);
+                    active.progress.retry(cause);
+                    *self.counters.retries_by_cause.entry(cause).or_default() += 1;
+                    tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
+                    if active.dispatching() {
+                        active.retry_wait += 1;
+                        self.delayed.push(Reverse((due, key)));
+                    }
+                }
+                r
+            }
+            Step::RequeueFree => {
+                let err = describe(&o.result);
+                let r = transitions::give_back(&self.store, key, o.lease, Some(err.clone()));
+                if r.is_ok() && active.dispatching() {
+                    self.sched.push_front(key.batch, key.line, Instant::now());
+                }
+                self.backend_gone(backend_index, err);
+                r
+            }
+        };
+        match applied {
+            Ok(_) => {}
+            Err(TransitionError::Refused(refused)) => {
+                self.counters.stale_outcomes += 1;
+                tracing::warn!(request = %key, %refused, "outcome fenced off by the store");
+            }
+            Err(e) => {
+                tracing::error!(request = %key, error = %e, "cannot store an outcome; the request reruns after restart")
+            }
+        }
+    }
+}
+
+/// The stored result of a finished call.
+fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
+    let tries = format!("(attempt {} of {})", o.attempts, cfg.retry.max_attempts);
+    match &o.result {
+        CallResult::Answered {
+            status,
+            body,
+            usage,
+        } => ResultRecord {
+            status_code: Some(*status),
+            body: Some(body.clone()),
+            error_code: None,
+            error_message: None,
+            usage: *usage,
+        },
+        CallResult::Timeout => ResultRecord::error(
+            "request_timeout",
+            format!(
+                "no answer within {} {tries}",
+                humantime::format_duration(cfg.request_timeout)
+            ),
+        ),
+        CallResult::Invalid { code, message, .. } => {
+            ResultRecord::error(code, format!("{message} {tries}"))
+        }
+        CallResult::Transport(e) | CallResult::Unreachable(e) => {
+            ResultRecord::error("backend_connection_error", format!("{e} {tries}"))
+        }
+    }
+}
+
+/// A one-line description of a failed call, for logs and `last_error`.
+pub(super) fn describe(r: &CallResult) -> String {
+    match r {
+        CallResult::Answered { status, body, .. } => {
+            let snippet: String = body.chars().take(200).collect();
+            format!("HTTP {status}: {snippet}")
+        }
+        CallResult::Timeout => "timed out".into(),
+        CallResult::Unreachable(e) => format!("unreachable: {e}"),
+        CallResult::Transport(e) => format!("connection error: {e}"),
+        CallResult::Invalid { message, .. } => format!("invalid answer: {message}"),
+    }
+}
