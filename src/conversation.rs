@@ -235,18 +235,7 @@ pub fn bytes(messages: &[serde_json::Value]) -> u64 {
         .sum()
 }
 
-/// How many of a body's messages are its shared prefix (leading system/developer messages).
-pub fn prefix_len(messages: &[serde_json::Value]) -> usize {
-    messages
-        .iter()
-        .take_while(|m| {
-            matches!(
-                m.get("role").and_then(serde_json::Value::as_str),
-                Some("system" | "developer")
-            )
-        })
-        .count()
-}
+pub use crate::domain::prefix_len;
 
 /// The assistant message of a chat completion's answer body (its `choices[0].message`, with
 /// only role and content kept), for the history.

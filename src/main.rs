@@ -18,7 +18,7 @@ struct LogWriter;
 impl std::io::Write for LogWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // Around `run`'s progress bar, if one is on screen.
-        ollama_batch::client::run::write_stderr(buf);
+        ollama_batch::client::term::write_stderr(buf);
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

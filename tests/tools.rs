@@ -152,6 +152,61 @@ async fn calibrate_stops_past_the_memory_margin_and_on_truncation() {
     assert_eq!(report["recommendation"]["num_ctx"], 8192);
 }
 
+/// `calibrate` reads the model server flags as `serve` does (one declaration, one backend
+/// client): `URL#SLOTS` and comma lists from `OLLAMA_BATCH_BACKEND_URL` used to end in
+/// "the first request failed: 404".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calibrate_reads_the_backend_url_from_the_environment_as_serve_does() {
+    let fake = ollama(16 * GIB).await;
+    fake.set(|b| b.delay = Duration::from_millis(20));
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (env, says) in [
+        (format!("{}#4", fake.url()), None),
+        (
+            format!("{}#4,http://127.0.0.1:9", fake.url()),
+            Some("2 model servers given: calibrating the first"),
+        ),
+    ] {
+        let before = fake.total_calls();
+        let json = dir.path().join("c.json");
+        let out = Command::new(binary())
+            .args(["calibrate", "--model", "gemma3:12b", "--parallel", "1"])
+            .args(["--max-ctx", "4096", "--json"])
+            .arg(&json)
+            .env("OLLAMA_BATCH_BACKEND_URL", &env)
+            .env("OLLAMA_BATCH_BACKEND", "ollama")
+            .output()
+            .expect("runs");
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(out.status.code(), Some(0), "{env}: {stdout}{stderr}");
+        assert!(
+            stdout.contains("recommended: --num-ctx 4096 --concurrency 1"),
+            "{stdout}"
+        );
+        let report: Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).expect("report")).expect("json");
+        assert_eq!(report["backend_url"], fake.url(), "without #SLOTS");
+        assert!(fake.total_calls() > before + 3, "the fake was measured");
+        if let Some(says) = says {
+            assert!(stderr.contains(says), "{stderr}");
+        }
+    }
+    // The same refusals as serve.
+    let out = Command::new(binary())
+        .args(["calibrate", "--model", "m", "--backend-url", "http://a:1#0"])
+        .output()
+        .expect("runs");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("must be a count of 1 or more"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn calibrate_stops_cleanly_on_ctrl_c_and_keeps_what_it_measured() {
     let fake = ollama(64 * GIB).await;

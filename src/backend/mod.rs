@@ -58,8 +58,30 @@ impl Backend {
 
     /// [`Backend::new`] for one of several backends, at `url`.
     pub fn for_url(cfg: &Config, url: &str) -> Result<Backend, String> {
+        let mut b = Backend::connect(
+            cfg.backend,
+            url,
+            cfg.backend_api_key.as_ref(),
+            cfg.request_timeout,
+        )?;
+        b.num_ctx = cfg.num_ctx;
+        b.keep_alive = cfg.keep_alive.clone();
+        b.max_answer = cfg.max_answer_bytes;
+        Ok(b)
+    }
+
+    /// A client of the model server of `kind` at `url` (no trailing slash), with the backend
+    /// key when there is one and `timeout` as each call's deadline; no `num_ctx`, Ollama's
+    /// `keep_alive` -1, answers up to 64 MiB. Every subcommand that reaches a model server
+    /// (`serve`, `run`, `bench`, `calibrate`) builds its client here.
+    pub fn connect(
+        kind: BackendKind,
+        url: &str,
+        api_key: Option<&crate::config::Secret>,
+        timeout: Duration,
+    ) -> Result<Backend, String> {
         let mut headers = reqwest::header::HeaderMap::new();
-        if let Some(key) = &cfg.backend_api_key {
+        if let Some(key) = api_key {
             let mut v = reqwest::header::HeaderValue::from_str(&format!("Bearer {}", key.expose()))
                 .map_err(|_| {
                     "--backend-api-key contains characters not allowed in a header".to_string()
@@ -69,20 +91,37 @@ impl Backend {
         }
         let http = reqwest::Client::builder()
             .default_headers(headers)
-            .timeout(cfg.request_timeout)
-            .connect_timeout(Duration::from_secs(5).min(cfg.request_timeout))
+            .timeout(timeout)
+            .connect_timeout(Duration::from_secs(5).min(timeout))
             .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Backend {
-            kind: cfg.backend,
-            base: url.to_string(),
+            kind,
+            base: url.trim_end_matches('/').to_string(),
             http,
-            num_ctx: cfg.num_ctx,
-            keep_alive: cfg.keep_alive.clone(),
-            max_answer: cfg.max_answer_bytes,
+            num_ctx: None,
+            keep_alive: Value::from(-1),
+            max_answer: 64 << 20,
             slots: Default::default(),
         })
+    }
+
+    /// The same server with Ollama's `num_ctx` set to `n` on every call (`calibrate` measures
+    /// one context after another; a running server keeps one).
+    pub fn with_num_ctx(&self, n: Option<u32>) -> Backend {
+        Backend {
+            num_ctx: n,
+            ..self.clone()
+        }
+    }
+
+    /// The same server with Ollama's `keep_alive` set to `v` on every call.
+    pub fn with_keep_alive(&self, v: Value) -> Backend {
+        Backend {
+            keep_alive: v,
+            ..self.clone()
+        }
     }
 
     /// Pins calls to slots 0..n with `id_slot` from now on (0: no pinning).
@@ -97,11 +136,45 @@ impl Backend {
 
     /// llama.cpp's `GET /props` `total_slots`, when the backend is llama.cpp.
     pub async fn llama_slots(&self) -> Option<usize> {
+        self.llama_props().await.map(|p| p.1)
+    }
+
+    /// llama.cpp's `GET /props`: (context per slot, slots), when the backend is llama.cpp.
+    pub async fn llama_props(&self) -> Option<(u32, usize)> {
         if self.kind != BackendKind::Openai {
             return None;
         }
         let v = self.get_json("/props", Duration::from_secs(5)).await.ok()?;
-        v["total_slots"].as_u64().map(|n| n as usize)
+        let slots = v["total_slots"].as_u64()? as usize;
+        let n_ctx = v["default_generation_settings"]["n_ctx"]
+            .as_u64()
+            .map_or(0, |n| n.min(u32::MAX as u64) as u32);
+        Some((n_ctx, slots))
+    }
+
+    /// Ollama's `POST /api/show`: the model's largest context (`<arch>.context_length`), when
+    /// it says.
+    pub async fn model_max_ctx(&self, model: &str) -> Option<u32> {
+        if self.kind != BackendKind::Ollama {
+            return None;
+        }
+        let v: Value = self
+            .http
+            .post(format!("{}/api/show", self.base))
+            .json(&serde_json::json!({"model": model}))
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        v["model_info"].as_object()?.iter().find_map(|(k, v)| {
+            k.ends_with(".context_length")
+                .then(|| v.as_u64())
+                .flatten()
+                .map(|n| n.min(u32::MAX as u64) as u32)
+        })
     }
 
     /// Runs one request on `lane`: with slot pinning on (llama.cpp), as `id_slot` = lane.

@@ -308,7 +308,7 @@ fn table(rows: &[Row]) -> String {
 /// Runs the benchmark; the exit code.
 pub async fn bench(args: &BenchArgs) -> u8 {
     let interrupted = CancellationToken::new();
-    if let Err(e) = super::run::watch_interrupts(interrupted.clone()) {
+    if let Err(e) = super::term::watch_interrupts(interrupted.clone()) {
         note(&format!("ollama-batch: {e}"));
         return 1;
     }

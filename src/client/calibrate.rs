@@ -16,13 +16,15 @@
 //! (`llama-server -c`), so only parallelism is measured, at the per-slot context `/props` reports.
 
 use super::note;
-use crate::config::{BackendKind, Secret, parse_size};
+use crate::backend::Backend;
+use crate::config::{BackendArgs, BackendKind, parse_size};
+use crate::domain::{CallResult, Endpoint};
 use clap::Args;
 use serde::Serialize;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `calibrate`.
@@ -33,29 +35,10 @@ measured is still written); 1 an error, or no step passed.\n\nSafe to run: steps
 bounded, one step runs at a time, and Ctrl-C stops it between requests."
 )]
 pub struct CalibrateArgs {
-    /// Kind of model server.
-    #[arg(
-        long,
-        env = "OLLAMA_BATCH_BACKEND",
-        value_enum,
-        default_value = "ollama"
-    )]
-    pub backend: BackendKind,
-    /// Base URL of the model server.
-    #[arg(
-        long,
-        env = "OLLAMA_BATCH_BACKEND_URL",
-        default_value = "http://127.0.0.1:11434"
-    )]
-    pub backend_url: String,
-    /// Send `Authorization: Bearer <key>` to the backend.
-    #[arg(
-        long,
-        env = "OLLAMA_BATCH_BACKEND_API_KEY",
-        hide_env_values = true,
-        value_name = "KEY"
-    )]
-    pub backend_api_key: Option<Secret>,
+    /// The model server (the first `--backend-url` is measured; `URL#SLOTS`, comma lists and
+    /// the environment variables mean what they mean for `serve`).
+    #[command(flatten)]
+    pub backend: BackendArgs,
     /// The model to measure (the one the run will use).
     #[arg(long, env = "OLLAMA_BATCH_MODEL")]
     pub model: String,
@@ -186,158 +169,99 @@ struct Answer {
     gen_tokens: u64,
 }
 
-/// A call that failed, classified.
-fn classify(status: Option<u16>, text: &str) -> (Outcome, String) {
-    let t = text.to_ascii_lowercase();
-    let outcome = if t.contains("out of memory")
-        || t.contains("cudamalloc")
-        || t.contains("failed to allocate")
-    {
-        Outcome::Oom
-    } else if t.contains("context")
-        && (t.contains("exceed") || t.contains("too long") || t.contains("overflow"))
-    {
-        Outcome::Truncated
-    } else {
-        Outcome::Error
-    };
-    let detail = match status {
-        Some(s) => format!("{s}: {}", crate::domain::clip(text, 300)),
-        None => crate::domain::clip(text, 300),
-    };
-    (outcome, detail)
+/// A call that failed, classified: the shared out-of-memory classifier, the backend's
+/// context-overflow answers, the deadline; the rest is an error.
+fn classify(result: &CallResult, timeout: humantime::Duration) -> (Outcome, String) {
+    match result {
+        CallResult::Timeout => (Outcome::Timeout, format!("no answer within {timeout}")),
+        CallResult::Answered { status, body, .. } => {
+            let message = crate::domain::outcome::error_message(body);
+            let text = if message.is_empty() { body } else { &message };
+            let lower = text.to_ascii_lowercase();
+            let outcome = if crate::domain::outcome::is_oom_text(text) {
+                Outcome::Oom
+            } else if lower.contains("context")
+                && (lower.contains("exceed")
+                    || lower.contains("too long")
+                    || lower.contains("overflow"))
+            {
+                Outcome::Truncated
+            } else {
+                Outcome::Error
+            };
+            (
+                outcome,
+                format!("{status}: {}", crate::domain::clip(text, 300)),
+            )
+        }
+        CallResult::Invalid { message, .. } => (Outcome::Error, crate::domain::clip(message, 300)),
+        CallResult::Transport(e) | CallResult::Unreachable(e) => {
+            (Outcome::Error, crate::domain::clip(e, 300))
+        }
+    }
 }
 
+/// The model server, through the one backend client (`src/backend`), as calibrate uses it.
 struct Client {
-    http: reqwest::Client,
-    args: CalibrateArgs,
+    backend: Backend,
+    model: String,
+    timeout: humantime::Duration,
 }
 
 impl Client {
-    /// A request to the backend, with its key when there is one.
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let r = self.http.request(
-            method,
-            format!("{}{path}", self.args.backend_url.trim_end_matches('/')),
-        );
-        match &self.args.backend_api_key {
-            Some(k) => r.bearer_auth(k.expose()),
-            None => r,
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.request(reqwest::Method::POST, path).json(body)
-    }
-
-    async fn get(&self, path: &str) -> Option<Value> {
-        self.request(reqwest::Method::GET, path)
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()
-    }
-
-    /// One chat call with `prompt` at context `ctx`, generating at most `gen` tokens.
+    /// One chat call with `prompt` at context `ctx` (Ollama's `num_ctx`; llama.cpp's is the
+    /// server's), generating at most `generate` tokens.
     async fn call(
         &self,
         prompt: &str,
         ctx: u32,
         generate: u32,
     ) -> Result<Answer, (Outcome, String)> {
-        let (path, body) = match self.args.backend {
-            BackendKind::Ollama => (
-                "/api/chat",
-                json!({"model": self.args.model, "stream": false, "keep_alive": "10m",
-                       "messages": [{"role": "user", "content": prompt}],
-                       "options": {"num_ctx": ctx, "num_predict": generate, "temperature": 0}}),
-            ),
-            BackendKind::Openai => (
-                "/v1/chat/completions",
-                json!({"model": self.args.model, "max_tokens": generate, "temperature": 0,
-                       "messages": [{"role": "user", "content": prompt}]}),
-            ),
+        let body = json!({"model": self.model, "max_tokens": generate, "temperature": 0,
+                          "messages": [{"role": "user", "content": prompt}]});
+        let backend = match self.backend.kind() {
+            BackendKind::Ollama => self.backend.with_num_ctx(Some(ctx)),
+            BackendKind::Openai => self.backend.clone(),
         };
-        let r = self
-            .post(path, &body)
-            .timeout(*self.args.request_timeout)
-            .send()
-            .await
-            .map_err(|e| {
-                if e.is_timeout() {
-                    (
-                        Outcome::Timeout,
-                        format!("no answer within {}", self.args.request_timeout),
-                    )
-                } else {
-                    (Outcome::Error, format!("{e}"))
-                }
-            })?;
-        let status = r.status().as_u16();
-        let text = r
-            .text()
-            .await
-            .map_err(|e| (Outcome::Error, e.to_string()))?;
-        if status != 200 {
-            return Err(classify(Some(status), &text));
+        let result = backend.call(Endpoint::ChatCompletions, body).await;
+        match &result {
+            CallResult::Answered { status, usage, .. } if (200..300).contains(status) => {
+                let u = usage.unwrap_or_default();
+                Ok(Answer {
+                    prompt_tokens: u.input_tokens,
+                    gen_tokens: u.output_tokens,
+                })
+            }
+            other => Err(classify(other, self.timeout)),
         }
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| (Outcome::Error, format!("the answer is not JSON: {e}")))?;
-        if let Some(e) = v.get("error") {
-            return Err(classify(Some(status), &e.to_string()));
-        }
-        Ok(match self.args.backend {
-            BackendKind::Ollama => Answer {
-                prompt_tokens: v["prompt_eval_count"].as_u64().unwrap_or(0),
-                gen_tokens: v["eval_count"].as_u64().unwrap_or(0),
-            },
-            BackendKind::Openai => Answer {
-                prompt_tokens: v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
-                gen_tokens: v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
-            },
-        })
     }
 
     /// Ollama `/api/ps`: (size, size_vram) of the model, when loaded.
     async fn loaded(&self) -> Option<(u64, u64)> {
-        if self.args.backend != BackendKind::Ollama {
+        if self.backend.kind() != BackendKind::Ollama {
             return None;
         }
-        let v = self.get("/api/ps").await?;
-        crate::gpu::parse_ps(&v)
+        self.backend
+            .ollama_ps()
+            .await
+            .ok()?
             .into_iter()
-            .find(|m| m.name == self.args.model || m.name.starts_with(&self.args.model))
+            .find(|m| m.name == self.model || m.name.starts_with(&self.model))
             .map(|m| (m.size_bytes, m.size_vram_bytes))
     }
 
     /// The model's largest context: Ollama `/api/show` `<arch>.context_length`.
     async fn model_max_ctx(&self) -> Option<u32> {
-        let v: Value = self
-            .post("/api/show", &json!({"model": self.args.model}))
-            .timeout(Duration::from_secs(10))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        v["model_info"].as_object()?.iter().find_map(|(k, v)| {
-            k.ends_with(".context_length")
-                .then(|| v.as_u64())
-                .flatten()
-                .map(|n| n.min(u32::MAX as u64) as u32)
-        })
+        self.backend.model_max_ctx(&self.model).await
     }
 
     /// llama.cpp `/props`: context per slot and slots.
     async fn llama_props(&self) -> Option<(u32, usize)> {
-        let v = self.get("/props").await?;
-        let n_ctx = v["default_generation_settings"]["n_ctx"].as_u64()?;
-        let slots = v["total_slots"].as_u64().unwrap_or(1).max(1);
-        Some((n_ctx as u32, slots as usize))
+        self.backend
+            .llama_props()
+            .await
+            .filter(|(n_ctx, _)| *n_ctx > 0)
+            .map(|(n_ctx, slots)| (n_ctx, slots.max(1)))
     }
 }
 
@@ -480,7 +404,7 @@ fn table(steps: &[Step]) -> String {
 /// Runs the calibration; the exit code.
 pub async fn calibrate(args: &CalibrateArgs) -> u8 {
     let interrupted = CancellationToken::new();
-    if let Err(e) = super::run::watch_interrupts(interrupted.clone()) {
+    if let Err(e) = super::term::watch_interrupts(interrupted.clone()) {
         note(&format!("ollama-batch: {e}"));
         return 1;
     }
@@ -490,7 +414,7 @@ pub async fn calibrate(args: &CalibrateArgs) -> u8 {
             let _ = write!(out, "{}", table(&report.steps));
             let _ = writeln!(out, "stopped: {}", report.stopped);
             match &report.recommendation {
-                Some(r) if args.backend == BackendKind::Openai => {
+                Some(r) if args.backend.backend == BackendKind::Openai => {
                     let _ = writeln!(
                         out,
                         "recommended: --concurrency {} (at the server's context of {} tokens per request; the server's -c and -np set it)\n  ({})",
@@ -503,7 +427,7 @@ pub async fn calibrate(args: &CalibrateArgs) -> u8 {
                         "recommended: --num-ctx {} --concurrency {}\n  ({})",
                         r.num_ctx, r.concurrency, r.why
                     );
-                    if args.backend == BackendKind::Ollama {
+                    if args.backend.backend == BackendKind::Ollama {
                         let _ = writeln!(
                             out,
                             "  Ollama runs at most OLLAMA_NUM_PARALLEL requests at once (its default is 1 or 4 by memory); set it to at least the concurrency. A smaller --num-ctx that still holds your longest prompt plus its answer leaves memory for more parallel requests."
@@ -552,17 +476,26 @@ async fn measure(args: &CalibrateArgs, interrupted: &CancellationToken) -> Resul
     if args.parallel.is_empty() || args.parallel.contains(&0) {
         return Err("--parallel takes counts of 1 or more".into());
     }
-    if args.backend_url.starts_with("https://") {
-        return Err("https backends are not supported (no TLS library is built in)".into());
+    let urls = args.backend.urls()?;
+    let url = &urls[0].0;
+    if urls.len() > 1 {
+        note(&format!(
+            "{} model servers given: calibrating the first, {url} (run calibrate once per server)",
+            urls.len()
+        ));
     }
     let deadline = Instant::now() + *args.max_time;
-    let http = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let backend = Backend::connect(
+        args.backend.backend,
+        url,
+        args.backend.backend_api_key.as_ref(),
+        *args.request_timeout,
+    )?
+    .with_keep_alive(json!("10m"));
     let client = Client {
-        http,
-        args: args.clone(),
+        backend,
+        model: args.model.clone(),
+        timeout: args.request_timeout,
     };
     let sampler = crate::gpu::PeakSampler::start();
     let gpu_total = match (&sampler, &args.gpu_memory) {
@@ -588,7 +521,7 @@ async fn measure(args: &CalibrateArgs, interrupted: &CancellationToken) -> Resul
         ));
     }
     // The contexts, and the parallel levels.
-    let (contexts, parallel) = match args.backend {
+    let (contexts, parallel) = match args.backend.backend {
         BackendKind::Ollama => {
             let contexts = if args.contexts.is_empty() {
                 let max = match args.max_ctx {
@@ -631,15 +564,15 @@ async fn measure(args: &CalibrateArgs, interrupted: &CancellationToken) -> Resul
     note(&format!(
         "calibrating {} on {}: contexts {:?}, parallel {:?}, margin {:.0} %, at most {}",
         args.model,
-        args.backend_url,
+        url,
         contexts,
         parallel,
         args.margin * 100.0,
         args.max_time
     ));
     let mut report = Report {
-        backend: args.backend.as_str(),
-        backend_url: args.backend_url.clone(),
+        backend: args.backend.backend.as_str(),
+        backend_url: url.clone(),
         model: args.model.clone(),
         measured_at: crate::domain::unix_now(),
         gpu,
@@ -845,19 +778,34 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
+        let t: humantime::Duration = std::time::Duration::from_secs(1).into();
+        let answer = |status: u16, body: &str| CallResult::Answered {
+            status,
+            body: body.to_string(),
+            usage: None,
+        };
         assert_eq!(
-            classify(Some(500), "CUDA error: out of memory").0,
+            classify(&answer(500, r#"{"error":"CUDA error: out of memory"}"#), t).0,
+            Outcome::Oom
+        );
+        // Every phrase of the shared classifier counts, not a private list.
+        assert_eq!(
+            classify(&answer(500, "insufficient memory for the KV cache"), t).0,
             Outcome::Oom
         );
         assert_eq!(
             classify(
-                Some(400),
-                "the request exceeds the available context size, try increasing it"
+                &answer(
+                    400,
+                    r#"{"error":{"message":"the request exceeds the available context size, try increasing it"}}"#
+                ),
+                t
             )
             .0,
             Outcome::Truncated
         );
-        assert_eq!(classify(Some(500), "boom").0, Outcome::Error);
+        assert_eq!(classify(&answer(500, "boom"), t).0, Outcome::Error);
+        assert_eq!(classify(&CallResult::Timeout, t).0, Outcome::Timeout);
     }
 
     #[test]

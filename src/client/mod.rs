@@ -10,18 +10,6 @@ pub mod http;
 pub mod plot;
 pub mod retry;
 pub mod run;
+pub mod term;
 
-/// Prints a line on standard output; a closed stdout is ignored (never a panic, as `println!`
-/// would).
-pub fn say(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
-
-/// Prints a line on standard error, around `run`'s progress bar if one is drawn; a failed write
-/// is dropped.
-pub fn note(line: &str) {
-    run::write_stderr(format!("{line}\n").as_bytes());
-}
+pub use term::{note, say};

@@ -11,15 +11,14 @@
 use super::csv_to_batch::{self, RequestShape};
 use super::engine::Engine;
 use super::http::Server;
-use super::{note, say};
+use super::term::{self, note, say, watch_interrupts};
 use crate::config::ServeArgs;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -31,7 +30,7 @@ pub const EXIT_ERROR: u8 = 1;
 pub const EXIT_SOME_FAILED: u8 = 3;
 /// Exit code: interrupted (Ctrl-C or SIGTERM): detached, or cancelled with
 /// `--cancel-on-interrupt`.
-pub const EXIT_INTERRUPTED: u8 = 130;
+pub use super::term::EXIT_INTERRUPTED;
 
 /// The metadata key holding the SHA-256 of a batch's input file.
 pub const META_SHA256: &str = "input_sha256";
@@ -75,24 +74,6 @@ pub struct RunArgs {
     /// The engine run in this process (without --server).
     #[command(flatten, next_help_heading = "The engine (without --server; as serve)")]
     pub serve: ServeArgs,
-}
-
-/// The progress bar on screen, if any: log lines and notes are written around it.
-static BAR: Mutex<Option<ProgressBar>> = Mutex::new(None);
-
-/// Writes to standard error without tearing the progress bar (it is hidden for the write);
-/// a failed write is dropped.
-pub fn write_stderr(buf: &[u8]) {
-    let bar = BAR.lock().ok().and_then(|b| b.clone());
-    let write = || {
-        let mut e = std::io::stderr().lock();
-        let _ = e.write_all(buf);
-        let _ = e.flush();
-    };
-    match bar {
-        Some(bar) => bar.suspend(write),
-        None => write(),
-    }
 }
 
 /// The input as uploaded: a JSONL file on disk, its hash, endpoint and line count.
@@ -253,9 +234,7 @@ impl Ui {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new_spinner();
             bar.enable_steady_tick(Duration::from_millis(120));
-            if let Ok(mut b) = BAR.lock() {
-                *b = Some(bar.clone());
-            }
+            term::show_bar(&bar);
             bar
         });
         Ui {
@@ -342,9 +321,7 @@ impl Ui {
 
     /// The bar, no longer drawn around log lines.
     fn take_bar(&mut self) -> Option<ProgressBar> {
-        if let Ok(mut g) = BAR.lock() {
-            *g = None;
-        }
+        term::hide_bar();
         self.bar.take()
     }
 
@@ -609,28 +586,6 @@ async fn drive(
     } else {
         EXIT_SOME_FAILED
     })
-}
-
-/// Watches SIGINT and SIGTERM: the first cancels `token`, a second exits at once (safe: every
-/// acknowledged result is durable, and the batch resumes on the next run).
-pub fn watch_interrupts(token: CancellationToken) -> Result<(), String> {
-    use futures_util::StreamExt;
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook_tokio::Signals::new([SIGINT, SIGTERM])
-        .map_err(|e| format!("cannot watch signals: {e}"))?;
-    tokio::spawn(async move {
-        let mut seen = 0;
-        while signals.next().await.is_some() {
-            seen += 1;
-            if seen == 1 {
-                token.cancel();
-            } else {
-                note("second interrupt: exiting now (everything acknowledged is saved)");
-                std::process::exit(i32::from(EXIT_INTERRUPTED));
-            }
-        }
-    });
-    Ok(())
 }
 
 /// Runs it; the exit code.

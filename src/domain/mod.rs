@@ -44,3 +44,19 @@ pub fn clip(s: &str, n: usize) -> String {
         t
     }
 }
+
+/// How many of a chat body's messages are its shared prefix: the leading system and developer
+/// messages. Lines with the same model and prefix form a prefix group (the scheduler keeps a
+/// slot's prompt cache on one), and in conversation mode the prefix is the system prompt every
+/// call starts with.
+pub fn prefix_len(messages: &[serde_json::Value]) -> usize {
+    messages
+        .iter()
+        .take_while(|m| {
+            matches!(
+                m.get("role").and_then(serde_json::Value::as_str),
+                Some("system" | "developer")
+            )
+        })
+        .count()
+}

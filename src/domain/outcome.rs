@@ -117,6 +117,13 @@ pub enum Step {
     RequeueFree,
 }
 
+/// The one backoff formula: `initial · 2^(n-1)` after the `n`-th failure (n ≥ 1), at most
+/// `max`. Line retries draw their delay below it (full jitter); a failed finalization waits it.
+pub fn doubling(initial: Duration, max: Duration, n: u32) -> Duration {
+    let exp = n.saturating_sub(1).min(30);
+    initial.saturating_mul(1u32 << exp).min(max)
+}
+
 /// Retry settings (`--retry-initial`, `--retry-max`, `--max-attempts`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct RetryPolicy {
@@ -129,10 +136,9 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The ceiling of the delay after `attempts` tries: `initial · 2^(attempts-1)`, capped.
+    /// The ceiling of the delay after `attempts` tries: [`doubling`] from `initial` to `max`.
     pub fn ceiling(&self, attempts: u32) -> Duration {
-        let exp = attempts.saturating_sub(1).min(30);
-        self.initial.saturating_mul(1u32 << exp).min(self.max)
+        doubling(self.initial, self.max, attempts)
     }
 
     /// Full jitter: a delay drawn uniformly from `[0, ceiling]`; `unit` is a random number in

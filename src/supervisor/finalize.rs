@@ -230,7 +230,7 @@ impl super::Supervisor {
 /// How long to wait before finalizing again after `failures` failed tries: 1 s, doubling, at
 /// most a minute.
 pub(super) fn finalize_retry_delay(failures: u32) -> Duration {
-    Duration::from_secs(1u64 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+    crate::domain::outcome::doubling(Duration::from_secs(1), Duration::from_secs(60), failures)
 }
 
 #[cfg(test)]
