@@ -28,7 +28,9 @@
 
 use crate::domain::BatchId;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock (the supervisor's): a test can pause and advance it. No I/O.
+use tokio::time::Instant;
 
 /// How lines are given to lanes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

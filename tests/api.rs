@@ -2,8 +2,8 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::{Api, chat_file, chat_line, server_with};
+use crate::support::{assert_exactly_once, ids};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 fn assert_error_object(status: u16, expected: u16, body: &Value) {
@@ -121,14 +121,7 @@ async fn cancel_finishes_in_flight_lines_and_cancels_the_rest() {
         !out.is_empty() && !errs.is_empty(),
         "partial output and cancelled lines"
     );
-    let mut ids = BTreeSet::new();
-    for l in out.iter().chain(errs.iter()) {
-        assert!(
-            ids.insert(l["custom_id"].as_str().expect("cid").to_string()),
-            "twice: {l}"
-        );
-    }
-    assert_eq!(ids.len(), n, "every custom_id exactly once");
+    assert_exactly_once(out.iter().chain(errs.iter()), ids(n));
     for e in &errs {
         assert_eq!(e["error"]["code"], "batch_cancelled", "{e}");
         assert_eq!(e["response"], Value::Null);

@@ -5,8 +5,9 @@
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Proc};
 use crate::support::{Api, server_with};
+use crate::support::{assert_exactly_once, ids};
 use serde_json::{Value, json};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -89,10 +90,11 @@ async fn check(
     let n = groups_of.len();
     let mut answers: HashMap<usize, (String, u64)> = HashMap::new();
     let mut failed: HashMap<usize, String> = HashMap::new();
-    let mut seen_ids: BTreeMap<String, usize> = BTreeMap::new();
-    for l in api.lines(&done["output_file_id"]).await {
+    let out = api.lines(&done["output_file_id"]).await;
+    let errs = api.lines(&done["error_file_id"]).await;
+    assert_exactly_once(out.iter().chain(errs.iter()), ids(n));
+    for l in out {
         let id = l["custom_id"].as_str().expect("cid").to_string();
-        *seen_ids.entry(id.clone()).or_default() += 1;
         let line: usize = id[2..].parse().expect("number");
         let body = &l["response"]["body"];
         let content = body["choices"][0]["message"]["content"]
@@ -106,14 +108,11 @@ async fn check(
         let prompt = body["usage"]["prompt_tokens"].as_u64().expect("usage");
         answers.insert(line, (content, prompt));
     }
-    for l in api.lines(&done["error_file_id"]).await {
+    for l in errs {
         let id = l["custom_id"].as_str().expect("cid").to_string();
-        *seen_ids.entry(id.clone()).or_default() += 1;
         failed.insert(id[2..].parse().expect("number"), l.to_string());
     }
     for i in 1..=n {
-        let c = seen_ids.get(&format!("c-{i}")).copied().unwrap_or(0);
-        assert_eq!(c, 1, "line {i} is in the files {c} times");
         assert_eq!(
             user(i).contains("REFUSE"),
             failed.contains_key(&i),

@@ -2,9 +2,10 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Proc, signal, wait_exit};
+use crate::support::until;
 use crate::support::{Api, binary, chat_file};
+use crate::support::{ids, tally};
 use serde_json::Value;
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,18 +16,12 @@ fn spawn(state: &Path, backend: &str, extra: &[&str]) -> Proc {
     process::spawn(state, backend, CONCURRENCY, extra)
 }
 
-/// Exactly-once check over the output and error files. Returns (lost, duplicated).
+/// Exactly-once check over the output and error files (every answer the fake's echo of its
+/// own line). Returns (lost, duplicated).
 async fn exactly_once(api: &Api, done: &Value, n: usize) -> (usize, usize) {
-    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-    for l in api
-        .lines(&done["output_file_id"])
-        .await
-        .into_iter()
-        .chain(api.lines(&done["error_file_id"]).await)
-    {
-        *counts
-            .entry(l["custom_id"].as_str().expect("cid").to_string())
-            .or_default() += 1;
+    let mut lines = api.lines(&done["output_file_id"]).await;
+    lines.extend(api.lines(&done["error_file_id"]).await);
+    for l in &lines {
         if let Some(content) = l["response"]["body"]["choices"][0]["message"]["content"].as_str() {
             assert_eq!(
                 content,
@@ -34,11 +29,9 @@ async fn exactly_once(api: &Api, done: &Value, n: usize) -> (usize, usize) {
             );
         }
     }
-    let lost = (1..=n)
-        .filter(|i| !counts.contains_key(&format!("c-{i}")))
-        .count();
-    let duplicated = counts.values().filter(|&&c| c > 1).count();
-    (lost, duplicated)
+    let t = tally(&lines, ids(n));
+    assert!(t.unknown.is_empty(), "{t:?}");
+    (t.lost.len(), t.duplicated.len())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,11 +212,10 @@ async fn second_signal_exits_at_once_and_nothing_is_lost() {
     let id = api
         .submit_id(chat_file(10, "m", "s"), "/v1/chat/completions")
         .await;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while fake.total_calls() == 0 {
-        assert!(Instant::now() < deadline, "nothing dispatched");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("a call is dispatched", Duration::from_secs(20), || {
+        fake.total_calls() > 0
+    })
+    .await;
     signal(&p.child, "-TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(

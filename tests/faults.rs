@@ -2,19 +2,18 @@
 //! and of the disk the output files go to.
 
 use crate::support::fake::{Fake, Shape};
+use crate::support::until;
 use crate::support::{Api, chat_file, server_with};
+use crate::support::{assert_exactly_once, ids};
 use ollama_batch::domain::{BatchId, RequestState};
 use ollama_batch::store::Store;
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 fn assert_all_answered(lines: &[Value], n: usize) {
-    assert_eq!(lines.len(), n);
-    let mut seen = BTreeSet::new();
+    assert_exactly_once(lines, ids(n));
     for l in lines {
         let cid = l["custom_id"].as_str().expect("cid");
-        assert!(seen.insert(cid.to_string()), "{cid} twice");
         assert_eq!(
             l["response"]["body"]["choices"][0]["message"]["content"],
             format!("echo:score {cid}")
@@ -270,13 +269,7 @@ async fn expired_batch_keeps_done_lines_and_expires_the_rest() {
     let out = api.lines(&done["output_file_id"]).await;
     let errs = api.lines(&done["error_file_id"]).await;
     assert!(!out.is_empty() && !errs.is_empty(), "{done}");
-    assert_eq!(out.len() + errs.len(), n, "every line exactly once");
-    let ids: BTreeSet<&str> = out
-        .iter()
-        .chain(errs.iter())
-        .filter_map(|l| l["custom_id"].as_str())
-        .collect();
-    assert_eq!(ids.len(), n);
+    assert_exactly_once(out.iter().chain(errs.iter()), ids(n));
     for e in &errs {
         assert_eq!(e["error"]["code"], "batch_expired", "{e}");
     }
@@ -346,34 +339,23 @@ async fn two_backends_share_the_work_and_one_going_down_does_not_stop_the_other(
     let id = api
         .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while a.total_calls() < 20 || b.total_calls() < 20 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "both backends get work"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until("both backends get work", Duration::from_secs(30), || {
+        a.total_calls() >= 20 && b.total_calls() >= 20
+    })
+    .await;
     b.go_down();
     let before = a.total_calls();
     // B is seen down, A is not, and the batch goes on through A.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, s) = api.get("/status").await;
-        if s["backends"][1]["reachable"] == false {
-            assert_eq!(s["backends"].as_array().map(Vec::len), Some(2), "{s}");
-            assert_eq!(s["backends"][1]["url"], b.url());
-            assert!(s["backends"][1]["down_since"].is_i64(), "{s}");
-            assert!(s["backends"][0]["down_since"].is_null(), "{s}");
-            assert_eq!(s["backend"]["reachable"], true, "one backend answers: {s}");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B never seen down: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let s = api
+        .wait_status(Duration::from_secs(30), "B seen down", |s| {
+            s["backends"][1]["reachable"] == false
+        })
+        .await;
+    assert_eq!(s["backends"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["backends"][1]["url"], b.url());
+    assert!(s["backends"][1]["down_since"].is_i64(), "{s}");
+    assert!(s["backends"][0]["down_since"].is_null(), "{s}");
+    assert_eq!(s["backend"]["reachable"], true, "one backend answers: {s}");
     api.wait_completed(&id, n as u64, Duration::from_secs(60))
         .await;
     let done = api.wait_terminal(&id, Duration::from_secs(30)).await;
@@ -384,17 +366,9 @@ async fn two_backends_share_the_work_and_one_going_down_does_not_stop_the_other(
     assert_eq!(s["counters"]["backend_outages"], 1, "{s}");
     // B comes back: a probe notices.
     b.come_up();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, s) = api.get("/status").await;
-        if s["backends"][1]["reachable"] == true && s["backends"][1]["down_since"].is_null() {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "B never seen back: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    api.wait_status(Duration::from_secs(30), "B seen back", |s| {
+        s["backends"][1]["reachable"] == true && s["backends"][1]["down_since"].is_null()
+    })
+    .await;
     server.stop().await;
 }

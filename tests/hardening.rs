@@ -3,6 +3,8 @@
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Log, signal, wait_exit};
 use crate::support::{Api, chat_file, chat_line, server_with};
+use crate::support::{assert_exactly_once, ids};
+use crate::support::{until, until_some};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -159,14 +161,7 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     let done = api.wait_terminal(&id, Duration::from_secs(120)).await;
     assert_eq!(done["status"], "completed", "{done}");
     let out = api.lines(&done["output_file_id"]).await;
-    let mut ids: Vec<String> = out
-        .iter()
-        .map(|l| l["custom_id"].as_str().expect("cid").to_string())
-        .collect();
-    ids.sort();
-    ids.dedup();
-    assert_eq!(out.len(), n, "every line once in the output");
-    assert_eq!(ids.len(), n, "no line twice");
+    assert_exactly_once(&out, ids(n));
     p.child.kill().expect("kill");
     p.child.wait().expect("wait");
 }
@@ -277,24 +272,18 @@ async fn a_client_that_leaves_during_create_leaves_no_batch_behind() {
         drop(sock);
     }
     // Every batch that exists finishes; none stays `validating`.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    let all = until_some("every batch finished", Duration::from_secs(20), || async {
         let (_, list) = api.get("/v1/batches?limit=100").await;
-        let all = list["data"].as_array().expect("list").clone();
-        let unfinished: Vec<&Value> = all.iter().filter(|b| b["status"] != "completed").collect();
-        if unfinished.is_empty() {
-            println!(
-                "{} of 20 abandoned creates made a batch; all completed",
-                all.len()
-            );
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "batches left behind: {unfinished:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        let all = list["data"].as_array().cloned().unwrap_or_default();
+        all.iter()
+            .all(|b| b["status"] == "completed")
+            .then_some(all)
+    })
+    .await;
+    println!(
+        "{} of 20 abandoned creates made a batch; all completed",
+        all.len()
+    );
     server.stop().await;
 }
 
@@ -611,14 +600,13 @@ async fn listening_on_all_interfaces_without_a_key_warns() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let text = loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains("listening") || std::time::Instant::now() > deadline {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    until(
+        "the server says it listens",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&log).is_ok_and(|t| t.contains("listening")),
+    )
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     signal(&child, "-TERM");
     wait_exit(&mut child, Duration::from_secs(15));
     assert!(text.contains("WITHOUT AN API KEY"), "{text}");

@@ -3,8 +3,8 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::{Api, chat_file, server_with};
+use crate::support::{assert_exactly_once, ids};
 use serde_json::{Value, json};
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -82,12 +82,10 @@ async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
     }
 
     let lines = api.lines(&done["output_file_id"]).await;
-    assert_eq!(lines.len(), n);
-    let mut seen = BTreeSet::new();
+    assert_exactly_once(&lines, ids(n));
     for (i, line) in lines.iter().enumerate() {
         let cid = line["custom_id"].as_str().expect("custom_id");
         assert_eq!(cid, format!("c-{}", i + 1), "written in input order");
-        assert!(seen.insert(cid.to_string()), "custom_id {cid} twice");
         assert_eq!(line["response"]["status_code"], 200);
         assert_eq!(line["error"], Value::Null);
         assert!(line["id"].as_str().expect("id").starts_with("batch_req_"));
@@ -132,14 +130,11 @@ async fn chat_batch_completes_with_each_answer_on_its_own_line(shape: Shape) {
     }
     // The shared system prompt is stored once; the finished batch is in the operator's view.
     // The supervisor lets go of a batch just after the finalizer recorded it completed: poll.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let (_, status) = api.get("/status").await;
-        if status["batches"] == json!([]) || std::time::Instant::now() > deadline {
-            break status;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    };
+    let status = api
+        .wait_status(Duration::from_secs(10), "the finished batch let go", |s| {
+            s["batches"] == json!([])
+        })
+        .await;
     assert_eq!(status["shared_contents"], 1, "{status}");
     assert_eq!(
         status["finished"],

@@ -3,12 +3,13 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, signal, wait_exit};
+use crate::support::until;
 use crate::support::{Api, TestServer, binary, config};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A `run` process whose stdout and stderr go to files in `dir`.
 struct RunProc {
@@ -138,15 +139,10 @@ async fn inputs(api: &Api) -> usize {
 
 /// Waits until the fake has answered at least `n` calls.
 async fn wait_calls(fake: &Fake, n: u64, within: Duration) {
-    let deadline = Instant::now() + within;
-    while fake.total_calls() < n {
-        assert!(
-            Instant::now() < deadline,
-            "the fake saw {} calls",
-            fake.total_calls()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until(&format!("the fake answers {n} calls"), within, || {
+        fake.total_calls() >= n
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

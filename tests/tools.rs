@@ -3,6 +3,7 @@
 use crate::support::binary;
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{signal, wait_exit};
+use crate::support::until;
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -230,12 +231,11 @@ async fn calibrate_stops_cleanly_on_ctrl_c_and_keeps_what_it_measured() {
         .stderr(Stdio::null())
         .spawn()
         .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(30);
     // The probe, the load at 2048 and its step: then interrupt during the next.
-    while fake.total_calls() < 4 {
-        assert!(Instant::now() < deadline, "calibrate made no progress");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until("calibrate makes progress", Duration::from_secs(30), || {
+        fake.total_calls() >= 4
+    })
+    .await;
     let sent = Instant::now();
     signal(&child, "-INT");
     let status = wait_exit(&mut child, Duration::from_secs(10));

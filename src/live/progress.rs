@@ -6,7 +6,9 @@
 use crate::domain::{CallResult, Usage, Verdict};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// tokio's clock (the supervisor's): a test can pause and advance it.
+use tokio::time::Instant;
 
 /// The span the recent rate is measured over.
 pub const WINDOW: Duration = Duration::from_secs(60);

@@ -12,7 +12,8 @@ use crate::domain::FileRecord;
 use crate::domain::{BatchId, BatchStatus, RequestState, ResultRecord, Usage, unix_now};
 use crate::store::{Store, StoreError, TransitionError};
 use crate::wire::output_line;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// Which terminal state to reach.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -42,14 +42,16 @@ use crate::domain::{
 use crate::intake;
 use crate::live::{self, LiveView, progress};
 use crate::schedule::Scheduler;
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::worker::{Event, Job};
 use recovery::load_batch;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+// The supervisor's clock is tokio's: a test can pause and advance it.
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -88,6 +90,11 @@ impl SupervisorHandle {
             tracing::debug!("supervisor is gone; the store keeps the state for the next start");
         }
     }
+}
+
+/// When a retry stored as due at unix ms `ms` is due on the supervisor's clock.
+fn due_at(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms.saturating_sub(unix_millis()))
 }
 
 /// Leases a lane holds at most: the call running on the backend's slot and the next one,
@@ -205,7 +212,8 @@ pub struct Supervisor {
     lane_load: Vec<usize>,
     /// The last leasing turn left a lane with room idle (the scheduler declined it).
     lanes_declined: bool,
-    delayed: BinaryHeap<Reverse<(u64, RequestKey)>>,
+    /// Retries by when they are due (on this clock; the store keeps the unix time).
+    delayed: BinaryHeap<Reverse<(Instant, RequestKey)>>,
     leased: HashMap<RequestKey, Lease>,
     /// Results written since the last flush: (batch, succeeded, usage).
     pending: Vec<(BatchId, bool, Option<Usage>)>,
@@ -280,7 +288,11 @@ impl Supervisor {
             turns: turns::Turns::default(),
             lane_load: vec![0; lanes],
             lanes_declined: false,
-            delayed: recovery.delayed.into_iter().map(Reverse).collect(),
+            delayed: recovery
+                .delayed
+                .into_iter()
+                .map(|(ms, key)| Reverse((due_at(ms), key)))
+                .collect(),
             leased: HashMap::new(),
             pending: Vec::new(),
             first_pending: None,
@@ -326,7 +338,7 @@ impl Supervisor {
                 _ = self.stop.cancelled() => break,
                 Some(e) = self.events.recv() => self.on_event(e),
                 Some(c) = self.cmds.recv() => self.on_command(c),
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
             for _ in 0..4096 {
                 match self.events.try_recv() {
@@ -382,8 +394,7 @@ impl Supervisor {
             wake = wake.min(t + self.cfg.flush_interval);
         }
         if let Some(Reverse((due, _))) = self.delayed.peek() {
-            let ms = due.saturating_sub(unix_millis());
-            wake = wake.min(now + Duration::from_millis(ms));
+            wake = wake.min(*due);
         }
         for t in self.batches.values().filter_map(|a| a.finalize_after) {
             wake = wake.min(t);
@@ -465,7 +476,11 @@ impl Supervisor {
         match load_batch(&self.store, &self.cfg, &rec, &mut delayed) {
             Ok((a, _)) => {
                 tracing::info!(batch = %id, lines = a.total, status = a.status.as_str(), "batch queued");
-                self.delayed.extend(delayed.into_iter().map(Reverse));
+                self.delayed.extend(
+                    delayed
+                        .into_iter()
+                        .map(|(ms, key)| Reverse((due_at(ms), key))),
+                );
                 self.take_on(id, a);
             }
             Err(e) => {
@@ -517,7 +532,7 @@ impl Supervisor {
     }
 
     fn promote_due(&mut self) {
-        let now = unix_millis();
+        let now = Instant::now();
         while let Some(Reverse((due, key))) = self.delayed.peek().copied() {
             if due > now {
                 break;
@@ -681,7 +696,14 @@ impl Supervisor {
 
     /// One flush for everything written since the last; then the results count.
     async fn commit(&mut self) {
-        if let Err(e) = self.store.flush_async().await {
+        // The flush waits on the blocking pool: the runtime stays free, and a paused test clock
+        // does not run ahead while the disk works (tokio holds auto-advance during blocking
+        // tasks), so the supervisor's timers see the time the test says.
+        let store = self.store.clone();
+        let flushed = tokio::task::spawn_blocking(move || store.flush())
+            .await
+            .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e.to_string()))));
+        if let Err(e) = flushed {
             // Nothing is acknowledged; the next commit tries again.
             tracing::error!(error = %e, "flush failed");
             return;
@@ -716,7 +738,7 @@ impl Supervisor {
     /// Graceful stop: no new leases; in-flight calls may finish within the grace period;
     /// the rest go back to the queue with their attempt given back; everything is flushed.
     async fn shutdown(mut self) {
-        let deadline = tokio::time::Instant::now() + self.cfg.shutdown_grace;
+        let deadline = Instant::now() + self.cfg.shutdown_grace;
         tracing::info!(in_flight = self.leased.len(), grace = ?self.cfg.shutdown_grace, "stopping: waiting for in-flight requests");
         while !self.leased.is_empty() {
             tokio::select! {

@@ -9,7 +9,7 @@ use crate::live::{self, progress};
 use crate::store::TransitionError;
 use crate::worker::Outcome;
 use std::cmp::Reverse;
-use std::time::Instant;
+use tokio::time::Instant;
 
 impl Supervisor {
     pub(super) fn on_outcome(&mut self, o: Outcome) {
@@ -98,6 +98,7 @@ impl Supervisor {
             }
             Step::RetryAfter(delay) => {
                 let due = unix_millis() + delay.as_millis() as u64;
+                let due_here = Instant::now() + delay;
                 let err = describe(&o.result);
                 let r = transitions::retry(&self.store, key, o.lease, due, err.clone());
                 if r.is_ok() {
@@ -109,7 +110,7 @@ impl Supervisor {
                     tracing::debug!(request = %key, attempt = o.attempts, ?delay, error = %err, "retry scheduled");
                     if active.dispatching() {
                         active.retry_wait += 1;
-                        self.delayed.push(Reverse((due, key)));
+                        self.delayed.push(Reverse((due_here, key)));
                     }
                 }
                 r

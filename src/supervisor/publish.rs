@@ -5,7 +5,8 @@ use super::{Active, Supervisor};
 use crate::domain::BatchId;
 use crate::live::{BatchLive, progress};
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 impl Supervisor {
     /// Keeps a finished batch's figures for `GET /status/batches/{id}`: the live figures at the
@@ -162,7 +163,7 @@ pub(super) fn low_cache(f: &progress::Figures, groups: usize, lanes: usize) -> O
 #[cfg(test)]
 mod tests {
     use super::{low_cache, progress};
-    use std::time::Instant;
+    use tokio::time::Instant;
 
     #[test]
     fn a_low_cached_share_is_flagged_only_when_lines_share_prefixes_after_a_warmup() {

@@ -5,6 +5,7 @@
 
 pub mod browser;
 pub mod fake;
+pub mod harness;
 pub mod process;
 
 use ollama_batch::config::{BackendKind, Config};
@@ -12,6 +13,98 @@ use ollama_batch::server::{self, Running};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
+
+/// How the `custom_id`s of a batch's output and error lines compare with the lines it had.
+#[derive(Debug, Default, PartialEq)]
+pub struct Tally {
+    /// Expected, in neither file.
+    pub lost: Vec<String>,
+    /// In the files more than once.
+    pub duplicated: Vec<String>,
+    /// In the files, not expected.
+    pub unknown: Vec<String>,
+}
+
+/// Counts the `custom_id`s of `lines` (the output and error files together) against
+/// `expected`.
+pub fn tally<'a>(
+    lines: impl IntoIterator<Item = &'a Value>,
+    expected: impl IntoIterator<Item = String>,
+) -> Tally {
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for l in lines {
+        let id = l["custom_id"]
+            .as_str()
+            .unwrap_or("<no custom_id>")
+            .to_string();
+        *counts.entry(id).or_default() += 1;
+    }
+    let expected: std::collections::BTreeSet<String> = expected.into_iter().collect();
+    Tally {
+        lost: expected
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .cloned()
+            .collect(),
+        duplicated: counts
+            .iter()
+            .filter(|(_, c)| **c > 1)
+            .map(|(id, _)| id.clone())
+            .collect(),
+        unknown: counts
+            .keys()
+            .filter(|id| !expected.contains(*id))
+            .cloned()
+            .collect(),
+    }
+}
+
+/// Every expected line is in the output and error files together exactly once, and nothing
+/// else is: the suite's one exactly-once check.
+pub fn assert_exactly_once<'a>(
+    lines: impl IntoIterator<Item = &'a Value>,
+    expected: impl IntoIterator<Item = String>,
+) {
+    let t = tally(lines, expected);
+    assert_eq!(t, Tally::default(), "not exactly once");
+}
+
+/// `c-1` … `c-n`: the custom ids of `chat_file(n, …)`.
+pub fn ids(n: usize) -> impl Iterator<Item = String> {
+    (1..=n).map(|i| format!("c-{i}"))
+}
+
+/// Checks `check` every 10 ms until it holds (on tokio's clock: virtual under a paused clock);
+/// fails the test naming `what` after `within`. The one poll-until-deadline of the suite.
+pub async fn until(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// [`until`] for a check that is itself asynchronous: its value once it has one.
+pub async fn until_some<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
 
 /// The server under test, in-process, on a loopback port 0.
 pub struct TestServer {
