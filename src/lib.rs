@@ -1,4 +1,5 @@
-//! ollama-batch: a durable, OpenAI-compatible Batch API server for one local model server.
+//! ollama-batch: a durable, OpenAI-compatible Batch API server in front of local model servers
+//! (one Ollama or llama.cpp, or several, each with its own slots).
 //!
 //! ```text
 //!  client ──HTTP──▶ api (axum) ──▶ store (sled) ◀── supervisor ──leases──▶ worker ──HTTP──▶ backend
