@@ -42,7 +42,7 @@ use crate::domain::{
 use crate::intake;
 use crate::live::{self, LiveView, progress};
 use crate::schedule::Scheduler;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 use crate::worker::{Event, Job};
 use recovery::load_batch;
 use std::cmp::Reverse;
@@ -696,14 +696,7 @@ impl Supervisor {
 
     /// One flush for everything written since the last; then the results count.
     async fn commit(&mut self) {
-        // The flush waits on the blocking pool: the runtime stays free, and a paused test clock
-        // does not run ahead while the disk works (tokio holds auto-advance during blocking
-        // tasks), so the supervisor's timers see the time the test says.
-        let store = self.store.clone();
-        let flushed = tokio::task::spawn_blocking(move || store.flush())
-            .await
-            .unwrap_or_else(|e| Err(StoreError::Io(std::io::Error::other(e.to_string()))));
-        if let Err(e) = flushed {
+        if let Err(e) = self.store.flush_async().await {
             // Nothing is acknowledged; the next commit tries again.
             tracing::error!(error = %e, "flush failed");
             return;

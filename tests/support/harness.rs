@@ -2,6 +2,12 @@
 //! test receives each leased job and answers when it likes. With a paused tokio clock
 //! (`#[tokio::test(start_paused = true)]`) the supervisor's timers (rescue deadlines, retry
 //! delays, the starvation bound, progress intervals) run on virtual time.
+//!
+//! One rule for such tests: a paused clock jumps to the next pending timer whenever every task
+//! waits, and the supervisor waits for real I/O (its flush, on the store's commit thread). A
+//! test that has a timer pending then (a poll interval, a timeout) has it fire early, again and
+//! again. So the waits here use no tokio timer: [`Harness::next_job`] is guarded by a
+//! real-time watchdog, and [`Harness::settled`] yields instead of sleeping.
 
 use ollama_batch::backend::Backend;
 use ollama_batch::config::{BackendKind, Config};
@@ -14,6 +20,7 @@ use ollama_batch::store::{Store, StoredBody};
 use ollama_batch::supervisor::{self, Parts, Supervisor};
 use ollama_batch::worker::{Event, Job, Outcome};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -66,7 +73,12 @@ pub struct Harness {
     pub live: Arc<LiveView>,
     stop: CancellationToken,
     run: tokio::task::JoinHandle<()>,
+    /// Cancelled by a plain thread after two minutes of real time: the hang guard.
+    watchdog: CancellationToken,
 }
+
+/// Real time a harness test may take before its waits fail.
+const REAL_LIMIT: Duration = Duration::from_secs(120);
 
 impl Harness {
     /// Recovers what `store` holds and starts the supervisor on it.
@@ -88,6 +100,12 @@ impl Harness {
             },
             recovery,
         );
+        let watchdog = CancellationToken::new();
+        let fire = watchdog.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(REAL_LIMIT);
+            fire.cancel();
+        });
         Harness {
             store,
             jobs,
@@ -95,12 +113,26 @@ impl Harness {
             live: handle.live.clone(),
             stop,
             run: tokio::spawn(sup.run()),
+            watchdog,
         }
     }
 
-    /// The next leased job.
+    /// The next leased job, waited for with no tokio timer pending (see the module doc).
     pub async fn next_job(&mut self) -> Job {
-        self.jobs.recv().await.expect("a job")
+        tokio::select! {
+            j = self.jobs.recv() => j.expect("a job"),
+            _ = self.watchdog.cancelled() => panic!("no job within {REAL_LIMIT:?} of real time"),
+        }
+    }
+
+    /// Waits until `check` holds, yielding to the supervisor (no tokio timer, so a paused clock
+    /// stands still); fails after 30 s of real time. For what needs no time to pass.
+    pub async fn settled(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "not settled: {what}");
+            tokio::task::yield_now().await;
+        }
     }
 
     /// Tells the supervisor the job's call started (its rescue deadline counts from here).
