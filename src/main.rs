@@ -117,9 +117,9 @@ fn csv_to_batch(args: ollama_batch::client::csv_to_batch::CsvArgs) -> ExitCode {
         return ExitCode::FAILURE;
     };
     let result = match &args.output {
-        Some(path) => std::fs::File::create(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))
-            .and_then(|mut f| convert(&args.csv, &args.shape, model, &mut f)),
+        Some(path) => {
+            ollama_batch::client::csv_to_batch::convert_to_file(&args.csv, &args.shape, model, path)
+        }
         None => convert(&args.csv, &args.shape, model, &mut std::io::stdout().lock()),
     };
     match result {

@@ -583,3 +583,125 @@ async fn results_so_far_stream_in_input_order_while_the_batch_runs() {
     assert_eq!(all, file, "at the end, the results are the output file");
     server.stop().await;
 }
+
+/// Issue 18, defects 4 and 5 and the CSV rough edges: csv-to-batch never destroys or swallows
+/// its input, and says what is wrong with a file it cannot convert faithfully.
+#[test]
+fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("in.csv");
+    let text = "candidate_id,name\nc1,Ann\nc2,Bo\n";
+    std::fs::write(&csv, text).expect("csv");
+    let link = dir.path().join("link.csv");
+    std::os::unix::fs::symlink(&csv, &link).expect("symlink");
+    let dotted = dir.path().join(".").join("in.csv");
+    for output in [&csv, &dotted, &link] {
+        let (ok, _, err) = run(&[
+            "csv-to-batch",
+            csv.to_str().expect("p"),
+            "--model",
+            "m",
+            "-o",
+            output.to_str().expect("p"),
+        ]);
+        assert!(!ok, "-o {} must be refused", output.display());
+        assert!(err.contains("is the input file itself"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&csv).expect("csv"),
+            text,
+            "input intact"
+        );
+    }
+
+    // An unterminated quote: refused, naming the line where it opened; no output file.
+    let out = dir.path().join("out.jsonl");
+    std::fs::write(
+        &csv,
+        "candidate_id,name,notes\nc1,Ann,fine\nc2,Bo,\"unclosed\nc3,Cy,x\nc4,Di,y\n",
+    )
+    .expect("csv");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "-o",
+        out.to_str().expect("p"),
+    ]);
+    assert!(!ok, "{err}");
+    assert!(
+        err.contains("the quote opened on line 3 is never closed"),
+        "{err}"
+    );
+    assert!(!out.exists(), "nothing written");
+    // A quoted field with doubled quotes and a newline is fine.
+    std::fs::write(
+        &csv,
+        "candidate_id,notes\nc1,\"said \"\"hi\"\"\nthen left\"\nc2,\"\"\"\"\n",
+    )
+    .expect("csv");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "-o",
+        out.to_str().expect("p"),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&out).expect("out").lines().count(),
+        2
+    );
+
+    // An error leaves an earlier output as it was (written through a temporary file).
+    let before = std::fs::read(&out).expect("out");
+    for (content, says) in [
+        ("candidate_id;name\nc1;Ann\n", "looks ';'-separated"),
+        ("candidate_id,name,name\nc1,Ann,B\n", "named twice"),
+        (
+            "candidate_id,name\nc1,Ann\nc2,Bo,extra,more\nc3,Cy\n",
+            "1 row(s) have more fields than the header's 2 (row 2)",
+        ),
+    ] {
+        std::fs::write(&csv, content).expect("csv");
+        let (ok, _, err) = run(&[
+            "csv-to-batch",
+            csv.to_str().expect("p"),
+            "--model",
+            "m",
+            "-o",
+            out.to_str().expect("p"),
+        ]);
+        assert!(!ok, "{content}: {err}");
+        assert!(err.contains(says), "{content}: {err}");
+        assert_eq!(std::fs::read(&out).expect("out"), before, "output kept");
+    }
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    // Short rows and a first row that looks like data are converted, and said.
+    std::fs::write(
+        &csv,
+        "c1,ann@example.com,7\nc2,bo@example.com\nc3,cy@example.com,2\n",
+    )
+    .expect("csv");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "-o",
+        out.to_str().expect("p"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(err.contains("may not be a header"), "{err}");
+    assert!(
+        err.contains("1 with fewer fields than the header (row 1)"),
+        "{err}"
+    );
+}

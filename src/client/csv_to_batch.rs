@@ -144,6 +144,10 @@ pub struct Report {
     pub system: Option<String>,
     /// The user messages of the first [`TOKEN_SAMPLE`] lines written (to count tokens on).
     pub sample_users: Vec<String>,
+    /// Rows with fewer fields than the header (the missing ones are empty).
+    pub short_rows: Vec<u64>,
+    /// Why the first row may not be a header (it is read as one all the same).
+    pub header_warning: Option<String>,
 }
 
 /// Lines whose user message is tokenized for an estimate in real tokens.
@@ -326,6 +330,18 @@ pub fn convert(
         }
         None => None,
     };
+    // A quote opened and never closed would make the rest of the file one field: refuse it
+    // before anything is written, naming the line where it opened.
+    let file = std::fs::File::open(csv_path)
+        .map_err(|e| format!("cannot read {}: {e}", csv_path.display()))?;
+    if let Some(line) = unterminated_quote(std::io::BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| format!("cannot read {}: {e}", csv_path.display()))?
+    {
+        return Err(format!(
+            "{}: the quote opened on line {line} is never closed: every later row would be read as part of one field. Fix that line (a field that contains a quote must double it: \"\") and run again",
+            csv_path.display()
+        ));
+    }
     let file = std::fs::File::open(csv_path)
         .map_err(|e| format!("cannot read {}: {e}", csv_path.display()))?;
     let mut reader = csv::ReaderBuilder::new()
@@ -337,6 +353,8 @@ pub fn convert(
         .iter()
         .map(|h| h.trim_start_matches('\u{feff}').trim().to_string())
         .collect();
+    let header_warning =
+        check_header(&header).map_err(|e| format!("{}: {e}", csv_path.display()))?;
     let id_col = match &args.id_column {
         Some(c) => Some(header.iter().position(|h| h == c).ok_or_else(|| {
             format!(
@@ -350,8 +368,12 @@ pub fn convert(
         Some(t) => Some(parse_template(t, &header)?),
         None => None,
     };
-    let mut report = Report::default();
+    let mut report = Report {
+        header_warning,
+        ..Report::default()
+    };
     let mut seen: HashSet<String> = HashSet::new();
+    let mut long_rows: Vec<u64> = Vec::new();
     let mut out = BufWriter::with_capacity(1 << 20, out);
     let mut record = csv::StringRecord::new();
     loop {
@@ -362,6 +384,11 @@ pub fn convert(
         }
         report.rows += 1;
         let row = report.rows;
+        match record.len().cmp(&header.len()) {
+            std::cmp::Ordering::Greater => long_rows.push(row),
+            std::cmp::Ordering::Less => report.short_rows.push(row),
+            std::cmp::Ordering::Equal => {}
+        }
         let id = match id_col {
             Some(i) => record.get(i).map(str::trim).unwrap_or_default().to_string(),
             None => format!("row-{row}"),
@@ -421,9 +448,170 @@ pub fn convert(
         writeln!(out, "{line}").map_err(|e| format!("cannot write the output: {e}"))?;
         report.written += 1;
     }
+    if !long_rows.is_empty() {
+        return Err(format!(
+            "{}: {} row(s) have more fields than the header's {} ({}): their extra fields would be lost. A field that contains a comma must be quoted; fix those rows and run again",
+            csv_path.display(),
+            long_rows.len(),
+            header.len(),
+            rows_list(&long_rows)
+        ));
+    }
     out.flush()
         .map_err(|e| format!("cannot write the output: {e}"))?;
     Ok(report)
+}
+
+/// `rows 3, 7, 9, …` (the first five).
+fn rows_list(rows: &[u64]) -> String {
+    let shown: Vec<String> = rows.iter().take(5).map(|n| n.to_string()).collect();
+    format!(
+        "row{} {}{}",
+        if rows.len() == 1 { "" } else { "s" },
+        shown.join(", "),
+        if rows.len() > 5 { ", …" } else { "" }
+    )
+}
+
+/// The line (1-based) where a quoted field opens that the file never closes, as the CSV
+/// reader reads quotes: a quote at the start of a field opens it, a doubled quote inside is a
+/// quote, and the next single one closes it. `None` when every quote is closed.
+pub fn unterminated_quote(mut r: impl std::io::BufRead) -> std::io::Result<Option<u64>> {
+    let (mut line, mut opened_on) = (1u64, 0u64);
+    let (mut in_quotes, mut at_field_start, mut quote_pending) = (false, true, false);
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        for &b in buf {
+            if in_quotes {
+                if quote_pending {
+                    quote_pending = false;
+                    if b == b'"' {
+                        continue; // a doubled quote: a quote character in the field
+                    }
+                    in_quotes = false; // the previous quote closed the field
+                } else if b == b'"' {
+                    quote_pending = true;
+                    continue;
+                } else {
+                    if b == b'\n' {
+                        line += 1;
+                    }
+                    continue;
+                }
+            }
+            match b {
+                b'"' if at_field_start => {
+                    in_quotes = true;
+                    opened_on = line;
+                    at_field_start = false;
+                }
+                b',' => at_field_start = true,
+                b'\n' => {
+                    line += 1;
+                    at_field_start = true;
+                }
+                b'\r' => {}
+                _ => at_field_start = false,
+            }
+        }
+        let n = buf.len();
+        r.consume(n);
+    }
+    Ok((in_quotes && !quote_pending).then_some(opened_on))
+}
+
+/// The header row's problems: an error when it cannot be used as it is (one column holding
+/// `;`-separated names, a name twice), else a warning when it may be a data row (a file
+/// exported without a header: then its first candidate would be taken for column names).
+fn check_header(header: &[String]) -> Result<Option<String>, String> {
+    if header.len() == 1 && header[0].contains(';') {
+        return Err(format!(
+            "the header is one column, '{}': the file looks ';'-separated. csv-to-batch reads comma-separated files: export it with commas (in a spreadsheet: CSV, comma delimited)",
+            crate::domain::clip(&header[0], 80)
+        ));
+    }
+    let mut seen = HashSet::new();
+    for h in header.iter().filter(|h| !h.is_empty()) {
+        if !seen.insert(h.as_str()) {
+            return Err(format!(
+                "the column '{h}' is named twice in the header: which one a prompt should use is unclear. Rename one and run again"
+            ));
+        }
+    }
+    let odd: Vec<&str> = header
+        .iter()
+        .map(String::as_str)
+        .filter(|h| {
+            h.is_empty() || h.parse::<f64>().is_ok() || h.contains('@') || h.chars().count() > 60
+        })
+        .collect();
+    Ok((!odd.is_empty()).then(|| {
+        format!(
+            "the first row may not be a header (it has {}): it is read as the column names, so if the file has no header its first candidate is not in the batch",
+            odd.iter()
+                .take(3)
+                .map(|h| if h.is_empty() { "an empty name".to_string() } else { format!("'{}'", crate::domain::clip(h, 40)) })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }))
+}
+
+/// Converts the CSV into the JSONL file `output`, written beside it under a temporary name and
+/// renamed into place only when the whole file is written (an error leaves an earlier file as
+/// it was). Refuses an output that is the input, by any path (a symlink, `./`): opening it
+/// for writing would truncate the CSV before it is read.
+pub fn convert_to_file(
+    csv_path: &Path,
+    args: &RequestShape,
+    model: &str,
+    output: &Path,
+) -> Result<Report, String> {
+    if same_file(csv_path, output) {
+        return Err(format!(
+            "-o {} is the input file itself: writing it would destroy the CSV. Name another output file",
+            output.display()
+        ));
+    }
+    let dir = output
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = output
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "output".into());
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let written = std::fs::File::create(&tmp)
+        .map_err(|e| format!("cannot create {}: {e}", tmp.display()))
+        .and_then(|mut f| {
+            let report = convert(csv_path, args, model, &mut f)?;
+            f.sync_all()
+                .map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+            Ok(report)
+        })
+        .and_then(|report| {
+            std::fs::rename(&tmp, output)
+                .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+            Ok(report)
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
+}
+
+/// Whether two paths name the same file (device and inode; an output that does not exist yet
+/// is not the input).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// The duration estimate printed after the summary.
@@ -474,6 +662,16 @@ pub fn summary(r: &Report, counted: Option<u64>) -> String {
                 ""
             }
         ));
+    }
+    if !r.short_rows.is_empty() {
+        s.push_str(&format!(
+            "\n  {} with fewer fields than the header ({}): the missing fields are empty",
+            r.short_rows.len(),
+            rows_list(&r.short_rows)
+        ));
+    }
+    if let Some(w) = &r.header_warning {
+        s.push_str(&format!("\n  warning: {w}"));
     }
     match counted {
         Some(n) => s.push_str(&format!(
