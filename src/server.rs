@@ -175,6 +175,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         gpu: gpu.clone(),
         metrics,
         stop: stop.clone(),
+        retries: Default::default(),
     };
     let app = api::router(state);
     tracing::info!(

@@ -591,3 +591,102 @@ async fn run_in_conversation_mode_asks_for_it_and_is_a_different_batch() {
     );
     srv.stop().await;
 }
+
+/// Issue 18, defect 3: `run X` after `retry` re-attached to the retry batch (it copied the
+/// input's hash) and replaced `X.output.jsonl` with the retry's lines. Now the same `run X`
+/// finds its own batch, a file of another batch's results is never replaced without a word,
+/// and two retries of one batch at once make one batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_after_retry_finds_its_own_batch_and_keeps_its_results() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| b.refuse_marker = Some("REFUSE".into()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let file = dir.path().join("job.jsonl");
+    std::fs::write(&file, input(16, &[2, 9])).expect("input");
+    let engine = engine_flags(&state, &fake);
+    let mut args = vec![file.to_str().expect("path").to_string()];
+    args.extend(engine.clone());
+    let (code, out, err) =
+        RunProc::start(dir.path(), "first", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 3, "{out}{err}");
+    let original = out
+        .split_whitespace()
+        .next()
+        .expect("the batch id first")
+        .to_string();
+    let results = dir.path().join("job.output.jsonl");
+    assert_eq!(by_id(&results).len(), 14);
+
+    // `retry` as the README says: a new batch of the 2 failed lines (they fail again).
+    let retry = Command::new(binary())
+        .args(["retry", &original])
+        .args(engine.iter().take_while(|a| *a != "--poll"))
+        .env_remove("OLLAMA_BATCH_SERVER")
+        .output()
+        .expect("retry runs");
+    let retry_out = String::from_utf8_lossy(&retry.stdout).into_owned();
+    let retry_id = retry_out
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    assert!(
+        retry_id.starts_with("batch_") && retry_id != original,
+        "{retry_out}{}",
+        String::from_utf8_lossy(&retry.stderr)
+    );
+    let mut follow = vec![
+        retry_id.clone(),
+        "--out".into(),
+        dir.path().to_str().expect("path").into(),
+    ];
+    follow.extend(engine.clone());
+    let (code, _, err) =
+        RunProc::start(dir.path(), "follow", &refs(&follow)).finish(Duration::from_secs(60));
+    assert_eq!(code, 3, "the 2 lines fail again: {err}");
+    assert_eq!(
+        by_id(&dir.path().join(format!("{retry_id}.errors.jsonl"))).len(),
+        2
+    );
+
+    // The same `run job.jsonl` again: the original batch, its 14 results kept.
+    let (code, out, err) =
+        RunProc::start(dir.path(), "again", &refs(&args)).finish(Duration::from_secs(60));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(
+        err.contains(&format!("re-attaching to {original}")),
+        "{err}"
+    );
+    assert_eq!(by_id(&results).len(), 14, "results kept");
+
+    // Two retries of the original at once: one batch, the one already made.
+    let mut srv = server_on(&state, &fake).await;
+    let api = Api::new(&srv.base);
+    let path = format!("/batches/{original}/retry");
+    let (a, b) = tokio::join!(api.post(&path, Value::Null), api.post(&path, Value::Null));
+    assert_eq!((a.0, b.0), (200, 200), "{a:?} {b:?}");
+    assert_eq!(a.1["id"], b.1["id"]);
+    assert_eq!(a.1["id"], retry_id.as_str(), "the retry already made");
+    assert!(a.1["metadata"]["input_sha256"].is_null(), "{}", a.1);
+    assert_eq!(a.1["metadata"]["retry_of"], original.as_str());
+    srv.stop().await;
+
+    // A file of another batch's results is not replaced: running the retry batch by id with
+    // its files pointed at job's, they go beside them.
+    std::fs::copy(
+        &results,
+        dir.path().join(format!("{retry_id}.output.jsonl")),
+    )
+    .expect("copy");
+    let (code, _, err) =
+        RunProc::start(dir.path(), "beside", &refs(&follow)).finish(Duration::from_secs(60));
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("holds another batch's results: kept"), "{err}");
+    assert_eq!(
+        by_id(&dir.path().join(format!("{retry_id}.output.jsonl"))).len(),
+        14,
+        "kept"
+    );
+}

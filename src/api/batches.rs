@@ -214,9 +214,16 @@ pub async fn retry(
             b.status.as_str()
         )));
     }
+    // One retry at a time: a second retry of a batch that already has one gets that one (two
+    // clicks, or two scripts, make one batch).
+    let held = st.retries.clone().lock_owned().await;
+    if let Some(existing) = retry_of(&st, id)? {
+        return Ok(Json(batch_object(&existing, None)));
+    }
     // The file, its record and the new batch are made together even if the client leaves.
     let s = st.clone();
     let new = super::detached(&st, async move {
+        let _held = held;
         let file_id = crate::domain::FileId::new();
         let store = s.store.clone();
         let written = tokio::task::spawn_blocking(move || {
@@ -239,11 +246,41 @@ pub async fn retry(
         };
         s.store.put_file(&rec)?;
         let mut metadata = b.metadata.clone().unwrap_or_default();
+        // What described the original input does not describe this one (another file): a
+        // client that finds batches by its input's hash (`run`) must not take the retry for
+        // the original.
+        for key in RETRY_DROPS {
+            metadata.remove(*key);
+        }
         metadata.insert("retry_of".into(), id.to_string());
         start_batch(&s, b.endpoint, file_id, Some(metadata)).await
     })
     .await?;
     Ok(Json(batch_object(&new, None)))
+}
+
+/// Metadata of the original that a retry batch does not copy: `run`'s description of its input.
+const RETRY_DROPS: &[&str] = &["input_sha256", "input_name"];
+
+/// The retry batch already made of batch `id`, if any (newest first).
+fn retry_of(st: &AppState, id: BatchId) -> Result<Option<BatchRecord>, ApiError> {
+    let wanted = id.to_string();
+    let mut after = None;
+    loop {
+        let (page, more) = st.store.list_batches(after, 500)?;
+        if let Some(b) = page.iter().find(|b| {
+            b.metadata
+                .as_ref()
+                .and_then(|m| m.get("retry_of"))
+                .is_some_and(|r| *r == wanted)
+        }) {
+            return Ok(Some(b.clone()));
+        }
+        match page.last() {
+            Some(last) if more => after = Some(last.id),
+            _ => return Ok(None),
+        }
+    }
 }
 
 /// A batch's record, or 404.

@@ -45,6 +45,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Fires on shutdown (ends `/events` streams).
     pub stop: tokio_util::sync::CancellationToken,
+    /// Held while a retry batch is made: two retries of one batch at once make one batch.
+    pub retries: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl AppState {

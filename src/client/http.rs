@@ -176,8 +176,9 @@ impl Server {
             .await
     }
 
-    /// The newest batch whose metadata has `key` = `value`, walking `GET /v1/batches` pages
-    /// (newest first) until one matches or the list ends.
+    /// The newest batch whose metadata has `key` = `value` and that is not a retry batch (no
+    /// `retry_of`: one made by an older server copied its original's metadata), walking
+    /// `GET /v1/batches` pages (newest first) until one matches or the list ends.
     pub async fn find_batch(&self, key: &str, value: &str) -> Result<Option<Value>, String> {
         let mut after: Option<String> = None;
         loop {
@@ -187,10 +188,9 @@ impl Server {
             };
             let page = self.json(self.request(reqwest::Method::GET, &path)).await?;
             let data = page["data"].as_array().cloned().unwrap_or_default();
-            if let Some(b) = data
-                .iter()
-                .find(|b| b["metadata"][key].as_str() == Some(value))
-            {
+            if let Some(b) = data.iter().find(|b| {
+                b["metadata"][key].as_str() == Some(value) && b["metadata"]["retry_of"].is_null()
+            }) {
                 return Ok(Some(b.clone()));
             }
             match (page["has_more"].as_bool(), data.last()) {

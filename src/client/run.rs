@@ -562,12 +562,18 @@ async fn drive(
     }
     let output = out_dir.join(format!("{stem}.output.jsonl"));
     let errors = out_dir.join(format!("{stem}.errors.jsonl"));
-    for (field, path) in [("output_file_id", &output), ("error_file_id", &errors)] {
+    let mut output = output;
+    let mut errors = errors;
+    for (field, path) in [
+        ("output_file_id", &mut output),
+        ("error_file_id", &mut errors),
+    ] {
+        *path = own_file(path, &id);
         match b[field].as_str() {
             Some(fid) => {
                 server.download(fid, path).await?;
             }
-            None => std::fs::write(path, b"")
+            None => std::fs::write(&*path, b"")
                 .map_err(|e| format!("cannot write {}: {e}", path.display()))?,
         }
     }
@@ -586,6 +592,42 @@ async fn drive(
     } else {
         EXIT_SOME_FAILED
     })
+}
+
+/// Where batch `id`'s file goes: `path`, unless `path` already holds another batch's lines
+/// (each line's `id`, `batch_req_<batch>…`, names the batch it came from). Those are kept, and
+/// this batch's go beside them as `<name>.<id>.<kind>.jsonl`, with a note: a file of results
+/// is never replaced by another batch's without a word (a retry's, say).
+fn own_file(path: &Path, id: &str) -> PathBuf {
+    let Ok(f) = std::fs::File::open(path) else {
+        return path.to_path_buf();
+    };
+    let mut first = String::new();
+    let _ = std::io::BufReader::new(f).read_line(&mut first);
+    let theirs = serde_json::from_str::<Value>(&first)
+        .ok()
+        .and_then(|v| v["id"].as_str().map(str::to_string));
+    let uuid = id.trim_start_matches("batch_");
+    match theirs {
+        Some(line_id) if !line_id.contains(uuid) => {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let stem = name.strip_suffix(".jsonl").unwrap_or(&name);
+            let alt = path.with_file_name(match stem.rsplit_once('.') {
+                Some((base, kind)) => format!("{base}.{id}.{kind}.jsonl"),
+                None => format!("{stem}.{id}.jsonl"),
+            });
+            note(&format!(
+                "{} holds another batch's results: kept; {id}'s go to {}",
+                path.display(),
+                alt.display()
+            ));
+            alt
+        }
+        _ => path.to_path_buf(),
+    }
 }
 
 /// Runs it; the exit code.
