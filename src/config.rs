@@ -230,6 +230,17 @@ pub struct ServeArgs {
         value_name = "KEY"
     )]
     pub api_key: Vec<Secret>,
+    /// A host name this server also answers to on a loopback address, and whose pages may
+    /// write to it (a reverse proxy's name; repeatable, comma-separated in the env var). Others
+    /// are refused, so that web pages cannot reach the server (DNS rebinding, cross-site
+    /// requests).
+    #[arg(
+        long = "allowed-host",
+        env = "OLLAMA_BATCH_ALLOWED_HOST",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub allowed_host: Vec<String>,
     /// Largest backend answer accepted; a larger one fails its line (`answer_too_large`).
     #[arg(long, env = "OLLAMA_BATCH_MAX_ANSWER_SIZE", default_value = "64MiB")]
     pub max_answer_size: String,
@@ -408,6 +419,8 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     /// Key sent to the backend.
     pub backend_api_key: Option<Secret>,
+    /// `--allowed-host` names, lower-cased.
+    pub allowed_hosts: Vec<String>,
     /// Largest backend answer in bytes.
     pub max_answer_bytes: u64,
     /// Ask the backend for the model before a batch runs.
@@ -538,6 +551,12 @@ impl Config {
             max_listed_errors: 1000,
             api_keys: a.api_key.clone(),
             backend_api_key: a.backend.backend_api_key.clone(),
+            allowed_hosts: a
+                .allowed_host
+                .iter()
+                .map(|h| h.trim().to_ascii_lowercase())
+                .filter(|h| !h.is_empty())
+                .collect(),
             max_answer_bytes,
             model_check: !a.no_model_check,
             client_timeout,

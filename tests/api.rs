@@ -318,7 +318,7 @@ async fn hostile_input_gets_error_objects_and_the_server_keeps_serving() {
         .expect("connect");
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     sock.write_all(
-        b"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\n\
+        b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=B\r\n\
           Content-Length: 9000000\r\nExpect: 100-continue\r\n\r\n",
     )
     .await

@@ -262,7 +262,7 @@ async fn a_client_that_leaves_during_create_leaves_no_batch_behind() {
     for _ in 0..20 {
         let mut sock = raw_connect(&server.base).await;
         let req = format!(
-            "POST /v1/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         sock.write_all(req.as_bytes()).await.expect("send");
@@ -382,7 +382,7 @@ async fn stalled_clients_are_cut_off_and_leave_no_scratch_file() {
     let (_d, mut server) = server_with(&fake, |c| c.client_timeout = Duration::from_secs(1)).await;
     // Half a request head, then nothing.
     let mut sock = raw_connect(&server.base).await;
-    sock.write_all(b"POST /v1/files HTTP/1.1\r\nHost: x\r\n")
+    sock.write_all(b"POST /v1/files HTTP/1.1\r\nHost: localhost\r\n")
         .await
         .expect("send");
     let mut buf = Vec::new();
@@ -396,7 +396,7 @@ async fn stalled_clients_are_cut_off_and_leave_no_scratch_file() {
     let mut sock = raw_connect(&server.base).await;
     let head = "--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.jsonl\"\r\nContent-Type: application/octet-stream\r\n\r\n";
     let req = format!(
-        "POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 10000000\r\n\r\n{head}{}",
+        "POST /v1/files HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=XyZ\r\nContent-Length: 10000000\r\n\r\n{head}{}",
         chat_line("a", "m", "s")
     );
     sock.write_all(req.as_bytes()).await.expect("send");
@@ -614,4 +614,142 @@ async fn listening_on_all_interfaces_without_a_key_warns() {
         !text.contains("\u{1b}["),
         "no colour codes in a log file: {text}"
     );
+}
+
+/// One raw HTTP/1.1 request to `addr` (`http://127.0.0.1:PORT`) with exactly these headers:
+/// (status, headers and body as text).
+async fn raw(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: &str,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hostport = addr.trim_start_matches("http://");
+    let mut sock = tokio::net::TcpStream::connect(hostport)
+        .await
+        .expect("connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    sock.write_all(req.as_bytes()).await.expect("send");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut out))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+/// Issue 18, defect 2: a web page could reach the default server (loopback, no key): by DNS
+/// rebinding (any `Host` was served) and by cross-site simple requests (a form upload, a
+/// `text/plain` create, a bodiless cancel). Now only this server's own names are served, a
+/// write from a foreign page is refused, a create must be JSON, and the dashboard cannot be
+/// framed; the dashboard and clients without `Origin` work as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_cannot_reach_a_keyless_loopback_server() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut p = process::spawn(
+        &tmp.path().join("state"),
+        &fake.url(),
+        2,
+        &["--allowed-host", "batch.proxy.example"],
+    );
+    let port = p.addr.rsplit(':').next().expect("port").to_string();
+    let host = |h: &str| vec![("Host", h.to_string())];
+    // DNS rebinding: a foreign name is refused, this server's own names are served.
+    for (name, want) in [
+        (format!("evil.example:{port}"), 403),
+        ("evil.example".to_string(), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("127.0.0.1:{port}"), 200),
+        (format!("[::1]:{port}"), 200),
+        ("batch.proxy.example".to_string(), 200),
+    ] {
+        for path in ["/v1/files", "/status", "/"] {
+            let (status, text) = raw(&p.addr, "GET", path, &host(&name), "").await;
+            assert_eq!(status, want, "Host {name} {path}: {text}");
+            if want == 403 {
+                assert!(text.contains("DNS rebinding"), "{text}");
+            }
+        }
+    }
+    let own = format!("127.0.0.1:{port}");
+    // A cross-site form upload: refused, nothing stored.
+    let form = "--b\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.jsonl\"\r\n\r\n{}\r\n--b--\r\n";
+    let mut headers = host(&own);
+    headers.push(("Content-Type", "multipart/form-data; boundary=b".into()));
+    headers.push(("Origin", "http://evil.example".into()));
+    let (status, text) = raw(&p.addr, "POST", "/v1/files", &headers, form).await;
+    assert_eq!(status, 403, "{text}");
+    headers.pop();
+    headers.push(("Origin", "null".into()));
+    assert_eq!(
+        raw(&p.addr, "POST", "/v1/files", &headers, form).await.0,
+        403
+    );
+    let api = Api::new(&p.addr);
+    let (_, files) = api.get("/v1/files").await;
+    assert_eq!(files["data"], serde_json::json!([]), "nothing uploaded");
+    // A text/plain create (a simple request): refused even without Origin.
+    let file_id = api
+        .upload("in.jsonl", chat_file(2, "m", "s"), "batch")
+        .await
+        .1["id"]
+        .as_str()
+        .expect("file id")
+        .to_string();
+    let create = format!(
+        r#"{{"input_file_id":"{file_id}","endpoint":"/v1/chat/completions","completion_window":"24h"}}"#
+    );
+    let mut headers = host(&own);
+    headers.push(("Content-Type", "text/plain".into()));
+    let (status, text) = raw(&p.addr, "POST", "/v1/batches", &headers, &create).await;
+    assert_eq!(status, 415, "{text}");
+    let (_, list) = api.get("/v1/batches").await;
+    assert_eq!(list["data"], serde_json::json!([]), "no batch made");
+    // A cross-site cancel (no body): refused; the dashboard's own (same origin) goes through.
+    let id = api
+        .submit_id(chat_file(200, "m", "s"), "/v1/chat/completions")
+        .await;
+    let cancel = format!("/v1/batches/{id}/cancel");
+    let mut headers = host(&own);
+    headers.push(("Origin", "http://evil.example".into()));
+    let (status, text) = raw(&p.addr, "POST", &cancel, &headers, "").await;
+    assert_eq!(status, 403, "{text}");
+    let (_, b) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_ne!(b["status"], "cancelling", "{b}");
+    headers.pop();
+    headers.push(("Origin", format!("http://{own}")));
+    let (status, text) = raw(&p.addr, "POST", &cancel, &headers, "").await;
+    assert!(status == 200 || status == 409, "{text}");
+    let mut headers = host("batch.proxy.example");
+    headers.push(("Origin", "https://batch.proxy.example".into()));
+    let (status, text) = raw(&p.addr, "POST", &cancel, &headers, "").await;
+    assert!(
+        status == 200 || status == 409,
+        "a --allowed-host page: {text}"
+    );
+    // The dashboard cannot be framed.
+    let (status, text) = raw(&p.addr, "GET", "/", &host(&format!("localhost:{port}")), "").await;
+    assert_eq!(status, 200);
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("x-frame-options: deny"), "{text}");
+    assert!(lower.contains("frame-ancestors 'none'"), "{text}");
+    signal(&p.child, "-TERM");
+    wait_exit(&mut p.child, Duration::from_secs(15));
 }

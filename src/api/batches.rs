@@ -57,6 +57,7 @@ fn metadata(v: Option<&Value>) -> Result<Option<BTreeMap<String, String>>, ApiEr
 /// `POST /v1/batches`
 pub async fn create(
     State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let body = body.map_err(|e| {
@@ -66,6 +67,18 @@ pub async fn create(
             ApiError::bad(None, format!("cannot read the request body: {e}"))
         }
     })?;
+    // A JSON content type: a web page can send `text/plain` across sites without asking.
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|c| c.split(';').next())
+        .map(|t| t.trim().to_ascii_lowercase())
+        .is_some_and(|t| t == "application/json" || t.ends_with("+json"));
+    if !json {
+        return Err(ApiError::unsupported_media_type(
+            "the request body must be JSON, sent with 'Content-Type: application/json'",
+        ));
+    }
     let v: Value = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad(None, format!("the request body is not valid JSON: {e}")))?;
     let Value::Object(obj) = v else {

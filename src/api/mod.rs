@@ -9,6 +9,7 @@ mod batches;
 mod dashboard;
 mod events;
 mod files;
+mod guard;
 pub mod status;
 
 use crate::config::Config;
@@ -105,6 +106,15 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::CONFLICT,
+            message: message.into(),
+            kind: "invalid_request_error",
+            param: None,
+        }
+    }
+    /// 415: the body is not of the type the route reads.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
             message: message.into(),
             kind: "invalid_request_error",
             param: None,
@@ -281,6 +291,7 @@ async fn require_key(
 /// axum's 2 MB.
 pub fn router(state: AppState) -> Router {
     let auth = axum::middleware::from_fn_with_state(state.clone(), require_key);
+    let browsers = axum::middleware::from_fn_with_state(state.clone(), guard::browsers);
     Router::new()
         .route(
             "/v1/files",
@@ -305,6 +316,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(auth)
+        .layer(browsers)
         .with_state(state)
 }
 

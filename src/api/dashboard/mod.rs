@@ -19,8 +19,10 @@ fn file(content_type: &'static str, body: &'static str) -> Response {
             (header::CACHE_CONTROL, "no-cache"),
             (
                 header::CONTENT_SECURITY_POLICY,
-                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'",
+                "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'",
             ),
+            // No page may frame the dashboard (clickjacking its cancel buttons).
+            (header::X_FRAME_OPTIONS, "DENY"),
         ],
         body,
     )
