@@ -180,6 +180,11 @@ pub struct ServeArgs {
     /// Ollama: `options.num_ctx` sent on every call (identical on every call, so no reloads).
     #[arg(long, env = "OLLAMA_BATCH_NUM_CTX")]
     pub num_ctx: Option<u32>,
+    /// Ollama: let a generation that fills `num_ctx` go on by discarding the oldest tokens
+    /// (Ollama's context shift, its default). Off (ours), such an answer ends as `length`:
+    /// shifting drops the start of the shared prompt without a sign in the answer.
+    #[arg(long, env = "OLLAMA_BATCH_CONTEXT_SHIFT")]
+    pub context_shift: bool,
     /// Ollama: `keep_alive` sent on every call (-1 keeps the model loaded).
     #[arg(
         long,
@@ -390,6 +395,8 @@ pub struct Config {
     pub request_timeout: Duration,
     /// Ollama num_ctx.
     pub num_ctx: Option<u32>,
+    /// Ollama `shift` on every call.
+    pub context_shift: bool,
     /// Ollama keep_alive (a number of seconds or a duration string).
     pub keep_alive: serde_json::Value,
     /// Upload cap in bytes.
@@ -537,6 +544,7 @@ impl Config {
             concurrency: a.concurrency,
             request_timeout,
             num_ctx: a.num_ctx,
+            context_shift: a.context_shift,
             keep_alive,
             max_file_size,
             expire: a.expire,

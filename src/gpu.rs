@@ -167,7 +167,7 @@ impl GpuMonitor {
                     size_bytes = m.size_bytes,
                     size_vram_bytes = m.size_vram_bytes,
                     on_cpu_bytes = m.on_cpu_bytes,
-                    "part of the model runs on the CPU (Ollama /api/ps: size_vram < size): the run will be several times slower; lower --num-ctx or --concurrency (OLLAMA_NUM_PARALLEL), or use a smaller quantization"
+                    "part of the model runs on the CPU (Ollama /api/ps: size_vram < size): the run will be several times slower; lower --num-ctx or OLLAMA_NUM_PARALLEL (Ollama allocates the KV cache of all its parallel slots when it loads the model, whatever ollama-batch sends), or use a smaller quantization"
                 );
             }
         }

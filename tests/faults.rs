@@ -372,3 +372,91 @@ async fn two_backends_share_the_work_and_one_going_down_does_not_stop_the_other(
     .await;
     server.stop().await;
 }
+
+/// Issue 18, defects 11 and 12 (in part), against the fake Ollama over real HTTP: every
+/// generating call says `shift: false` and `truncate: false` (`/api/generate` too), an answer
+/// Ollama stopped early (`done: false`) is not a success and is not paid for again, and an
+/// out-of-memory in another GPU's words (ROCm's `hipMalloc failed`) is an out-of-memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ollama_calls_never_shift_or_truncate_and_an_unfinished_answer_is_not_a_success() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.keep_bodies
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (_d, mut server) = server_with(&fake, |c| c.num_ctx = Some(4096)).await;
+    let api = Api::new(&server.base);
+    let done = api.run_chat(4, "m", Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["completed"], 4, "{done}");
+    let completions: String = (1..=3)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"custom_id": format!("g-{i}"), "method": "POST", "url": "/v1/completions",
+                       "body": {"model": "m", "prompt": format!("say {i}")}})
+            )
+        })
+        .collect();
+    let done = api
+        .run_file(
+            completions.into_bytes(),
+            "/v1/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["completed"], 3, "{done}");
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    let generating: Vec<&Value> = bodies
+        .iter()
+        .filter(|b| b.get("messages").is_some() || b.get("prompt").is_some())
+        .collect();
+    assert_eq!(generating.len(), 7, "{bodies:?}");
+    for b in generating {
+        assert_eq!(b["shift"], false, "{b}");
+        assert_eq!(b["truncate"], false, "{b}");
+        assert_eq!(b["options"]["num_ctx"], 4096, "{b}");
+    }
+
+    // Ollama's token-repeat guard: 200, `done: false`, no done_reason, no counts.
+    fake.set(|b| {
+        b.raw_answer = Some(
+            r#"{"model":"m","message":{"role":"assistant","content":"the the the the"},"done":false}"#
+                .into(),
+        )
+    });
+    let before = fake.total_calls();
+    let done = api.run_chat(2, "m", Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["failed"], 2, "{done}");
+    assert_eq!(fake.total_calls() - before, 2, "not sent again");
+    for e in api.lines(&done["error_file_id"]).await {
+        assert_eq!(e["error"]["code"], "answer_incomplete", "{e}");
+    }
+
+    // Another GPU's out-of-memory wording (Ollama's list, llm/status.go): counted as one.
+    fake.set(|b| {
+        b.raw_answer = None;
+        b.oom_first = 1;
+        b.oom_message = Some("llama runner process has terminated: hipMalloc failed".into());
+    });
+    let fresh: String = (1..=3)
+        .map(|i| {
+            format!(
+                "{}\n",
+                crate::support::chat_line(&format!("rocm-{i}"), "m", "s")
+            )
+        })
+        .collect();
+    let done = api
+        .run_file(
+            fresh.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["completed"], 3, "{done}");
+    let (_, status) = api.get("/status").await;
+    assert!(
+        status["counters"]["oom"].as_u64() >= Some(1),
+        "{}",
+        status["counters"]
+    );
+    server.stop().await;
+}

@@ -39,6 +39,8 @@ pub struct Backend {
     http: reqwest::Client,
     /// Ollama runner options sent identically on every call.
     num_ctx: Option<u32>,
+    /// Ollama's `shift` (context shift), identical on every call: off unless --context-shift.
+    shift: bool,
     keep_alive: Value,
     /// Answers larger than this are refused (`--max-answer-size`).
     max_answer: u64,
@@ -65,6 +67,7 @@ impl Backend {
             cfg.request_timeout,
         )?;
         b.num_ctx = cfg.num_ctx;
+        b.shift = cfg.context_shift;
         b.keep_alive = cfg.keep_alive.clone();
         b.max_answer = cfg.max_answer_bytes;
         Ok(b)
@@ -101,6 +104,7 @@ impl Backend {
             base: url.trim_end_matches('/').to_string(),
             http,
             num_ctx: None,
+            shift: false,
             keep_alive: Value::from(-1),
             max_answer: 64 << 20,
             slots: Default::default(),

@@ -1,8 +1,10 @@
 //! Ollama's native API. The OpenAI body is translated (`/api/chat`, `/api/embed`,
 //! `/api/generate`) with `stream: false`, `truncate: false` (an overflow is an error, never a
-//! silently shortened prompt), the configured `keep_alive`, and identical runner options on
-//! every call (`num_ctx`), so Ollama never reloads the model between requests. The answer is
-//! translated back into OpenAI's shapes.
+//! silently shortened prompt), `shift: false` (a generation that fills the context ends as
+//! `length` instead of going on without the rubric; see [`context_rules`]), the configured
+//! `keep_alive`, and identical runner options on every call (`num_ctx`, `shift`), so Ollama
+//! never reloads the model between requests. The answer is translated back into OpenAI's
+//! shapes.
 
 use super::{Backend, wrap_error};
 use crate::domain::clip;
@@ -78,6 +80,16 @@ pub(crate) fn interpret(endpoint: Endpoint, status: u16, text: &str, model: &str
             text.len()
         ));
     };
+    // A generation that Ollama stopped early says `done: false` (its token-repeat guard,
+    // `llm/llama_server.go` v0.33: a token repeated more than 30 times ends the prediction
+    // with no final response, no `done_reason` and no token counts). That is not an answer.
+    if endpoint != Endpoint::Embeddings && answer.get("done") == Some(&Value::Bool(false)) {
+        return CallResult::Invalid {
+            code: "answer_incomplete".into(),
+            message: "Ollama stopped the generation before it was done (done: false, no done_reason: its guard against a token repeated over and over); the partial answer is not kept".into(),
+            retry: false,
+        };
+    }
     let translated = match endpoint {
         Endpoint::ChatCompletions => chat_response(&answer, model),
         Endpoint::Embeddings => embed_response(&answer, model),
@@ -283,10 +295,27 @@ pub(crate) fn check(endpoint: Endpoint, body: &Value) -> Result<(), String> {
     }
 }
 
+/// What every generating call (`/api/chat`, `/api/generate`) says about the context:
+/// - `truncate: false`: a prompt longer than `num_ctx` is an error, not cut to its first few
+///   tokens plus its tail (ollama/ollama v0.33 `server/routes.go`: both routes truncate unless
+///   told not to);
+/// - `shift` (false unless `--context-shift`): Ollama's context shift is on by default
+///   (`resolveContextShift` in `server/sched.go`), and with it a generation that reaches
+///   `num_ctx` discards the oldest tokens, the start of the shared rubric, and goes on with no
+///   sign in the answer. Off, it stops with `done_reason: length` (`llm/llama_server.go`),
+///   which is named as such. Shift is a launch attribute of the runner there (a request with
+///   another value reloads the model, `needsReload` in `server/sched.go`), so it is the same on
+///   every call, like `num_ctx`. (`/api/embed` takes no `shift`: an embedding model runs with
+///   Ollama's default.)
+fn context_rules(backend: &Backend, r: &mut Map<String, Value>) {
+    r.insert("truncate".into(), json!(false));
+    r.insert("shift".into(), json!(backend.shift));
+}
+
 fn chat_request(backend: &Backend, body: &Value) -> Result<Value, String> {
     let mut r = base_request(backend, body);
     r.insert("messages".into(), Value::Array(messages(body)?));
-    r.insert("truncate".into(), json!(false));
+    context_rules(backend, &mut r);
     match body["response_format"]["type"].as_str() {
         Some("json_object") => {
             r.insert("format".into(), json!("json"));
@@ -331,6 +360,7 @@ fn embed_request(backend: &Backend, body: &Value) -> Value {
 fn generate_request(backend: &Backend, body: &Value) -> Value {
     let mut r = base_request(backend, body);
     r.insert("prompt".into(), body["prompt"].clone());
+    context_rules(backend, &mut r);
     if let Some(s) = body.get("suffix").filter(|v| !v.is_null()) {
         r.insert("suffix".into(), s.clone());
     }

@@ -52,13 +52,21 @@ pub enum Verdict {
     BackendDown,
 }
 
-/// Substrings by which Ollama and llama.cpp report out-of-memory (Ollama's own list).
+/// Substrings by which Ollama and llama.cpp report out-of-memory: Ollama's own list
+/// (`outOfMemorySubstrings` in ollama/ollama `llm/status.go`, v0.33: CUDA, ROCm, Vulkan, Metal
+/// and MLX wordings), lower-cased. The one classifier: the worker, the retry policy and
+/// `calibrate` all ask [`is_oom_text`].
 const OOM_MARKERS: &[&str] = &[
     "out of memory",
+    "out of device memory",
     "cudamalloc failed",
+    "hipmalloc failed",
     "failed to allocate",
+    "allocation failed",
+    "not enough memory",
     "insufficient memory",
-    "cuda error: out of memory",
+    "vk_error_out_of_device_memory",
+    "erroroutofmemory",
 ];
 
 /// True when an error text says out-of-memory.

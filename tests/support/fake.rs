@@ -37,6 +37,8 @@ pub struct Behaviour {
     pub delay: Duration,
     /// The first N attempts of every request answer 500 "CUDA error: out of memory".
     pub oom_first: u32,
+    /// The out-of-memory message of those answers instead (another GPU's wording).
+    pub oom_message: Option<String>,
     /// Per-mille of calls that hang (never answer).
     pub hang_permille: u32,
     /// Per-mille of calls whose connection is reset.
@@ -591,7 +593,9 @@ impl Ctx {
             self.stats.ooms.fetch_add(1, Ordering::SeqCst);
             return err(
                 500,
-                "llama runner process has terminated: CUDA error: out of memory",
+                b.oom_message
+                    .as_deref()
+                    .unwrap_or("llama runner process has terminated: CUDA error: out of memory"),
             );
         }
         if h(&user, attempt, 1) < b.hang_permille {
