@@ -64,6 +64,11 @@ impl std::str::FromStr for Secret {
     }
 }
 
+/// The most parallel calls to one model server (`--concurrency`, `URL#SLOTS`): each is a lane
+/// with its own bookkeeping; far past any GPU server's slots, and a typo (`4000000000`) is a
+/// clear error instead of an allocation that aborts.
+pub const MAX_SLOTS: usize = 4096;
+
 /// The model server flags, declared once and flattened into every subcommand that reaches a
 /// model server (`serve`, `resume`, `run`, `bench`, `calibrate`), so that `URL#SLOTS`, comma
 /// lists and the environment variables mean the same everywhere.
@@ -108,11 +113,16 @@ impl BackendArgs {
             let (url, slots) = match raw.rsplit_once('#') {
                 Some((u, n)) => (
                     u,
-                    Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-                        format!(
-                            "--backend-url {raw}: the slots after '#' must be a count of 1 or more"
-                        )
-                    })?),
+                    Some(
+                        n.parse::<usize>()
+                            .ok()
+                            .filter(|n| (1..=MAX_SLOTS).contains(n))
+                            .ok_or_else(|| {
+                                format!(
+                                    "--backend-url {raw}: the slots after '#' must be a count from 1 to {MAX_SLOTS}"
+                                )
+                            })?,
+                    ),
                 ),
                 None => (raw.as_str(), None),
             };
@@ -481,6 +491,12 @@ impl Config {
         if a.concurrency == 0 {
             return Err("--concurrency must be at least 1".into());
         }
+        if a.concurrency > MAX_SLOTS {
+            return Err(format!(
+                "--concurrency {} is more than {MAX_SLOTS} requests at once to one server",
+                a.concurrency
+            ));
+        }
         if a.max_attempts == 0 {
             return Err("--max-attempts must be at least 1".into());
         }
@@ -675,6 +691,11 @@ mod tests {
             (&["--backend-url", "https://api.example.com"][..], "https"),
             (&["--client-timeout", "0s"][..], "--client-timeout"),
             (&["--backend-url", "http://a:1#0"][..], "slots"),
+            (
+                &["--backend-url", "http://a:1#4294967296"][..],
+                "from 1 to 4096",
+            ),
+            (&["--concurrency", "4294967296"][..], "more than 4096"),
             (&["--backend-url", "http://a:1#many"][..], "slots"),
             (
                 &[

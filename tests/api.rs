@@ -433,3 +433,31 @@ async fn batch_cancelled_right_after_create_ends_cancelled() {
     }
     server.stop().await;
 }
+
+/// Issue 18, defect 10: a cancel just after the create of a large file went on validating the
+/// whole file and ended with every line as a `batch_cancelled` error line. guarantees.md says
+/// a batch cancelled while validating ends with a total of 0: now validation stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_during_validation_stops_it_and_leaves_no_lines() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let n = 60_000;
+    let (_, file) = api
+        .upload("big.jsonl", chat_file(n, "m", "s"), "batch")
+        .await;
+    let fid = file["id"].as_str().expect("id");
+    let b = api.create_batch(fid, "/v1/chat/completions").await;
+    let id = b["id"].as_str().expect("id");
+    let (status, c) = api
+        .post(&format!("/v1/batches/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 200, "{c}");
+    let done = api.wait_terminal(id, Duration::from_secs(60)).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
+    assert_eq!(done["request_counts"]["total"], 0, "{done}");
+    assert!(done["error_file_id"].is_null(), "{done}");
+    assert!(done["output_file_id"].is_null(), "{done}");
+    assert_eq!(fake.total_calls(), 0);
+    server.stop().await;
+}

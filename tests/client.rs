@@ -705,3 +705,55 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         "{err}"
     );
 }
+
+/// Issue 18, defect 10: an id is one path segment in every client URL (`retry
+/// "../v1/batches/ID/cancel?"` used to cancel batch ID), and `analyze` given an errors file
+/// counts its lines as failed (it reported them as succeeded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_ids_stay_ids_and_analyze_reads_an_errors_file_as_failures() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| {
+        b.delay = Duration::from_millis(200);
+        b.refuse_marker = Some("c-1".into());
+    });
+    let (_d, mut server) = server_with(&fake, |c| c.concurrency = 1).await;
+    let api = Api::new(&server.base);
+    let id = api
+        .submit_id(
+            crate::support::chat_file(20, "m", "s"),
+            "/v1/chat/completions",
+        )
+        .await;
+    api.wait_in_progress(&id, Duration::from_secs(20)).await;
+    let base = server.base.clone();
+    let hostile = format!("../v1/batches/{id}/cancel?");
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || run(&["retry", &hostile, "--server", &base]))
+            .await
+            .expect("retry runs");
+    assert!(!ok, "{err}");
+    let (_, b) = api.get(&format!("/v1/batches/{id}")).await;
+    assert_eq!(b["status"], "in_progress", "not cancelled: {b}");
+
+    fake.set(|b| b.delay = Duration::ZERO);
+    let done = api.wait_terminal(&id, Duration::from_secs(60)).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let errors = dir.path().join("errors.jsonl");
+    let (_, text) = api
+        .get_text(&format!(
+            "/v1/files/{}/content",
+            done["error_file_id"].as_str().expect("errors")
+        ))
+        .await;
+    std::fs::write(&errors, &text).expect("write");
+    let failed = text.lines().count();
+    assert!(failed >= 1, "{done}");
+    let (ok, stdout, err) = run(&["analyze", errors.to_str().expect("p")]);
+    assert!(ok, "{err}");
+    assert!(
+        stdout.contains(&format!("lines: {failed} (0 succeeded, {failed} failed")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("looks like an errors file"), "{stdout}");
+    server.stop().await;
+}

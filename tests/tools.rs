@@ -202,7 +202,7 @@ async fn calibrate_reads_the_backend_url_from_the_environment_as_serve_does() {
         .expect("runs");
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("must be a count of 1 or more"),
+        String::from_utf8_lossy(&out.stderr).contains("must be a count from 1 to 4096"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );

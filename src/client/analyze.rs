@@ -211,11 +211,34 @@ fn cell(v: &Value) -> String {
 
 /// Runs the analysis; the report is written to `out`.
 pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
-    let outputs = read_jsonl(&args.output)?;
-    let errors = match &args.errors {
+    // An error line (its `error` set, or a non-2xx response) is a failure wherever it is: an
+    // errors file given as the output file is not a file of successes.
+    let (outputs, misplaced): (Vec<Value>, Vec<Value>) =
+        read_jsonl(&args.output)?.into_iter().partition(|l| {
+            l["error"].is_null()
+                && l["response"]["status_code"]
+                    .as_u64()
+                    .is_some_and(|s| (200..300).contains(&s))
+        });
+    let mut errors = match &args.errors {
         Some(p) => read_jsonl(p)?,
         None => Vec::new(),
     };
+    if !misplaced.is_empty() {
+        writeln!(
+            out,
+            "note: {} line(s) of {} are error lines{}; they are counted as failed",
+            misplaced.len(),
+            args.output.display(),
+            if outputs.is_empty() {
+                " (it looks like an errors file)"
+            } else {
+                ""
+            }
+        )
+        .map_err(|e| e.to_string())?;
+        errors.extend(misplaced);
+    }
     let mut by_code: BTreeMap<String, usize> = BTreeMap::new();
     let mut numbers = Vec::new();
     let mut categories: BTreeMap<String, usize> = BTreeMap::new();

@@ -246,7 +246,7 @@ async fn one_size(
     }
     let after = scrape(server).await;
     let fig = server
-        .json_get(&format!("/status/batches/{id}"))
+        .json_get(&format!("/status/batches/{}", super::http::segment(&id)))
         .await
         .unwrap_or_default();
     let p = &fig["progress"];

@@ -160,20 +160,29 @@ impl Server {
 
     /// `GET /v1/batches/{id}`.
     pub async fn batch(&self, id: &str) -> Result<Value, String> {
-        self.json(self.request(reqwest::Method::GET, &format!("/v1/batches/{id}")))
-            .await
+        self.json(self.request(
+            reqwest::Method::GET,
+            &format!("/v1/batches/{}", segment(id)),
+        ))
+        .await
     }
 
     /// `POST /v1/batches/{id}/cancel`.
     pub async fn cancel(&self, id: &str) -> Result<Value, String> {
-        self.json(self.request(reqwest::Method::POST, &format!("/v1/batches/{id}/cancel")))
-            .await
+        self.json(self.request(
+            reqwest::Method::POST,
+            &format!("/v1/batches/{}/cancel", segment(id)),
+        ))
+        .await
     }
 
     /// `POST /batches/{id}/retry` (an extension).
     pub async fn retry(&self, id: &str) -> Result<Value, String> {
-        self.json(self.request(reqwest::Method::POST, &format!("/batches/{id}/retry")))
-            .await
+        self.json(self.request(
+            reqwest::Method::POST,
+            &format!("/batches/{}/retry", segment(id)),
+        ))
+        .await
     }
 
     /// The newest batch whose metadata has `key` = `value` and that is not a retry batch (no
@@ -206,7 +215,7 @@ impl Server {
     /// Streams a file's content (`GET /v1/files/{id}/content`) to `dest`, written beside it
     /// first and renamed into place, so `dest` is never half-written.
     pub async fn download(&self, file_id: &str, dest: &Path) -> Result<u64, String> {
-        self.download_path(&format!("/v1/files/{file_id}/content"), dest)
+        self.download_path(&format!("/v1/files/{}/content", segment(file_id)), dest)
             .await
     }
 
@@ -248,5 +257,41 @@ impl Server {
             .await
             .map_err(|e| format!("cannot write {}: {e}", dest.display()))?;
         Ok(n)
+    }
+}
+
+/// `id` as one path segment: every byte but the unreserved ones (`A-Z a-z 0-9 - . _ ~`)
+/// percent-encoded, so that an id typed by a user (`../v1/batches/X/cancel?`) can only ever
+/// name one object, never another path.
+pub fn segment(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // `.` and `..` alone are path steps even when encoded by some servers: make them plain
+    // text that matches no object.
+    if out == "." || out == ".." {
+        return out.replace('.', "%2E");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::segment;
+
+    #[test]
+    fn ids_stay_one_path_segment() {
+        assert_eq!(segment("batch_01abc"), "batch_01abc");
+        assert_eq!(
+            segment("../v1/batches/batch_1/cancel?"),
+            "..%2Fv1%2Fbatches%2Fbatch_1%2Fcancel%3F"
+        );
+        assert_eq!(segment(".."), "%2E%2E");
+        assert_eq!(segment("a b#c"), "a%20b%23c");
     }
 }

@@ -77,6 +77,13 @@ pub fn validate(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<Valida
     let (errors, total, model) = match expand(store, cfg, &batch) {
         Ok(r) => r,
         Err(ExpandError::Store(e)) => return Err(e),
+        Err(ExpandError::Cancelled) => {
+            // Cancelled while validating: nothing of it was queued, so it ends with a total
+            // of 0 and no error file (guarantees.md). The supervisor finalizes it.
+            store.delete_requests(batch_id)?;
+            store.flush()?;
+            return Ok(Validated::Done(IntakeOutcome::Cancelled));
+        }
         Err(ExpandError::File(message)) => (
             vec![LineError {
                 code: "invalid_file".into(),
@@ -159,6 +166,8 @@ fn finish(
 enum ExpandError {
     Store(StoreError),
     File(String),
+    /// The batch was cancelled while its file was being read.
+    Cancelled,
 }
 
 impl From<StoreError> for ExpandError {
@@ -203,6 +212,14 @@ fn expand(
         .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?
     {
         line_no = line_no.saturating_add(1);
+        // A cancel during validation stops it: no point reading (and queueing) the rest.
+        if line_no % WRITE_CHUNK as u32 == 0
+            && store
+                .get_batch(batch.id)?
+                .is_some_and(|b| b.status == BatchStatus::Cancelling)
+        {
+            return Err(ExpandError::Cancelled);
+        }
         if too_long {
             push_err(
                 &mut errors,
