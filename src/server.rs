@@ -262,6 +262,10 @@ async fn serve(
         let svc = hyper_util::service::TowerToHyperService::new(app.clone().map_request(
             |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
         ));
+        // A connection that moves no byte for twice --client-timeout is cut: one that never
+        // sends a request, one that stalls a body the handler is not timing itself (an upload's
+        // own limit, 408, comes first), or a reader that stopped reading.
+        let sock = Idle::new(sock, header_timeout.saturating_mul(2));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(sock), svc)
             .into_owned();
@@ -274,6 +278,105 @@ async fn serve(
     }
     drop(listener);
     graceful.shutdown().await;
+}
+
+/// A socket that fails with `TimedOut` once no byte has moved either way for `limit`: a read or
+/// a write that stays pending past the deadline ends the connection. Every byte read or
+/// written pushes the deadline back, so slow but live transfers (a long upload, `/events`
+/// with its snapshots each second and its keep-alives, a large download) go on.
+struct Idle<S> {
+    inner: S,
+    limit: Duration,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<S> Idle<S> {
+    fn new(inner: S, limit: Duration) -> Idle<S> {
+        Idle {
+            inner,
+            limit,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+
+    fn touch(&mut self) {
+        let at = tokio::time::Instant::now() + self.limit;
+        self.deadline.as_mut().reset(at);
+    }
+
+    /// A pending operation: an error once the deadline has passed.
+    fn expired<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        match self.deadline.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "no byte moved on the connection within twice --client-timeout",
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Idle<S> {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut this.inner).poll_read(cx, buf) {
+            std::task::Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.touch();
+                }
+                std::task::Poll::Ready(Ok(()))
+            }
+            std::task::Poll::Pending => this.expired(cx),
+            other => other,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Idle<S> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_write(cx, buf) {
+            std::task::Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    this.touch();
+                }
+                std::task::Poll::Ready(Ok(n))
+            }
+            std::task::Poll::Pending => this.expired(cx),
+            other => other,
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        match std::pin::Pin::new(&mut this.inner).poll_flush(cx) {
+            std::task::Poll::Pending => this.expired(cx),
+            other => other,
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// Runs `round` now and then every `period` until `stop` fires (also in the middle of a round).

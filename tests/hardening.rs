@@ -753,3 +753,49 @@ async fn web_pages_cannot_reach_a_keyless_loopback_server() {
     signal(&p.child, "-TERM");
     wait_exit(&mut p.child, Duration::from_secs(15));
 }
+
+/// Issue 18, defect 9: a connection that never sends a byte, and a create whose body stalls,
+/// were held for ever. Now a connection on which no byte moves for twice --client-timeout is
+/// cut; a live one (a keep-alive connection used again within --client-timeout, after which
+/// hyper's own header timer closes it) is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_and_stalled_bodies_are_cut() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |c| c.client_timeout = Duration::from_secs(1)).await;
+    // Connected, and not a byte sent.
+    let mut silent = raw_connect(&server.base).await;
+    let started = std::time::Instant::now();
+    let mut buf = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut buf)).await;
+    assert!(closed.is_ok(), "a connection that sent nothing was held");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "not before twice the timeout"
+    );
+    // A create that announces 1,000 bytes and sends 10.
+    let mut stalled = raw_connect(&server.base).await;
+    stalled
+        .write_all(b"POST /v1/batches HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"input_fi")
+        .await
+        .expect("send");
+    let mut buf = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stalled.read_to_end(&mut buf)).await;
+    assert!(ended.is_ok(), "a stalled body held its connection");
+    // A keep-alive connection used again within the limit stays up.
+    let mut live = raw_connect(&server.base).await;
+    for _ in 0..3 {
+        live.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            .await
+            .expect("send");
+        let mut head = [0u8; 512];
+        let n = tokio::time::timeout(Duration::from_secs(5), live.read(&mut head))
+            .await
+            .expect("answered")
+            .expect("read");
+        let text = String::from_utf8_lossy(&head[..n]).into_owned();
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        tokio::time::sleep(Duration::from_millis(700)).await;
+    }
+    server.stop().await;
+}
