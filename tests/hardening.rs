@@ -799,3 +799,87 @@ async fn silent_connections_and_stalled_bodies_are_cut() {
     }
     server.stop().await;
 }
+
+/// Issue 18, defect 7: each slow reader of `/batches/{id}/results` held a blocking thread
+/// while it did not read; about 530 of them took the whole pool, and `/status` and validation
+/// hung. Here the server runs on a runtime of 4 blocking threads and 12 clients open the
+/// results and never read: validation and `/status` still answer at once, and a reader that
+/// does read gets every line.
+#[test]
+fn readers_that_never_read_the_results_hold_no_thread() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        use tokio::io::AsyncWriteExt;
+        let fake = Fake::start(Shape::OpenAi).await;
+        let (_d, mut server) = server_with(&fake, |c| c.concurrency = 8).await;
+        let api = Api::new(&server.base);
+        // About 12 MB of results (answers echo their 12 KB user message): more than a socket's
+        // send buffer (up to 4 MB) and the old producer's channel hold.
+        let n = 1000;
+        let file: String = (1..=n)
+            .map(|i| {
+                format!(
+                    "{}\n",
+                    serde_json::json!({"custom_id": format!("c-{i}"), "method": "POST",
+                        "url": "/v1/chat/completions", "body": {"model": "m", "messages": [
+                        {"role": "user", "content": format!("c-{i} {}", "y".repeat(12_000))}]}})
+                )
+            })
+            .collect();
+        let done = api
+            .run_file(
+                file.into_bytes(),
+                "/v1/chat/completions",
+                Duration::from_secs(60),
+            )
+            .await;
+        let id = done["id"].as_str().expect("id").to_string();
+        let hostport = server.base.trim_start_matches("http://").to_string();
+        let mut stuck = Vec::new();
+        for _ in 0..12 {
+            let sock = tokio::net::TcpSocket::new_v4().expect("socket");
+            sock.set_recv_buffer_size(4096).expect("small buffer");
+            let mut s = sock
+                .connect(hostport.parse().expect("addr"))
+                .await
+                .expect("connect");
+            s.write_all(
+                format!("GET /batches/{id}/results HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes(),
+            )
+            .await
+            .expect("send");
+            stuck.push(s); // never read
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), api.get("/status"))
+            .await
+            .expect("/status answers while the readers stall");
+        assert_eq!(status, 200);
+        let id2 = tokio::time::timeout(
+            Duration::from_secs(10),
+            api.submit_id(chat_file(3, "m", "s"), "/v1/chat/completions"),
+        )
+        .await
+        .expect("a create answers");
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            api.wait_in_progress(&id2, Duration::from_secs(20)),
+        )
+        .await
+        .expect("validation runs while the readers stall");
+        let (code, text) = api.get_text(&format!("/batches/{id}/results")).await;
+        assert_eq!(code, 200);
+        assert_eq!(
+            text.lines().count(),
+            n,
+            "a reader that reads gets every line"
+        );
+        drop(stuck);
+        server.stop().await;
+    });
+}

@@ -296,6 +296,34 @@ fn retry_of(st: &AppState, id: BatchId) -> Result<Option<BatchRecord>, ApiError>
     }
 }
 
+/// The next chunk (about 256 KiB) of `/results` lines after line `after`, and the line to
+/// resume after (`None`: the batch's lines are all read).
+fn results_chunk(
+    store: &crate::store::Store,
+    id: BatchId,
+    after: u32,
+    want_ok: bool,
+    want_failed: bool,
+) -> Result<(String, Option<u32>), crate::store::StoreError> {
+    let mut chunk = String::new();
+    for item in store.batch_requests_after(id, after) {
+        let (key, rec) = item?;
+        let wanted = match rec.state {
+            crate::domain::RequestState::Succeeded => want_ok,
+            crate::domain::RequestState::Failed => want_failed,
+            _ => false,
+        };
+        if let Some(result) = rec.result.as_ref().filter(|_| wanted) {
+            chunk.push_str(&crate::wire::output_line(key, &rec.custom_id, result));
+            chunk.push('\n');
+        }
+        if chunk.len() >= 256 << 10 {
+            return Ok((chunk, Some(key.line)));
+        }
+    }
+    Ok((chunk, None))
+}
+
 /// A batch's record, or 404.
 fn load(st: &AppState, id: BatchId) -> Result<BatchRecord, ApiError> {
     st.store
@@ -432,41 +460,28 @@ pub async fn results(
         }
     };
     load(&st, id)?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, std::io::Error>>(4);
+    // One chunk at a time, each read on the blocking pool in one short step and resumed from
+    // the last line sent: a reader that is slow, or stops reading, holds no thread while it
+    // waits (hundreds of them used to take every blocking thread, and with them /status and
+    // validation).
     let store = st.store.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut chunk = String::with_capacity(256 << 10);
-        for item in store.batch_requests(id) {
-            let (key, rec) = match item {
-                Ok(x) => x,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));
-                    return;
+    let stream = futures_util::stream::unfold(Some(0u32), move |cursor| {
+        let store = store.clone();
+        async move {
+            let after = cursor?;
+            let step = tokio::task::spawn_blocking(move || {
+                results_chunk(&store, id, after, want_ok, want_failed)
+            })
+            .await;
+            match step {
+                Ok(Ok((chunk, next))) if !chunk.is_empty() => {
+                    Some((Ok::<axum::body::Bytes, std::io::Error>(chunk.into()), next))
                 }
-            };
-            let wanted = match rec.state {
-                crate::domain::RequestState::Succeeded => want_ok,
-                crate::domain::RequestState::Failed => want_failed,
-                _ => false,
-            };
-            let Some(result) = rec.result.as_ref().filter(|_| wanted) else {
-                continue;
-            };
-            chunk.push_str(&crate::wire::output_line(key, &rec.custom_id, result));
-            chunk.push('\n');
-            if chunk.len() >= 256 << 10 {
-                let full = std::mem::replace(&mut chunk, String::with_capacity(256 << 10));
-                if tx.blocking_send(Ok(full.into())).is_err() {
-                    return; // the client went away
-                }
+                Ok(Ok(_)) => None,
+                Ok(Err(e)) => Some((Err(std::io::Error::other(e.to_string())), None)),
+                Err(e) => Some((Err(std::io::Error::other(e.to_string())), None)),
             }
         }
-        if !chunk.is_empty() {
-            let _ = tx.blocking_send(Ok(chunk.into()));
-        }
-    });
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
     });
     Ok((
         [(axum::http::header::CONTENT_TYPE, "application/jsonl")],

@@ -484,6 +484,35 @@ impl Store {
         }
     }
 
+    /// The requests of a batch after line `after`, in line order (`after` 0: all of them).
+    pub fn batch_requests_after(
+        &self,
+        batch: BatchId,
+        after: u32,
+    ) -> impl Iterator<Item = Result<(RequestKey, RequestRecord), StoreError>> + '_ {
+        let from = RequestKey {
+            batch,
+            line: after.saturating_add(1),
+        }
+        .to_bytes();
+        let to = RequestKey {
+            batch,
+            line: u32::MAX,
+        }
+        .to_bytes();
+        self.requests
+            .range(from..=to)
+            .filter(move |_| after < u32::MAX)
+            .map(|item| {
+                let (k, v) = item?;
+                let key = RequestKey::from_bytes(&k).ok_or_else(|| StoreError::Codec {
+                    what: "request key",
+                    detail: format!("{} bytes", k.len()),
+                })?;
+                Ok((key, decode("request", &v)?))
+            })
+    }
+
     /// Every request of a batch in line order.
     pub fn batch_requests(
         &self,
