@@ -241,10 +241,15 @@ async fn serve(
     use tower::ServiceExt;
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = Builder::new(TokioExecutor::new());
+    // half_close: a client that closes its side right after sending (a script that does not
+    // wait for the answer) still has its request carried out. Without it hyper answers the
+    // EOF by ending the connection, dropping the request's future, at times before its first
+    // poll (a cancel never applied, an upload never stored).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
+        .header_read_timeout(header_timeout)
+        .half_close(true);
     loop {
         let sock = tokio::select! {
             _ = stop.cancelled() => break,

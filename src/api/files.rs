@@ -133,8 +133,22 @@ fn too_large(limit: u64) -> ApiError {
 
 /// `POST /v1/files`. The route has no framework body limit: the file field and any unknown
 /// field are counted here against `--max-file-size`, `purpose` against 1 KiB.
+///
+/// The whole upload runs in a tracked task of its own: a client that sends its file and closes
+/// the connection at once (a script that does not wait for the answer, a killed client) makes
+/// hyper drop the request's future, and the upload used to go with it. A complete body is
+/// stored; one cut off mid-way is discarded.
 pub async fn upload(
     State(st): State<AppState>,
+    headers: HeaderMap,
+    mp: Result<Multipart, MultipartRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let s = st.clone();
+    super::detached(&st, async move { receive(s, headers, mp).await }).await
+}
+
+async fn receive(
+    st: AppState,
     headers: HeaderMap,
     mp: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, ApiError> {
