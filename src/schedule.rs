@@ -9,9 +9,11 @@
 //! [`Policy::Affine`] (the default): each lane serves one queue — the ready lines of one group
 //! of one batch — until it is empty, then takes another: of the oldest batch with ready lines,
 //! the lane's own group if it has lines there, else a queue no lane serves, else (only when
-//! there is enough left to be worth a cold prefill) the queue with the most lines per lane. A
-//! queue that no lane has served for `starve_after` is taken by the next lane that asks, so a
-//! small batch behind a 170,000-line one still makes progress.
+//! there is enough left to be worth a cold prefill) the queue with the most lines per lane, else,
+//! for a lane that holds nothing, a small group (at most `JOIN_MIN_LINES_PER_LANE` lines per
+//! lane in all: one slot's cache gains it nothing, so its lines run side by side). A queue that
+//! no lane has served for `starve_after` is taken by the next lane that asks, so a small batch
+//! behind a 170,000-line one still makes progress.
 //!
 //! [`Policy::Fifo`]: lines in input order, oldest batch first, to whichever lane asks (the
 //! behaviour before prefix groups).
@@ -63,6 +65,9 @@ struct BatchQueues {
     other_groups: HashMap<u32, u64>,
     /// Every group seen.
     all_groups: std::collections::HashSet<u64>,
+    /// Lines registered per group (to run, at take-on): a small group gains nothing from
+    /// keeping to one lane.
+    sizes: HashMap<u64, u32>,
     queues: BTreeMap<u64, Queue>,
 }
 
@@ -266,6 +271,7 @@ impl Scheduler {
         };
         let b = self.batches.entry(batch).or_default();
         b.all_groups.insert(group);
+        *b.sizes.entry(group).or_default() += 1;
         match b.main_group {
             None => b.main_group = Some(group),
             Some(g) if g == group => {}
@@ -488,6 +494,7 @@ impl Scheduler {
             return self.take(lane, at, now);
         }
         let own_group = self.lanes[lane].map(|(_, g)| g);
+        let lanes = self.lanes.len();
         // Batches oldest first: the lane's group there, else a queue no lane serves, else the
         // queue with the most lines per lane if that is worth a cold prefill. A batch that has
         // nothing for this lane leaves it to the next batch (no lane idles while work waits
@@ -517,6 +524,22 @@ impl Scheduler {
                                 (q.ready.len() / (q.lanes + 1), std::cmp::Reverse(**g))
                             })
                             .map(|(g, _)| *g)
+                    })
+                    .or_else(|| {
+                        // An idle lane with nothing else to do joins a small group (one the
+                        // rule above could never spread: a retry batch, a handful of lines):
+                        // one cold prefill per lane instead of the lines one after another.
+                        let small = JOIN_MIN_LINES_PER_LANE as u32 * lanes as u32;
+                        idle.then(|| {
+                            b.queues
+                                .iter()
+                                .filter(|(g, q)| {
+                                    has(q) && b.sizes.get(g).is_some_and(|n| *n <= small)
+                                })
+                                .max_by_key(|(g, q)| (q.ready.len(), std::cmp::Reverse(**g)))
+                                .map(|(g, _)| *g)
+                        })
+                        .flatten()
                     })
                     .map(|g| (*id, g))
             })?;

@@ -167,3 +167,38 @@ async fn a_small_batch_behind_a_large_one_finishes_while_the_large_one_runs() {
         .await;
     server.stop().await;
 }
+
+/// Issue 18: the affine policy ran a batch of fewer than ~16 lines on one slot while the others
+/// idled (a retry batch is exactly that). A group that small gains nothing from one slot's
+/// cache: its lines now spread over the idle slots. 4 lines of 2 s on 4 slots: all four are
+/// sent at once, and the batch takes about 2 s (it took about 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_batch_spreads_over_the_idle_slots() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.set(|b| {
+        b.slot_cache = Some(4);
+        b.delay = Duration::from_secs(2);
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+    cfg.concurrency = 4;
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let (small, _) = shuffled(1, 4, 7);
+    let started = Instant::now();
+    let id = api.submit_id(small, "/v1/chat/completions").await;
+    // All four calls arrive while the first is still running.
+    crate::support::until(
+        "4 calls in flight at once",
+        Duration::from_millis(1900),
+        || fake.total_calls() >= 4,
+    )
+    .await;
+    let done = api.wait_completed(&id, 4, Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["completed"], 4, "{done}");
+    println!(
+        "small batch: 4 lines of 2 s on 4 slots took {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    server.stop().await;
+}
