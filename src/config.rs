@@ -137,6 +137,21 @@ impl BackendArgs {
                     "--backend-url must start with http://, got '{raw}'"
                 ));
             }
+            if url.contains(['?', '#']) {
+                return Err(format!(
+                    "--backend-url {}: a query string or fragment is not part of a server's base URL (ollama-batch adds each API path itself)",
+                    crate::domain::redact_urls(&url)
+                ));
+            }
+            if url.ends_with("/v1") || url.ends_with("/api") {
+                return Err(format!(
+                    "--backend-url {}: give the server's base URL without /v1 or /api (ollama-batch adds each API path itself: {}/v1/chat/completions would be called as …/v1/v1/…)",
+                    crate::domain::redact_urls(&url),
+                    crate::domain::redact_urls(
+                        url.trim_end_matches("/v1").trim_end_matches("/api")
+                    )
+                ));
+            }
             if backends.iter().any(|(u, _)| *u == url) {
                 return Err(format!("--backend-url {url} is given twice"));
             }
@@ -691,6 +706,8 @@ mod tests {
             (&["--backend-url", "https://api.example.com"][..], "https"),
             (&["--client-timeout", "0s"][..], "--client-timeout"),
             (&["--backend-url", "http://a:1#0"][..], "slots"),
+            (&["--backend-url", "http://a:1/v1"][..], "without /v1"),
+            (&["--backend-url", "http://a:1/?x=1"][..], "query string"),
             (
                 &["--backend-url", "http://a:1#4294967296"][..],
                 "from 1 to 4096",

@@ -73,8 +73,9 @@ pub struct Scrape<'a> {
     pub batches: &'a [(&'static str, u64)],
     /// The supervisor's counters.
     pub counters: &'a crate::live::Counters,
-    /// Backend reachable.
-    pub backend_up: Option<bool>,
+    /// Per backend, as shown (no credentials): whether it answered its last call or probe
+    /// (`None` before the first).
+    pub backends_up: &'a [(String, Option<bool>)],
     /// Calls in flight and the current concurrency limit.
     pub in_flight: u64,
     /// Current limit.
@@ -232,13 +233,19 @@ impl Metrics {
             "Answers that did not say how many prompt tokens were cached (unknown, not 0)",
             c.tokens.without_cached_figure,
         );
-        if let Some(up) = s.backend_up {
-            gauge(
+        let up: Vec<(String, i64)> = s
+            .backends_up
+            .iter()
+            .filter_map(|(url, up)| up.map(|u| (url.clone(), u as i64)))
+            .collect();
+        if !up.is_empty() {
+            gauge_family(
                 &mut r,
                 "backend_up",
-                "1 when the backend answered its last call or probe",
+                "1 when the backend answered its last call or probe with a real answer, per backend (its URL without credentials)",
                 None,
-                up as i64,
+                "backend",
+                &up,
             );
         }
         gauge(

@@ -181,7 +181,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     tracing::info!(
         listen = %addr,
         backend = cfg.backend.as_str(),
-        backend_url = %cfg.backends.iter().map(|b| b.0.as_str()).collect::<Vec<_>>().join(", "),
+        backend_url = %crate::domain::redact_urls(&cfg.backends.iter().map(|b| b.0.as_str()).collect::<Vec<_>>().join(", ")),
         state = %cfg.state_dir.display(),
         "ollama-batch listening"
     );

@@ -460,3 +460,98 @@ async fn ollama_calls_never_shift_or_truncate_and_an_unfinished_answer_is_not_a_
     );
     server.stop().await;
 }
+
+/// Issue 18, defect 6: a backend that answers 200 with garbage (an HTML page from a
+/// misconfigured proxy) passed the probe and the model check; beside a good backend about
+/// 20 % of lines failed while `/status` showed both reachable with no error. Now its answers
+/// pause it like an unreachable backend (its probe, which wants the model list, keeps it
+/// paused), its lines go to the good one without spending attempts, and `/status` and
+/// `/metrics` say which backend is down and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_answers_garbage_is_paused_and_the_other_does_the_work() {
+    let good = Fake::start(Shape::OpenAi).await;
+    let bad = Fake::start(Shape::OpenAi).await;
+    good.set(|b| b.delay = Duration::from_millis(5));
+    bad.set(|b| b.html = true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = crate::support::config(
+        dir.path(),
+        ollama_batch::config::BackendKind::Openai,
+        &good.url(),
+    );
+    cfg.backends = vec![(good.url(), Some(2)), (bad.url(), Some(2))];
+    cfg.retry.max_attempts = 3;
+    let mut server = crate::support::TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let n = 200;
+    let done = api
+        .run_file(
+            chat_file(n, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+    assert_eq!(done["request_counts"]["failed"], 0, "{done}");
+    assert_all_answered(&api.lines(&done["output_file_id"]).await, n);
+    assert!(
+        bad.total_calls() < 20,
+        "the bad backend got {} calls",
+        bad.total_calls()
+    );
+    let (_, s) = api.get("/status").await;
+    let b = &s["backends"][1];
+    assert_eq!(b["url"], bad.url());
+    assert_eq!(b["reachable"], false, "{s}");
+    assert!(b["down_since"].is_i64(), "{s}");
+    assert!(
+        b["last_error"].as_str().is_some_and(|e| e.contains("not API answers")
+            || e.contains("not with its model list")),
+        "{s}"
+    );
+    assert_eq!(s["backends"][0]["reachable"], true, "{s}");
+    let (_, m) = api.get_text("/metrics").await;
+    assert!(
+        m.contains(&format!("obatch_backend_up{{backend=\"{}\"}} 0", bad.url())),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!(
+            "obatch_backend_up{{backend=\"{}\"}} 1",
+            good.url()
+        )),
+        "{m}"
+    );
+    server.stop().await;
+}
+
+/// Credentials in a backend URL reach the backend and appear nowhere else: not in `/status`,
+/// `/metrics`, the dashboard's data or an error message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backend_credentials_are_never_shown() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let with = fake.url().replace("http://", "http://operator:s3cret-pw@");
+    let cfg = crate::support::config(dir.path(), ollama_batch::config::BackendKind::Openai, &with);
+    let mut server = crate::support::TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let done = api.run_chat(3, "m", Duration::from_secs(30)).await;
+    assert_eq!(done["request_counts"]["completed"], 3, "{done}");
+    fake.go_down();
+    let _ = api
+        .submit_id(chat_file(2, "m", "s"), "/v1/chat/completions")
+        .await;
+    let s = api
+        .wait_status(Duration::from_secs(30), "the backend seen down", |s| {
+            s["backend"]["reachable"] == false
+        })
+        .await;
+    let (_, m) = api.get_text("/metrics").await;
+    for shown in [s.to_string(), m] {
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert!(!shown.contains("operator"), "{shown}");
+    }
+    assert_eq!(s["backends"][0]["url"], fake.url());
+    fake.come_up();
+    server.stop().await;
+}

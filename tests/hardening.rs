@@ -231,10 +231,12 @@ async fn a_200_without_an_answer_fails_its_line() {
                 "{raw}: {e}"
             );
         }
-        assert_eq!(
-            fake.total_calls(),
-            6,
-            "{raw}: each line tried max_attempts times"
+        // Each line spends its 2 attempts; 3 such answers in a row from the backend also pause
+        // it (like an unreachable one) and give that third line its attempt back, once or twice.
+        let calls = fake.total_calls();
+        assert!(
+            (6..=9).contains(&calls),
+            "{raw}: each line tried max_attempts times, plus what the pauses gave back: {calls}"
         );
         server.stop().await;
     }

@@ -377,7 +377,10 @@ async fn metrics_move_during_a_run_and_agree_with_the_output_at_the_end() {
         ),
         Some(n as f64)
     );
-    assert_eq!(metric(&m, "obatch_backend_up", &[]), Some(1.0));
+    assert_eq!(
+        metric(&m, "obatch_backend_up", &[("backend", fake.url().as_str())]),
+        Some(1.0)
+    );
     assert_eq!(
         metric(&m, "obatch_backend_concurrency_limit", &[]),
         Some(2.0)
@@ -393,7 +396,7 @@ async fn metrics_move_during_a_run_and_agree_with_the_output_at_the_end() {
         for (k, _) in labels {
             assert!(
                 [
-                    "state", "status", "outcome", "cause", "gpu", "le", "version"
+                    "state", "status", "outcome", "cause", "gpu", "le", "version", "backend"
                 ]
                 .contains(&k.as_str()),
                 "{name}: label {k}"

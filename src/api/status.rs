@@ -162,11 +162,23 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
             });
     let batches: Vec<(&'static str, u64)> = tally.by_status.into_iter().collect();
     let gpu = st.gpu.view();
+    let backends_up: Vec<(String, Option<bool>)> = st
+        .cfg
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(i, (url, _))| {
+            (
+                crate::domain::redact_urls(url),
+                live.backends.get(i).and_then(|h| h.reachable),
+            )
+        })
+        .collect();
     let text = st.metrics.render(&crate::metrics::Scrape {
         requests: &requests,
         batches: &batches,
         counters: &live.counters,
-        backend_up: live.backend.reachable,
+        backends_up: &backends_up,
         in_flight: in_flight as u64,
         concurrency_limit: limit as u64,
         gpu: &gpu,
@@ -218,7 +230,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
         "concurrency": {"max": st.cfg.lanes(), "current": limit},
         "backend": {
             "kind": st.cfg.backend.as_str(),
-            "url": st.cfg.backend_url,
+            "url": crate::domain::redact_urls(&st.cfg.backend_url),
             "model": st.cfg.model,
             "reachable": live.backend.reachable,
             "last_probe_at": live.backend.last_probe_at,
@@ -229,7 +241,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
         "backends": st.cfg.backends.iter().zip(st.cfg.slots()).zip(&st.limiters).enumerate().map(|(i, (((url, _), slots), limiter))| {
             let h = live.backends.get(i).cloned().unwrap_or_default();
             let (limit, in_flight) = limiter.snapshot();
-            json!({"url": url, "slots": slots, "concurrency_limit": limit, "in_flight": in_flight,
+            json!({"url": crate::domain::redact_urls(url), "slots": slots, "concurrency_limit": limit, "in_flight": in_flight,
                    "reachable": h.reachable, "last_probe_at": h.last_probe_at, "down_since": h.down_since,
                    "next_probe_at": h.next_probe_at, "last_error": h.last_error})
         }).collect::<Vec<_>>(),

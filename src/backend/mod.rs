@@ -35,7 +35,10 @@ pub enum ModelCheck {
 #[derive(Clone)]
 pub struct Backend {
     kind: BackendKind,
+    /// The URL requests go to (credentials included, when the URL has them).
     base: String,
+    /// The URL as it is shown (logs, `/status`, errors): without credentials.
+    shown: String,
     http: reqwest::Client,
     /// Ollama runner options sent identically on every call.
     num_ctx: Option<u32>,
@@ -102,6 +105,7 @@ impl Backend {
         Ok(Backend {
             kind,
             base: url.trim_end_matches('/').to_string(),
+            shown: crate::domain::redact_urls(url.trim_end_matches('/')),
             http,
             num_ctx: None,
             shift: false,
@@ -199,9 +203,9 @@ impl Backend {
         self.kind
     }
 
-    /// The base URL.
+    /// The base URL as it may be shown (without credentials).
     pub fn url(&self) -> &str {
-        &self.base
+        &self.shown
     }
 
     /// Runs one request. `body` is the line's body with the model already mapped.
@@ -225,7 +229,7 @@ impl Backend {
         if resp.status().is_success() {
             Ok(resp)
         } else {
-            Err(format!("{}{} answered {}", self.base, path, resp.status()))
+            Err(format!("{}{} answered {}", self.shown, path, resp.status()))
         }
     }
 
@@ -235,7 +239,7 @@ impl Backend {
             .await?
             .json()
             .await
-            .map_err(|e| format!("{}{}: {e}", self.base, path))
+            .map_err(|e| crate::domain::redact_urls(&format!("{}{}: {e}", self.shown, path)))
     }
 
     /// A cheap liveness check: `GET /api/tags` (Ollama) or `GET /v1/models`. The error says
@@ -245,7 +249,27 @@ impl Backend {
             BackendKind::Ollama => "/api/tags",
             BackendKind::Openai => "/v1/models",
         };
-        self.get(path, Duration::from_secs(10)).await.map(|_| ())
+        // The answer must be the model list itself: a misconfigured proxy answers 200 with an
+        // HTML page to everything, and that is no model server.
+        let resp = self.get(path, Duration::from_secs(10)).await?;
+        let v: Value = resp.json().await.map_err(|_| {
+            format!(
+                "{}{path} answered, but not with its model list (not JSON): is this the model server, or a proxy's page?",
+                self.shown
+            )
+        })?;
+        let list = match self.kind {
+            BackendKind::Ollama => v.get("models"),
+            BackendKind::Openai => v.get("data"),
+        };
+        if list.is_some_and(Value::is_array) {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}{path} answered JSON that is not a model list: is this the model server?",
+                self.shown
+            ))
+        }
     }
 
     /// Ollama's `GET /api/ps`: the loaded models and where they live.
@@ -272,7 +296,7 @@ impl Backend {
                     Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                         ModelCheck::Missing(format!(
                             "model '{model}' is not available on the Ollama server at {}: run `ollama pull {model}` there (or name another model with --model / --model-map)",
-                            self.base
+                            self.shown
                         ))
                     }
                     Ok(r) => ModelCheck::Unknown(format!("/api/show answered {}", r.status())),
@@ -281,7 +305,7 @@ impl Backend {
             }
             BackendKind::Openai => match self.get_json("/v1/models", Duration::from_secs(30)).await
             {
-                Ok(v) => models_list_check(&v, model, &self.base),
+                Ok(v) => models_list_check(&v, model, &self.shown),
                 Err(e) => ModelCheck::Unknown(e),
             },
         }
@@ -338,7 +362,7 @@ impl Backend {
 
     /// A transport error in words: what happened, where, the usual cause, then the details.
     pub fn explain(&self, e: &reqwest::Error) -> String {
-        explain(self.kind, &self.base, e)
+        crate::domain::redact_urls(&explain(self.kind, &self.shown, e))
     }
 }
 

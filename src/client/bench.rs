@@ -394,7 +394,7 @@ pub async fn bench(args: &BenchArgs) -> u8 {
     };
     if let Some(path) = &args.json {
         let v = serde_json::json!({"model": model, "backend": args.serve.backend.backend.as_str(),
-            "backend_url": args.serve.backend.backend_url.join(","), "measured_at": crate::domain::unix_now(),
+            "backend_url": crate::domain::redact_urls(&args.serve.backend.backend_url.join(",")), "measured_at": crate::domain::unix_now(),
             "sizes": rows, "extrapolated": extrapolated});
         let bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
         if let Err(e) = std::fs::write(path, bytes) {

@@ -572,7 +572,7 @@ async fn measure(args: &CalibrateArgs, interrupted: &CancellationToken) -> Resul
     ));
     let mut report = Report {
         backend: args.backend.backend.as_str(),
-        backend_url: url.clone(),
+        backend_url: crate::domain::redact_urls(url),
         model: args.model.clone(),
         measured_at: crate::domain::unix_now(),
         gpu,

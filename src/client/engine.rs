@@ -69,7 +69,7 @@ impl Engine {
             "engine running in this process on {} (backend {} at {}); dashboard: {base}/",
             state.display(),
             serve.backend.backend.as_str(),
-            serve.backend.backend_url.join(", ")
+            crate::domain::redact_urls(&serve.backend.backend_url.join(", "))
         ));
         Ok(Engine {
             server: Server::new(&base, key)?,

@@ -60,3 +60,42 @@ pub fn prefix_len(messages: &[serde_json::Value]) -> usize {
         })
         .count()
 }
+
+/// `text` with the credentials of every URL in it removed (`http://user:pw@host` →
+/// `http://host`): a backend URL may carry them, and no log line, `/status`, metric or error
+/// message may.
+pub fn redact_urls(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let end = rest
+            .find(['/', ' ', ')', '"', '\'', '>', '\n', ','])
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..end].rfind('@') {
+            rest = &rest[at + 1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_urls;
+
+    #[test]
+    fn credentials_leave_every_url() {
+        assert_eq!(redact_urls("http://u:p@h:1/v1"), "http://h:1/v1");
+        assert_eq!(
+            redact_urls("error sending request for url (http://me:s3cret@gpu:11434/api/chat)"),
+            "error sending request for url (http://gpu:11434/api/chat)"
+        );
+        assert_eq!(
+            redact_urls("http://h:1 and https://a@b/c"),
+            "http://h:1 and https://b/c"
+        );
+        assert_eq!(redact_urls("no url, an@address"), "no url, an@address");
+    }
+}

@@ -227,6 +227,8 @@ pub struct Supervisor {
     /// A call was answered since the last publish: the backend is reachable, whatever an
     /// earlier probe said (its error is cleared).
     answered_since_publish: Vec<bool>,
+    /// Per backend: its answers in a row that were no API answer (`invalid_backend_answer`).
+    invalid_streak: Vec<u32>,
     /// Set once the store cannot write: dispatch stops for good (until a restart).
     store_failure: Option<String>,
     last_rescue_scan: Instant,
@@ -301,6 +303,7 @@ impl Supervisor {
             lane_backend,
             store_failure: None,
             answered_since_publish: Vec::new(),
+            invalid_streak: Vec::new(),
             last_rescue_scan: Instant::now(),
             counters: live::Counters {
                 requeued_at_start: requeued,
@@ -414,6 +417,9 @@ impl Supervisor {
                 }
             }
             Command::BackendUp(i) => {
+                if let Some(s) = self.invalid_streak.get_mut(i) {
+                    *s = 0;
+                }
                 if self.down.get(i) == Some(&true) {
                     tracing::info!(
                         url = self.backends[i].url(),

@@ -11,6 +11,10 @@ use crate::worker::Outcome;
 use std::cmp::Reverse;
 use tokio::time::Instant;
 
+/// Answers in a row from one backend that are no API answer at all, after which that backend
+/// is paused and probed like an unreachable one.
+pub(super) const INVALID_ANSWERS_IN_A_ROW: u32 = 3;
+
 impl Supervisor {
     pub(super) fn on_outcome(&mut self, o: Outcome) {
         let current = self.leased.get(&o.key).map(|l| l.lease);
@@ -59,10 +63,29 @@ impl Supervisor {
             _ if o.result == CallResult::Timeout => self.counters.timeouts += 1,
             _ => {}
         }
-        let step = self
-            .cfg
-            .retry
-            .next_step(o.verdict, o.attempts, fastrand::f64());
+        // Health from answers, not only probes: a backend whose answers keep being no API
+        // answer at all (an HTML page from a misconfigured proxy, another service on the port)
+        // is paused like an unreachable one, and this line goes back without spending its
+        // attempt, to the healthy backends if there are others.
+        let garbage = matches!(&o.result, CallResult::Invalid { code, .. } if code == "invalid_backend_answer");
+        if self.invalid_streak.len() <= backend_index {
+            self.invalid_streak.resize(backend_index + 1, 0);
+        }
+        if garbage {
+            self.invalid_streak[backend_index] += 1;
+        } else if matches!(o.result, CallResult::Answered { .. }) {
+            self.invalid_streak[backend_index] = 0;
+        }
+        let unhealthy = garbage
+            && self.invalid_streak[backend_index] >= INVALID_ANSWERS_IN_A_ROW
+            && self.down.get(backend_index) == Some(&false);
+        let step = if unhealthy {
+            Step::RequeueFree
+        } else {
+            self.cfg
+                .retry
+                .next_step(o.verdict, o.attempts, fastrand::f64())
+        };
         let key = o.key;
         let applied = match step {
             Step::Succeed | Step::Fail => {
@@ -116,7 +139,14 @@ impl Supervisor {
                 r
             }
             Step::RequeueFree => {
-                let err = describe(&o.result);
+                let err = if unhealthy {
+                    format!(
+                        "{INVALID_ANSWERS_IN_A_ROW} answers in a row were not API answers (a proxy's error page? another service on this address?): {}",
+                        describe(&o.result)
+                    )
+                } else {
+                    describe(&o.result)
+                };
                 let r = transitions::give_back(&self.store, key, o.lease, Some(err.clone()));
                 if r.is_ok() && active.dispatching() {
                     self.sched.push_front(key.batch, key.line, Instant::now());

@@ -53,6 +53,8 @@ pub struct Behaviour {
     pub listed_models: Vec<String>,
     /// Instead of a normal answer, answer 200 with this exact body text (a hostile backend).
     pub raw_answer: Option<String>,
+    /// Answer every request, probes included, 200 with an HTML page (a misconfigured proxy).
+    pub html: bool,
     /// Answers are pretty-printed over many lines.
     pub pretty: bool,
     /// A user message containing this text is refused with 400 (a line that fails for good).
@@ -390,6 +392,13 @@ impl Ctx {
 
     async fn handle(&self, method: &str, path: &str, body: &[u8]) -> Reply {
         let b = self.behaviour.lock().expect("lock").clone();
+        if b.html {
+            self.stats.total.fetch_add(1, Ordering::SeqCst);
+            return Reply::Raw(
+                200,
+                "<html><body><h1>Welcome to nginx!</h1></body></html>".into(),
+            );
+        }
         if method == "GET" {
             return match path {
                 "/api/tags" => Reply::Json(200, json!({"models": []})),
