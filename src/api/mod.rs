@@ -286,12 +286,47 @@ async fn require_key(
     }
 }
 
+/// Once the store has failed (a flush hit a full disk or an I/O error; sled keeps such an
+/// error for good), nothing reaches it: writes answer 507 (disk full) or 503 at once, reads
+/// 503 (after such an error sled's reads can spin for ever on a page that never loads, taking a
+/// runtime worker and the graceful stop with them). `/health`, `/status`, `/metrics`, `/events`
+/// and the dashboard answer from the published snapshot and say why.
+async fn store_gate(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(error) = st.store.failure() else {
+        return next.run(req).await;
+    };
+    let path = req.uri().path();
+    let reader = matches!(path, "/health" | "/status" | "/metrics" | "/events" | "/")
+        || path.starts_with("/dashboard/");
+    if reader {
+        return next.run(req).await;
+    }
+    let write = req.method() != axum::http::Method::GET;
+    if write && error.contains("No space left") {
+        return ApiError::disk_full().into_response();
+    }
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        message: format!(
+            "the store failed ({error}): nothing can be read or written until ollama-batch is restarted (free space first if the disk is full); everything acknowledged before is durable"
+        ),
+        kind: "server_error",
+        param: None,
+    }
+    .into_response()
+}
+
 /// The router. The upload route has no framework body limit (the handler counts bytes against
 /// `--max-file-size` itself, so that it can answer 413 cleanly); every other route keeps
 /// axum's 2 MB.
 pub fn router(state: AppState) -> Router {
     let auth = axum::middleware::from_fn_with_state(state.clone(), require_key);
     let browsers = axum::middleware::from_fn_with_state(state.clone(), guard::browsers);
+    let gate = axum::middleware::from_fn_with_state(state.clone(), store_gate);
     Router::new()
         .route(
             "/v1/files",
@@ -315,6 +350,7 @@ pub fn router(state: AppState) -> Router {
         .route("/batches/{id}/results", get(batches::results))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(gate)
         .layer(auth)
         .layer(browsers)
         .with_state(state)

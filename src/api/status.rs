@@ -151,15 +151,26 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
         .filter(|(k, _)| *k != "remaining")
         .collect();
     let store = st.store.clone();
-    let (size, tally) =
-        tokio::task::spawn_blocking(move || (store.size_on_disk(), tally_batches(&store)))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|(size, t)| t.map(|t| (size, t)).map_err(|e| e.to_string()))
-            .unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "cannot read batches for /metrics");
-                (0, BatchTally::empty())
-            });
+    let failed = st.store.failure().is_some();
+    let (size, tally) = tokio::task::spawn_blocking(move || {
+        if failed {
+            // Not read once it failed (see `status`).
+            return (
+                0,
+                Err(crate::store::StoreError::Io(std::io::Error::other(
+                    "the store failed",
+                ))),
+            );
+        }
+        (store.size_on_disk(), tally_batches(&store))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|(size, t)| t.map(|t| (size, t)).map_err(|e| e.to_string()))
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot read batches for /metrics");
+        (0, BatchTally::empty())
+    });
     let batches: Vec<(&'static str, u64)> = tally.by_status.into_iter().collect();
     let gpu = st.gpu.view();
     let backends_up: Vec<(String, Option<bool>)> = st
@@ -272,14 +283,25 @@ pub fn live_snapshot(st: &AppState) -> Value {
 /// `GET /status`: [`live_snapshot`] plus what needs the store (size on disk, finished batches).
 pub async fn status(State(st): State<AppState>) -> Json<Value> {
     let mut v = live_snapshot(&st);
-    let store = st.store.clone();
-    let (size, finished) =
-        tokio::task::spawn_blocking(move || (store.size_on_disk(), finished(&store)))
-            .await
-            .unwrap_or((0, Value::Null));
     v["uptime_s"] = json!(st.started.elapsed().as_secs());
+    // A store that failed is not read: after an I/O error sled's reads can spin for ever on a
+    // page that never loads. The snapshot says what is known, and `store_error` why.
+    if st.store.failure().is_some() {
+        v["store_size_bytes"] = Value::Null;
+        v["shared_contents"] = Value::Null;
+        v["finished"] = Value::Null;
+        return Json(v);
+    }
+    // Reads of the store, `blobs` counted by iteration, run on the blocking pool, never on
+    // the runtime's workers.
+    let store = st.store.clone();
+    let (size, blobs, finished) = tokio::task::spawn_blocking(move || {
+        (store.size_on_disk(), store.blob_count(), finished(&store))
+    })
+    .await
+    .unwrap_or((0, 0, Value::Null));
     v["store_size_bytes"] = json!(size);
-    v["shared_contents"] = json!(st.store.blob_count());
+    v["shared_contents"] = json!(blobs);
     v["finished"] = finished;
     Json(v)
 }

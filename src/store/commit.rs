@@ -109,6 +109,15 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Reply>, failure: Arc<Mutex<Option<String
         };
         let mut waiting: Vec<Reply> = first.into_iter().collect();
         waiting.extend(rx.try_iter());
+        // After a failure sled keeps its error, and a flush may then wait for ever: answer with
+        // the error at once.
+        let known = failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(e) = known {
+            for w in waiting {
+                w.send(Err(sled::Error::Io(std::io::Error::other(e.clone()))));
+            }
+            continue;
+        }
         let r = db.flush().map(|_| ());
         if let Err(e) = &r {
             let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,6 +130,10 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Reply>, failure: Arc<Mutex<Option<String
             w.send(r.clone());
         }
     }
-    // Last handle gone: one final flush so that a clean stop leaves nothing behind.
-    let _ = db.flush();
+    // Last handle gone: one final flush so that a clean stop leaves nothing behind; none after a
+    // failure (sled keeps the error, and a flush can then wait for ever).
+    let failed = failure.lock().map(|f| f.is_some()).unwrap_or(true);
+    if !failed {
+        let _ = db.flush();
+    }
 }

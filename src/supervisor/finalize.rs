@@ -170,6 +170,9 @@ pub fn write_retry_file(
 
 impl super::Supervisor {
     pub(super) fn start_finalizers(&mut self) {
+        if self.store.failure().is_some() {
+            return;
+        }
         for (id, a) in self.batches.iter_mut() {
             if a.finalizing
                 || a.in_flight > 0

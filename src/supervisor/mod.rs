@@ -750,6 +750,14 @@ impl Supervisor {
         }
         let left: Vec<(RequestKey, u32)> = self.leased.drain().map(|(k, l)| (k, l.lease)).collect();
         self.lane_load.iter_mut().for_each(|n| *n = 0);
+        if self.store.failure().is_some() {
+            // Leases stay as they are: start-up recovery puts them back in the queue.
+            tracing::info!(
+                leased = left.len(),
+                "supervisor stopped; the store had failed, recovery requeues what was in flight"
+            );
+            return;
+        }
         for (key, lease) in &left {
             let r = transitions::give_back(&self.store, *key, *lease, None);
             if let Err(e) = r {

@@ -26,6 +26,14 @@ impl Supervisor {
         let Some(Lease { lane, turn, .. }) = self.end_lease(o.key) else {
             return;
         };
+        if self.store_failed() {
+            // Nothing can be stored any more (and reading the store may no longer return): the
+            // line runs again after the restart, like any result not yet durable.
+            if let Some(a) = self.batches.get_mut(&o.key.batch) {
+                a.in_flight = a.in_flight.saturating_sub(1);
+            }
+            return;
+        }
         let backend_index = self.lane_backend.get(lane).copied().unwrap_or(0);
         let Some(active) = self.batches.get_mut(&o.key.batch) else {
             return;
