@@ -410,6 +410,7 @@ async fn ollama_calls_never_shift_or_truncate_and_an_unfinished_answer_is_not_a_
         .collect();
     assert_eq!(generating.len(), 7, "{bodies:?}");
     for b in generating {
+        assert_eq!(b["think"], false, "no reasoning asked for: {b}");
         assert_eq!(b["shift"], false, "{b}");
         assert_eq!(b["truncate"], false, "{b}");
         assert_eq!(b["options"]["num_ctx"], 4096, "{b}");
@@ -458,6 +459,31 @@ async fn ollama_calls_never_shift_or_truncate_and_an_unfinished_answer_is_not_a_
         "{}",
         status["counters"]
     );
+
+    // A runner that died, answered by /api/embed with 400: retried, not a failed line.
+    fake.set(|b| {
+        b.oom_first = 1;
+        b.oom_status = Some(400);
+        b.oom_message = Some("llama-server process has terminated: exit status 2".into());
+    });
+    let embed: String = (1..=3)
+        .map(|i| {
+            format!(
+                "{}\n",
+                json!({"custom_id": format!("e-{i}"), "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": "m", "input": format!("text {i}")}})
+            )
+        })
+        .collect();
+    let done = api
+        .run_file(
+            embed.into_bytes(),
+            "/v1/embeddings",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["completed"], 3, "{done}");
+    assert_eq!(done["request_counts"]["failed"], 0, "{done}");
     server.stop().await;
 }
 

@@ -312,10 +312,23 @@ fn context_rules(backend: &Backend, r: &mut Map<String, Value>) {
     r.insert("shift".into(), json!(backend.shift));
 }
 
+/// Ollama's `think` for a line: its `reasoning_effort` (`low`, `medium`, `high` as the level;
+/// `none` / `minimal` off), else `false`. A thinking model thinks unless told not to
+/// (ollama/ollama v0.33 `server/routes.go`: `think` defaults to true when the model has the
+/// capability), and its reasoning then takes the `max_tokens` meant for the answer; `false` is
+/// accepted by every model (only `true` is refused by one that cannot think).
+fn think(body: &Value) -> Value {
+    match body.get("reasoning_effort").and_then(Value::as_str) {
+        Some(level @ ("low" | "medium" | "high")) => json!(level),
+        _ => json!(false),
+    }
+}
+
 fn chat_request(backend: &Backend, body: &Value) -> Result<Value, String> {
     let mut r = base_request(backend, body);
     r.insert("messages".into(), Value::Array(messages(body)?));
     context_rules(backend, &mut r);
+    r.insert("think".into(), think(body));
     match body["response_format"]["type"].as_str() {
         Some("json_object") => {
             r.insert("format".into(), json!("json"));
@@ -361,6 +374,7 @@ fn generate_request(backend: &Backend, body: &Value) -> Value {
     let mut r = base_request(backend, body);
     r.insert("prompt".into(), body["prompt"].clone());
     context_rules(backend, &mut r);
+    r.insert("think".into(), think(body));
     if let Some(s) = body.get("suffix").filter(|v| !v.is_null()) {
         r.insert("suffix".into(), s.clone());
     }
@@ -441,6 +455,10 @@ fn chat_response(answer: &Value, model: &str) -> Result<(Value, Usage), String> 
         "content": content,
         "refusal": null,
     });
+    // A thinking model's reasoning is kept, as OpenAI-compatible servers name it.
+    if let Some(t) = message["thinking"].as_str().filter(|t| !t.is_empty()) {
+        msg["reasoning_content"] = json!(t);
+    }
     if let Some(calls) = calls {
         let calls: Vec<Value> = calls
             .iter()
@@ -523,6 +541,39 @@ mod tests {
         let mut cfg = Config::for_tests("/tmp/x".into(), BackendKind::Ollama, "http://127.0.0.1:1");
         cfg.num_ctx = Some(8192);
         Backend::new(&cfg).expect("backend")
+    }
+
+    #[test]
+    fn thinking_is_off_unless_asked_and_kept_when_it_comes_back() {
+        let b = backend();
+        let plain = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        assert_eq!(chat_request(&b, &plain).expect("ok")["think"], false);
+        for (effort, want) in [
+            ("high", json!("high")),
+            ("low", json!("low")),
+            ("none", json!(false)),
+        ] {
+            let mut body = plain.clone();
+            body["reasoning_effort"] = json!(effort);
+            assert_eq!(
+                chat_request(&b, &body).expect("ok")["think"],
+                want,
+                "{effort}"
+            );
+        }
+        assert_eq!(
+            generate_request(&b, &json!({"model": "m", "prompt": "x"}))["think"],
+            false
+        );
+        let answer = json!({"model": "m", "done": true, "done_reason": "stop",
+            "message": {"role": "assistant", "content": "7", "thinking": "the rubric says…"},
+            "prompt_eval_count": 3, "eval_count": 9});
+        let (v, _) = chat_response(&answer, "m").expect("answer");
+        assert_eq!(
+            v["choices"][0]["message"]["reasoning_content"],
+            "the rubric says…"
+        );
+        assert_eq!(v["choices"][0]["message"]["content"], "7");
     }
 
     #[test]

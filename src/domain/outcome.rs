@@ -93,12 +93,36 @@ fn is_oom_answer(status: u16, body: &str) -> bool {
     (500..=599).contains(&status) && is_oom_text(&error_message(body))
 }
 
+/// Words by which Ollama says its model runner died (ollama/ollama v0.33 `llm/llama_server.go`:
+/// "llama-server process has terminated", "… no longer running"; older versions: "llama runner
+/// process has terminated", "model runner has unexpectedly stopped"). Whatever the status (the
+/// embeddings route answers such a failure with 400), the line is not at fault: retried with
+/// backoff while Ollama restarts the runner.
+const RUNNER_DIED: &[&str] = &[
+    "process has terminated",
+    "process no longer running",
+    "runner has unexpectedly stopped",
+];
+
+/// Words of failures that come out the same however often the line is sent (retrying only
+/// reloads the model): a wrongly typed option (`api/types.go`: `option "…" must be of type …`,
+/// answered 500), a model Ollama cannot load (`server/sched.go`: "this model may be
+/// incompatible with your version of Ollama").
+const DETERMINISTIC: &[&str] = &["must be of type", "may be incompatible"];
+
+fn message_has(body: &str, words: &[&str]) -> bool {
+    let m = error_message(body).to_ascii_lowercase();
+    words.iter().any(|w| m.contains(w))
+}
+
 /// Classifies one call result.
 pub fn classify(result: &CallResult) -> Verdict {
     match result {
         CallResult::Answered { status, body, .. } => match *status {
             200..=299 => Verdict::Success,
             s if is_oom_answer(s, body) => Verdict::OutOfMemory,
+            _ if message_has(body, DETERMINISTIC) => Verdict::Permanent,
+            _ if message_has(body, RUNNER_DIED) => Verdict::Transient,
             408 | 409 | 425 | 429 => Verdict::Transient,
             // 499 is Ollama's "client canceled": not the request's fault.
             499 => Verdict::Transient,
@@ -175,6 +199,61 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn ollama_error(status: u16, error: &str) -> CallResult {
+        CallResult::Answered {
+            status,
+            body: serde_json::json!({ "error": error }).to_string(),
+            usage: None,
+        }
+    }
+
+    /// Ollama's own words (v0.33): a dead runner is worth a retry whatever the status, a
+    /// failure that repeats itself is not, and an out-of-memory in any GPU's words is one.
+    #[test]
+    fn ollama_failures_are_sorted_by_what_a_retry_can_change() {
+        for (status, error, want) in [
+            (
+                400,
+                "llama-server process has terminated: exit status 2",
+                Verdict::Transient,
+            ),
+            (
+                500,
+                "llama-server process no longer running: signal: killed",
+                Verdict::Transient,
+            ),
+            (
+                500,
+                "model runner has unexpectedly stopped, this may be due to resource limitations",
+                Verdict::Transient,
+            ),
+            (
+                500,
+                "option \"num_ctx\" must be of type integer",
+                Verdict::Permanent,
+            ),
+            (
+                500,
+                "exit status 2: this model may be incompatible with your version of Ollama. If you previously pulled this model, try updating it by running `ollama pull m`",
+                Verdict::Permanent,
+            ),
+            (
+                500,
+                "llama-server process has terminated: hipMalloc failed: out of memory",
+                Verdict::OutOfMemory,
+            ),
+            (500, "vk_error_out_of_device_memory", Verdict::OutOfMemory),
+            (400, "invalid input", Verdict::Permanent),
+            (500, "something else", Verdict::Transient),
+        ] {
+            assert_eq!(
+                classify(&ollama_error(status, error)),
+                want,
+                "{status} {error}"
+            );
+        }
+    }
 
     fn answered(status: u16, body: &str) -> CallResult {
         CallResult::Answered {

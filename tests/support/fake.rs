@@ -39,6 +39,8 @@ pub struct Behaviour {
     pub oom_first: u32,
     /// The out-of-memory message of those answers instead (another GPU's wording).
     pub oom_message: Option<String>,
+    /// The status of those answers instead of 500.
+    pub oom_status: Option<u16>,
     /// Per-mille of calls that hang (never answer).
     pub hang_permille: u32,
     /// Per-mille of calls whose connection is reset.
@@ -601,7 +603,7 @@ impl Ctx {
         if attempt <= b.oom_first {
             self.stats.ooms.fetch_add(1, Ordering::SeqCst);
             return err(
-                500,
+                b.oom_status.unwrap_or(500),
                 b.oom_message
                     .as_deref()
                     .unwrap_or("llama runner process has terminated: CUDA error: out of memory"),
