@@ -210,6 +210,11 @@ pub struct ServeArgs {
     /// shifting drops the start of the shared prompt without a sign in the answer.
     #[arg(long, env = "OLLAMA_BATCH_CONTEXT_SHIFT")]
     pub context_shift: bool,
+    /// Ollama: how long loading a model may take. Before the first call of a model the worker
+    /// loads it with one call under this deadline (Ollama abandons a load whose caller left,
+    /// so a load longer than --request-timeout would otherwise never finish).
+    #[arg(long, env = "OLLAMA_BATCH_LOAD_TIMEOUT", default_value = "15m")]
+    pub load_timeout: humantime::Duration,
     /// Ollama: `keep_alive` sent on every call (-1 keeps the model loaded).
     #[arg(
         long,
@@ -422,6 +427,8 @@ pub struct Config {
     pub num_ctx: Option<u32>,
     /// Ollama `shift` on every call.
     pub context_shift: bool,
+    /// Deadline of the call that loads a model (Ollama).
+    pub load_timeout: Duration,
     /// Ollama keep_alive (a number of seconds or a duration string).
     pub keep_alive: serde_json::Value,
     /// Upload cap in bytes.
@@ -576,6 +583,7 @@ impl Config {
             request_timeout,
             num_ctx: a.num_ctx,
             context_shift: a.context_shift,
+            load_timeout: a.load_timeout.into(),
             keep_alive,
             max_file_size,
             expire: a.expire,

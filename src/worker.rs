@@ -193,6 +193,14 @@ pub fn spawn(
                 let metrics = metrics.clone();
                 let freed = freed_tx.clone();
                 calls.spawn(async move {
+                    // The first call of a model on an Ollama backend waits for one load call,
+                    // with its own long deadline (see `Backend::warm_up`); the other lanes wait
+                    // for it too, then fan out. The rescue deadline counts from after it.
+                    if job.endpoint != Endpoint::Embeddings
+                        && let Some(model) = job.body["model"].as_str()
+                    {
+                        backend.warm_up(model).await;
+                    }
                     // The supervisor may already be gone at shutdown: nothing to do then.
                     let _ = events
                         .send(Event::Started {

@@ -581,3 +581,36 @@ async fn backend_credentials_are_never_shown() {
     fake.come_up();
     server.stop().await;
 }
+
+/// Issue 18, defect 12 (the warm-up): a cold model that takes longer to load than
+/// --request-timeout never loaded, because Ollama abandons a load whose client left and every
+/// call timed out. Now the first call of a model waits for one load call under --load-timeout,
+/// the other lanes wait with it, and the batch runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_slower_to_load_than_a_call_is_loaded_once_before_the_calls() {
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.set(|b| b.load_time = Some(Duration::from_secs(3)));
+    let (_d, mut server) = server_with(&fake, |c| {
+        c.concurrency = 2;
+        c.request_timeout = Duration::from_secs(1);
+        c.retry.max_attempts = 2;
+    })
+    .await;
+    let api = Api::new(&server.base);
+    let done = api.run_chat(4, "m", Duration::from_secs(60)).await;
+    assert_eq!(done["request_counts"]["completed"], 4, "{done}");
+    assert_eq!(
+        fake.stats
+            .loads_done
+            .load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+    assert_eq!(
+        fake.stats
+            .loads_abandoned
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no load was left half-done"
+    );
+    server.stop().await;
+}

@@ -47,6 +47,11 @@ pub struct Backend {
     keep_alive: Value,
     /// Answers larger than this are refused (`--max-answer-size`).
     max_answer: u64,
+    /// Models this Ollama has been asked to load (and loaded), and the lock that makes the
+    /// lanes wait for the one load in progress.
+    warmed: std::sync::Arc<tokio::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The deadline of that load call (`--load-timeout`).
+    load_timeout: Duration,
     /// Slots to pin with llama.cpp's `id_slot` (0: none): set at start from `--slot-affinity`
     /// and the backend's `/props`.
     slots: std::sync::Arc<std::sync::atomic::AtomicUsize>,
@@ -71,6 +76,7 @@ impl Backend {
         )?;
         b.num_ctx = cfg.num_ctx;
         b.shift = cfg.context_shift;
+        b.load_timeout = cfg.load_timeout;
         b.keep_alive = cfg.keep_alive.clone();
         b.max_answer = cfg.max_answer_bytes;
         Ok(b)
@@ -109,6 +115,8 @@ impl Backend {
             http,
             num_ctx: None,
             shift: false,
+            warmed: Default::default(),
+            load_timeout: Duration::from_secs(15 * 60),
             keep_alive: Value::from(-1),
             max_answer: 64 << 20,
             slots: Default::default(),
@@ -129,6 +137,47 @@ impl Backend {
         Backend {
             keep_alive: v,
             ..self.clone()
+        }
+    }
+
+    /// Loads `model` on an Ollama backend before its first call, once: one `/api/generate` with
+    /// an empty prompt (which only loads the model) and the runner options every call sends,
+    /// under `--load-timeout` instead of `--request-timeout`. Ollama abandons a load whose client
+    /// has gone (ollama/ollama v0.33 `server/sched.go`: the runner is started and awaited with
+    /// the request's context, `llama.Load(req.ctx, …)` and `WaitUntilRunning(req.ctx)`, and a
+    /// failed wait expires it), so a cold 12B model that takes longer to load than a call may
+    /// take would otherwise never load: every call would time out and take the load with it.
+    /// A failed load is logged and the calls go ahead (and fail or retry as calls do).
+    pub async fn warm_up(&self, model: &str) {
+        if self.kind != BackendKind::Ollama {
+            return;
+        }
+        let mut warmed = self.warmed.lock().await;
+        if warmed.contains(model) {
+            return;
+        }
+        let body = ollama::load_request(self, model);
+        let started = std::time::Instant::now();
+        let r = self
+            .http
+            .post(format!("{}/api/generate", self.base))
+            .json(&body)
+            .timeout(self.load_timeout)
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::info!(url = %self.shown, model, seconds = started.elapsed().as_secs_f64(), "model loaded");
+                warmed.insert(model.to_string());
+            }
+            Ok(resp) => {
+                let status = resp.status();
+                let text = resp.text().await.unwrap_or_default();
+                tracing::warn!(url = %self.shown, model, %status, answer = %crate::domain::clip(&text, 200), "loading the model failed; calls go ahead");
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.shown, model, error = %self.explain(&e), "loading the model failed; calls go ahead");
+            }
         }
     }
 

@@ -370,6 +370,15 @@ fn embed_request(backend: &Backend, body: &Value) -> Value {
     Value::Object(r)
 }
 
+/// The load call of `model` ([`Backend::warm_up`]): an empty prompt with the options every call
+/// sends, so that the runner it loads is the one the calls use.
+pub(super) fn load_request(backend: &Backend, model: &str) -> Value {
+    let mut r = base_request(backend, &json!({"model": model}));
+    r.insert("prompt".into(), json!(""));
+    context_rules(backend, &mut r);
+    Value::Object(r)
+}
+
 fn generate_request(backend: &Backend, body: &Value) -> Value {
     let mut r = base_request(backend, body);
     r.insert("prompt".into(), body["prompt"].clone());

@@ -57,6 +57,10 @@ pub struct Behaviour {
     pub raw_answer: Option<String>,
     /// Answer every request, probes included, 200 with an HTML page (a misconfigured proxy).
     pub html: bool,
+    /// Ollama's model loading: the first generating call of a model first loads it for this
+    /// long, and the load is abandoned if that call's client leaves before it is done (as
+    /// Ollama's scheduler does); a loaded model stays loaded.
+    pub load_time: Option<Duration>,
     /// Answers are pretty-printed over many lines.
     pub pretty: bool,
     /// A user message containing this text is refused with 400 (a line that fails for good).
@@ -95,6 +99,10 @@ pub struct Stats {
     /// Every request body received (only when `keep_bodies`).
     pub bodies: Mutex<Vec<Value>>,
     pub total: AtomicU64,
+    /// Models loaded (`load_time`), and loads abandoned because their client left.
+    pub loaded: Mutex<std::collections::HashSet<String>>,
+    pub loads_done: AtomicU64,
+    pub loads_abandoned: AtomicU64,
     /// Faults served, by kind.
     pub ooms: AtomicU64,
     pub hangs: AtomicU64,
@@ -338,10 +346,57 @@ impl Ctx {
             let mut parts = request_line.split_whitespace();
             let method = parts.next().unwrap_or_default().to_string();
             let path = parts.next().unwrap_or_default().to_string();
+            // Loading the model first, if it is not loaded: abandoned if the client leaves.
+            let load_time = self.behaviour.lock().expect("lock").load_time;
+            if let Some(load) = load_time
+                && matches!(path.as_str(), "/api/chat" | "/api/generate")
+            {
+                let model = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v["model"].as_str().map(str::to_string))
+                    .unwrap_or_default();
+                let loaded = self.stats.loaded.lock().expect("lock").contains(&model);
+                if !loaded {
+                    let done = tokio::time::sleep(load);
+                    tokio::pin!(done);
+                    loop {
+                        let mut chunk = [0u8; 4096];
+                        tokio::select! {
+                            _ = &mut done => break,
+                            r = sock.read(&mut chunk) => match r {
+                                Ok(0) | Err(_) => {
+                                    self.stats.loads_abandoned.fetch_add(1, Ordering::SeqCst);
+                                    return;
+                                }
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            },
+                        }
+                    }
+                    self.stats.loads_done.fetch_add(1, Ordering::SeqCst);
+                    self.stats.loaded.lock().expect("lock").insert(model);
+                }
+            }
+            // Ollama's load request (an empty prompt): it only loads the model, answered as
+            // Ollama does, and is not one of the calls the tests count.
+            let load_only = path == "/api/generate"
+                && serde_json::from_slice::<Value>(&body)
+                    .is_ok_and(|v| v["prompt"] == "" && v.get("images").is_none());
             // Going down mid-call is a crash: the connection is reset, no answer comes.
-            let reply = tokio::select! {
-                r = self.handle(&method, &path, &body) => r,
-                _ = self.went_down() => Reply::Reset,
+            let reply = if load_only && !self.down.load(Ordering::SeqCst) {
+                let model = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .map(|v| v["model"].clone())
+                    .unwrap_or(Value::Null);
+                Reply::Json(
+                    200,
+                    json!({"model": model, "created_at": "2026-12-06T00:00:00Z", "response": "",
+                           "done": true, "done_reason": "load"}),
+                )
+            } else {
+                tokio::select! {
+                    r = self.handle(&method, &path, &body) => r,
+                    _ = self.went_down() => Reply::Reset,
+                }
             };
             let pretty = self.behaviour.lock().expect("lock").pretty;
             let reply = match reply {
