@@ -126,11 +126,13 @@ impl GpuMonitor {
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// One line for logs: "GPU0 10.2/16.0 GiB (peak 11.0 GiB)" or "unavailable: why".
+    /// One line for logs: "GPU0 10.2/16.0 GiB (peak 11.0 GiB)" or "unavailable".
     pub fn summary(&self) -> String {
         let v = self.view();
         if !v.available {
-            return format!("unavailable ({})", v.unavailable_reason.unwrap_or_default());
+            // The reason is logged once at start and shown in /status; a progress line every
+            // few seconds need not repeat 150 characters of it.
+            return "unavailable".into();
         }
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         v.devices

@@ -461,3 +461,45 @@ async fn a_cancel_during_validation_stops_it_and_leaves_no_lines() {
     assert_eq!(fake.total_calls(), 0);
     server.stop().await;
 }
+
+/// Issue 18's rough edges: a create parameter of the wrong type is said to be of the wrong
+/// type (it was reported as missing), and a line whose answer schema is not a JSON Schema
+/// object fails validation (it was sent to the backend).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_types_are_named_and_a_schema_must_be_an_object() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_d, mut server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let (code, e) = api
+        .post(
+            "/v1/batches",
+            json!({"input_file_id": 123, "endpoint": "/v1/chat/completions", "completion_window": "24h"}),
+        )
+        .await;
+    assert_eq!(code, 400, "{e}");
+    assert_eq!(e["error"]["param"], "input_file_id");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("invalid type") && m.contains("a number")),
+        "{e}"
+    );
+    let line = json!({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                 "response_format": {"type": "json_schema",
+                                     "json_schema": {"name": "x", "schema": "an integer"}}}});
+    let done = api
+        .run_file(
+            format!("{line}\n").into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(20),
+        )
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(
+        done["errors"]["data"][0]["param"], "body.response_format.json_schema.schema",
+        "{done}"
+    );
+    assert_eq!(fake.total_calls(), 0);
+    server.stop().await;
+}

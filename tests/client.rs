@@ -684,6 +684,22 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 
+    // An answer schema that is not a JSON Schema object is refused.
+    std::fs::write(&csv, "candidate_id,name\nc1,Ann\n").expect("csv");
+    let schema = dir.path().join("schema.json");
+    std::fs::write(&schema, "[1, 2]").expect("schema");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "--json-schema",
+        schema.to_str().expect("p"),
+        "-o",
+        out.to_str().expect("p"),
+    ]);
+    assert!(!ok && err.contains("not a JSON Schema object"), "{err}");
+
     // Short rows and a first row that looks like data are converted, and said.
     std::fs::write(
         &csv,

@@ -191,12 +191,11 @@ async fn progress_lines_appear_in_the_log_of_a_real_process() {
             f["percent"].is_number() && f["eta"].is_string() && f["retries"].is_number(),
             "{v}"
         );
-        assert!(
-            f["gpu_memory"]
-                .as_str()
-                .is_some_and(|g| g.starts_with("unavailable")),
-            "{v}"
-        );
+        // Without a GPU: said in a word, not the 150-character NVML error on every line (it
+        // is logged once at start and shown in /status).
+        if !std::path::Path::new("/dev/nvidia0").exists() {
+            assert_eq!(f["gpu_memory"], "unavailable", "{v}");
+        }
     }
 }
 

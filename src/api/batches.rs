@@ -54,6 +54,32 @@ fn metadata(v: Option<&Value>) -> Result<Option<BTreeMap<String, String>>, ApiEr
     }
 }
 
+/// A required string parameter of a create: missing, or of another type, said as such.
+fn string_param<'a>(
+    obj: &'a serde_json::Map<String, Value>,
+    name: &'static str,
+) -> Result<&'a str, ApiError> {
+    match obj.get(name) {
+        Some(Value::String(s)) => Ok(s),
+        None | Some(Value::Null) => Err(ApiError::bad(
+            Some(name),
+            format!("missing required parameter: '{name}'"),
+        )),
+        Some(other) => Err(ApiError::bad(
+            Some(name),
+            format!(
+                "invalid type for '{name}': expected a string, got {}",
+                match other {
+                    Value::Bool(_) => "a boolean",
+                    Value::Number(_) => "a number",
+                    Value::Array(_) => "an array",
+                    _ => "an object",
+                }
+            ),
+        )),
+    }
+}
+
 /// `POST /v1/batches`
 pub async fn create(
     State(st): State<AppState>,
@@ -87,19 +113,8 @@ pub async fn create(
             "the request body must be a JSON object",
         ));
     };
-    let input = obj
-        .get("input_file_id")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            ApiError::bad(
-                Some("input_file_id"),
-                "missing required parameter: 'input_file_id'",
-            )
-        })?;
-    let endpoint_raw = obj
-        .get("endpoint")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::bad(Some("endpoint"), "missing required parameter: 'endpoint'"))?;
+    let input = string_param(&obj, "input_file_id")?;
+    let endpoint_raw = string_param(&obj, "endpoint")?;
     let endpoint = Endpoint::parse(endpoint_raw).ok_or_else(|| {
         ApiError::bad(
             Some("endpoint"),
@@ -108,15 +123,7 @@ pub async fn create(
             ),
         )
     })?;
-    let window = obj
-        .get("completion_window")
-        .and_then(Value::as_str)
-        .ok_or_else(|| {
-            ApiError::bad(
-                Some("completion_window"),
-                "missing required parameter: 'completion_window'",
-            )
-        })?;
+    let window = string_param(&obj, "completion_window")?;
     if window != "24h" {
         return Err(ApiError::bad(
             Some("completion_window"),

@@ -330,6 +330,14 @@ pub fn convert(
         }
         None => None,
     };
+    if let (Some(p), Some(s)) = (&args.json_schema, &schema)
+        && !s.is_object()
+    {
+        return Err(format!(
+            "--json-schema {}: the file is JSON but not a JSON Schema object ({{\"type\": \"object\", …}}), the shape each answer must follow",
+            p.display()
+        ));
+    }
     // A quote opened and never closed would make the rest of the file one field: refuse it
     // before anything is written, naming the line where it opened.
     let file = std::fs::File::open(csv_path)

@@ -137,6 +137,22 @@ fn check_body(line_no: u32, endpoint: Endpoint, body: &Value) -> Result<(), Line
                     });
                 }
             }
+            // A schema for the answer must be a JSON Schema object (a string or a list is sent
+            // on to the backend, which fails every line or ignores it).
+            let schema = body.pointer("/response_format/json_schema/schema");
+            if body
+                .pointer("/response_format/type")
+                .and_then(Value::as_str)
+                == Some("json_schema")
+                && let Some(s) = schema.filter(|s| !s.is_object())
+            {
+                return Err(field_error(
+                    line_no,
+                    "body.response_format.json_schema.schema",
+                    Some(s),
+                    "a JSON Schema object",
+                ));
+            }
             Ok(())
         }
         // An empty input (or an empty string in a list) is answered by Ollama with 200 and no
