@@ -561,6 +561,11 @@ impl Config {
         if max_answer_bytes < 1024 {
             return Err("--max-answer-size must be at least 1KiB".into());
         }
+        if a.num_ctx.is_some_and(|n| n < 256) {
+            return Err(
+                "--num-ctx must be at least 256 tokens (it is the context of every call)".into(),
+            );
+        }
         if a.mode == Mode::Conversation && a.num_ctx.is_none() {
             return Err("--mode conversation needs --num-ctx: the history is cut to stay within the context of one call".into());
         }
@@ -721,6 +726,7 @@ mod tests {
                 "from 1 to 4096",
             ),
             (&["--concurrency", "4294967296"][..], "more than 4096"),
+            (&["--num-ctx", "0"][..], "--num-ctx"),
             (&["--backend-url", "http://a:1#many"][..], "slots"),
             (
                 &[

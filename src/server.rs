@@ -267,10 +267,10 @@ async fn serve(
         let svc = hyper_util::service::TowerToHyperService::new(app.clone().map_request(
             |req: axum::http::Request<hyper::body::Incoming>| req.map(axum::body::Body::new),
         ));
-        // A connection that moves no byte for twice --client-timeout is cut: one that never
-        // sends a request, one that stalls a body the handler is not timing itself (an upload's
-        // own limit, 408, comes first), or a reader that stopped reading.
-        let sock = Idle::new(sock, header_timeout.saturating_mul(2));
+        // A connection that moves no byte for --client-timeout is cut (one second later, so
+        // that an upload's own 408 answer goes out first): one that never sends a request, one
+        // that stalls a body, a reader that stopped reading.
+        let sock = Idle::new(sock, header_timeout + Duration::from_secs(1));
         let conn = builder
             .serve_connection_with_upgrades(TokioIo::new(sock), svc)
             .into_owned();
@@ -318,7 +318,7 @@ impl<S> Idle<S> {
         match self.deadline.as_mut().poll(cx) {
             std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                "no byte moved on the connection within twice --client-timeout",
+                "no byte moved on the connection within --client-timeout",
             ))),
             std::task::Poll::Pending => std::task::Poll::Pending,
         }
