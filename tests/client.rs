@@ -773,3 +773,52 @@ async fn client_ids_stay_ids_and_analyze_reads_an_errors_file_as_failures() {
     assert!(stdout.contains("looks like an errors file"), "{stdout}");
     server.stop().await;
 }
+
+/// `-o` naming a device or a symlink: the device is written, not replaced by a file (writing
+/// through a temporary file and a rename once turned /dev/null into a regular file), and a
+/// symlink still points where it did.
+#[test]
+fn csv_to_batch_writes_through_devices_and_symlinks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let csv = dir.path().join("in.csv");
+    std::fs::write(&csv, "candidate_id,name\nc1,Ann\n").expect("csv");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "-o",
+        "/dev/null",
+    ]);
+    assert!(ok, "{err}");
+    use std::os::unix::fs::FileTypeExt;
+    let null = std::fs::metadata("/dev/null").expect("/dev/null");
+    assert!(
+        null.file_type().is_char_device(),
+        "/dev/null is still a device"
+    );
+    let real = dir.path().join("real.jsonl");
+    std::fs::write(&real, "old\n").expect("old");
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&real, &link).expect("symlink");
+    let (ok, _, err) = run(&[
+        "csv-to-batch",
+        csv.to_str().expect("p"),
+        "--model",
+        "m",
+        "-o",
+        link.to_str().expect("p"),
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .expect("link")
+            .file_type()
+            .is_symlink()
+    );
+    assert!(
+        std::fs::read_to_string(&real)
+            .expect("real")
+            .contains("\"custom_id\":\"c1\"")
+    );
+}

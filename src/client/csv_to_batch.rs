@@ -584,6 +584,18 @@ pub fn convert_to_file(
             output.display()
         ));
     }
+    // Not a regular file (`/dev/null`, a pipe): written as it is; renaming a file over it
+    // would replace the device.
+    if std::fs::metadata(output).is_ok_and(|m| !m.is_file()) {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(output)
+            .map_err(|e| format!("cannot write {}: {e}", output.display()))?;
+        return convert(csv_path, args, model, &mut f);
+    }
+    // A symlink keeps pointing where it did: the file it names is the one replaced.
+    let resolved = std::fs::canonicalize(output).ok();
+    let output = resolved.as_deref().unwrap_or(output);
     let dir = output
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
