@@ -513,19 +513,12 @@ impl Store {
             })
     }
 
-    /// Every request of a batch in line order.
+    /// Every request of a batch in line order (lines are numbered from 1).
     pub fn batch_requests(
         &self,
         batch: BatchId,
     ) -> impl Iterator<Item = Result<(RequestKey, RequestRecord), StoreError>> + '_ {
-        self.requests.scan_prefix(batch.0.as_bytes()).map(|item| {
-            let (k, v) = item?;
-            let key = RequestKey::from_bytes(&k).ok_or_else(|| StoreError::Codec {
-                what: "request key",
-                detail: format!("{} bytes", k.len()),
-            })?;
-            Ok((key, decode("request", &v)?))
-        })
+        self.batch_requests_after(batch, 0)
     }
 
     /// Applies one edge of the request state machine ([`Transition`]) as one compare-and-swap:

@@ -274,6 +274,7 @@ impl Supervisor {
         let lanes = parts.cfg.lanes();
         let sched = Scheduler::new(parts.cfg.scheduling, lanes, parts.cfg.group_wait_max);
         let backends = parts.backends;
+        let n_backends = backends.len();
         let lane_backend: Vec<usize> = parts.cfg.lane_map().into_iter().map(|l| l.0).collect();
         let mut s = Supervisor {
             store: parts.store,
@@ -298,12 +299,12 @@ impl Supervisor {
             leased: HashMap::new(),
             pending: Vec::new(),
             first_pending: None,
-            down: vec![false; backends.len()],
+            down: vec![false; n_backends],
             backends,
             lane_backend,
             store_failure: None,
             answered_since_publish: Vec::new(),
-            invalid_streak: Vec::new(),
+            invalid_streak: vec![0; n_backends],
             last_rescue_scan: Instant::now(),
             counters: live::Counters {
                 requeued_at_start: requeued,

@@ -76,9 +76,6 @@ impl Supervisor {
         // is paused like an unreachable one, and this line goes back without spending its
         // attempt, to the healthy backends if there are others.
         let garbage = matches!(&o.result, CallResult::Invalid { code, .. } if code == "invalid_backend_answer");
-        if self.invalid_streak.len() <= backend_index {
-            self.invalid_streak.resize(backend_index + 1, 0);
-        }
         if garbage {
             self.invalid_streak[backend_index] += 1;
         } else if matches!(o.result, CallResult::Answered { .. }) {
