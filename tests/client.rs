@@ -3,6 +3,7 @@
 use crate::support::fake::{Fake, Shape};
 use crate::support::{Api, binary, server_with};
 use serde_json::Value;
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -584,6 +585,20 @@ async fn results_so_far_stream_in_input_order_while_the_batch_runs() {
     server.stop().await;
 }
 
+/// `csv-to-batch CSV --model m -o OUT EXTRA…`: (success, stdout, stderr).
+fn to_jsonl(csv: &Path, out: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut args = vec![
+        "csv-to-batch",
+        csv.to_str().expect("path"),
+        "--model",
+        "m",
+        "-o",
+        out.to_str().expect("path"),
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 /// Issue 18, defects 4 and 5 and the CSV rough edges: csv-to-batch never destroys or swallows
 /// its input, and says what is wrong with a file it cannot convert faithfully.
 #[test]
@@ -596,14 +611,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
     std::os::unix::fs::symlink(&csv, &link).expect("symlink");
     let dotted = dir.path().join(".").join("in.csv");
     for output in [&csv, &dotted, &link] {
-        let (ok, _, err) = run(&[
-            "csv-to-batch",
-            csv.to_str().expect("p"),
-            "--model",
-            "m",
-            "-o",
-            output.to_str().expect("p"),
-        ]);
+        let (ok, _, err) = to_jsonl(&csv, output, &[]);
         assert!(!ok, "-o {} must be refused", output.display());
         assert!(err.contains("is the input file itself"), "{err}");
         assert_eq!(
@@ -620,14 +628,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         "candidate_id,name,notes\nc1,Ann,fine\nc2,Bo,\"unclosed\nc3,Cy,x\nc4,Di,y\n",
     )
     .expect("csv");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "-o",
-        out.to_str().expect("p"),
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, &out, &[]);
     assert!(!ok, "{err}");
     assert!(
         err.contains("the quote opened on line 3 is never closed"),
@@ -640,14 +641,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         "candidate_id,notes\nc1,\"said \"\"hi\"\"\nthen left\"\nc2,\"\"\"\"\n",
     )
     .expect("csv");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "-o",
-        out.to_str().expect("p"),
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, &out, &[]);
     assert!(ok, "{err}");
     assert_eq!(
         std::fs::read_to_string(&out).expect("out").lines().count(),
@@ -665,14 +659,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         ),
     ] {
         std::fs::write(&csv, content).expect("csv");
-        let (ok, _, err) = run(&[
-            "csv-to-batch",
-            csv.to_str().expect("p"),
-            "--model",
-            "m",
-            "-o",
-            out.to_str().expect("p"),
-        ]);
+        let (ok, _, err) = to_jsonl(&csv, &out, &[]);
         assert!(!ok, "{content}: {err}");
         assert!(err.contains(says), "{content}: {err}");
         assert_eq!(std::fs::read(&out).expect("out"), before, "output kept");
@@ -688,16 +675,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
     std::fs::write(&csv, "candidate_id,name\nc1,Ann\n").expect("csv");
     let schema = dir.path().join("schema.json");
     std::fs::write(&schema, "[1, 2]").expect("schema");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "--json-schema",
-        schema.to_str().expect("p"),
-        "-o",
-        out.to_str().expect("p"),
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, &out, &["--json-schema", schema.to_str().expect("p")]);
     assert!(!ok && err.contains("not a JSON Schema object"), "{err}");
 
     // Short rows and a first row that looks like data are converted, and said.
@@ -706,14 +684,7 @@ fn csv_to_batch_refuses_to_overwrite_its_input_or_swallow_rows() {
         "c1,ann@example.com,7\nc2,bo@example.com\nc3,cy@example.com,2\n",
     )
     .expect("csv");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "-o",
-        out.to_str().expect("p"),
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, &out, &[]);
     assert!(ok, "{err}");
     assert!(err.contains("may not be a header"), "{err}");
     assert!(
@@ -782,14 +753,7 @@ fn csv_to_batch_writes_through_devices_and_symlinks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let csv = dir.path().join("in.csv");
     std::fs::write(&csv, "candidate_id,name\nc1,Ann\n").expect("csv");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "-o",
-        "/dev/null",
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, Path::new("/dev/null"), &[]);
     assert!(ok, "{err}");
     use std::os::unix::fs::FileTypeExt;
     let null = std::fs::metadata("/dev/null").expect("/dev/null");
@@ -801,14 +765,7 @@ fn csv_to_batch_writes_through_devices_and_symlinks() {
     std::fs::write(&real, "old\n").expect("old");
     let link = dir.path().join("link.jsonl");
     std::os::unix::fs::symlink(&real, &link).expect("symlink");
-    let (ok, _, err) = run(&[
-        "csv-to-batch",
-        csv.to_str().expect("p"),
-        "--model",
-        "m",
-        "-o",
-        link.to_str().expect("p"),
-    ]);
+    let (ok, _, err) = to_jsonl(&csv, &link, &[]);
     assert!(ok, "{err}");
     assert!(
         std::fs::symlink_metadata(&link)

@@ -2,7 +2,7 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, Log, signal, wait_exit};
-use crate::support::{Api, chat_file, chat_line, server_with};
+use crate::support::{Api, chat_file, chat_line, padded_chat_file, server_with};
 use crate::support::{assert_exactly_once, ids};
 use crate::support::{until, until_some};
 use serde_json::{Value, json};
@@ -116,17 +116,9 @@ async fn a_full_disk_stops_dispatch_cleanly_and_a_restart_resumes() {
     );
     let api = Api::new(&p.addr);
     let n = 4000;
-    let mut file = String::new();
-    for i in 1..=n {
-        // Unique, long user messages: every line's body and answer cost store space.
-        let line = serde_json::json!({"custom_id": format!("c-{i}"), "method": "POST",
-            "url": "/v1/chat/completions", "body": {"model": "m", "messages": [
-                {"role": "user", "content": format!("score c-{i} {}", "x".repeat(1500))}]}});
-        file.push_str(&line.to_string());
-        file.push('\n');
-    }
+    // Unique, long user messages: every line's body and answer cost store space.
     let id = api
-        .submit_id(file.into_bytes(), "/v1/chat/completions")
+        .submit_id(padded_chat_file(n, 1500), "/v1/chat/completions")
         .await;
     api.wait_completed(&id, 200, Duration::from_secs(60)).await;
     fill(&disk.0.join("filler"));
@@ -839,19 +831,9 @@ fn readers_that_never_read_the_results_hold_no_thread() {
         // About 12 MB of results (answers echo their 12 KB user message): more than a socket's
         // send buffer (up to 4 MB) and the old producer's channel hold.
         let n = 1000;
-        let file: String = (1..=n)
-            .map(|i| {
-                format!(
-                    "{}\n",
-                    serde_json::json!({"custom_id": format!("c-{i}"), "method": "POST",
-                        "url": "/v1/chat/completions", "body": {"model": "m", "messages": [
-                        {"role": "user", "content": format!("c-{i} {}", "y".repeat(12_000))}]}})
-                )
-            })
-            .collect();
         let done = api
             .run_file(
-                file.into_bytes(),
+                padded_chat_file(n, 12_000),
                 "/v1/chat/completions",
                 Duration::from_secs(60),
             )
@@ -997,18 +979,8 @@ async fn a_disk_that_fills_mid_intake_leaves_every_answer_prompt_and_the_stop_cl
     );
     let api = Api::new(&p.addr);
     let n = 6000;
-    let file: String = (1..=n)
-        .map(|i| {
-            format!(
-                "{}\n",
-                serde_json::json!({"custom_id": format!("c-{i}"), "method": "POST",
-                    "url": "/v1/chat/completions", "body": {"model": "m", "messages": [
-                    {"role": "user", "content": format!("score c-{i} {}", "x".repeat(1500))}]}})
-            )
-        })
-        .collect();
     let id = api
-        .submit_id(file.into_bytes(), "/v1/chat/completions")
+        .submit_id(padded_chat_file(n, 1500), "/v1/chat/completions")
         .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     fill(&disk.0.join("filler"));

@@ -385,6 +385,22 @@ pub fn chat_file(n: usize, model: &str, system: &str) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// `c-1` … `c-n` chat lines without a system prompt, each user message `score c-i` and `pad`
+/// more characters: unique, long bodies whose answers (the fakes echo the user message) are
+/// as long. For tests that need the store, or the results, to be large.
+pub fn padded_chat_file(n: usize, pad: usize) -> Vec<u8> {
+    let filler = "x".repeat(pad);
+    let mut s = String::new();
+    for i in 1..=n {
+        let line = json!({"custom_id": format!("c-{i}"), "method": "POST",
+            "url": "/v1/chat/completions", "body": {"model": "m", "messages": [
+                {"role": "user", "content": format!("score c-{i} {filler}")}]}});
+        s.push_str(&line.to_string());
+        s.push('\n');
+    }
+    s.into_bytes()
+}
+
 /// Path of the binary under test.
 pub fn binary() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ollama-batch"))
