@@ -238,6 +238,16 @@ pub struct ServeArgs {
     /// Tries per line in all, the first included.
     #[arg(long, env = "OLLAMA_BATCH_MAX_ATTEMPTS", default_value_t = 8)]
     pub max_attempts: u32,
+    /// A JSON answer (`response_format` json_schema / json_object) that does not validate is
+    /// asked again, naming what was wrong, at most this many times (0: never); a re-ask does
+    /// not spend an attempt.
+    #[arg(long, env = "OLLAMA_BATCH_REASK", default_value_t = 2)]
+    pub reask: u32,
+    /// Answer every line already answered successfully by an earlier batch on this state
+    /// directory (same endpoint, model, body and backend options) from the store, without a
+    /// call, as a batch with metadata `"reuse": "true"` does.
+    #[arg(long, env = "OLLAMA_BATCH_REUSE_RESULTS")]
+    pub reuse_results: bool,
     /// On SIGTERM/SIGINT, how long in-flight requests may finish before they are requeued.
     #[arg(long, env = "OLLAMA_BATCH_SHUTDOWN_GRACE", default_value = "30s")]
     pub shutdown_grace: humantime::Duration,
@@ -440,6 +450,10 @@ pub struct Config {
     pub completion_window: Duration,
     /// Retry policy.
     pub retry: RetryPolicy,
+    /// Re-asks of a JSON answer that does not validate, at most.
+    pub reask: u32,
+    /// Every batch reuses earlier answers (`--reuse-results`).
+    pub reuse_results: bool,
     /// Shutdown grace.
     pub shutdown_grace: Duration,
     /// Group commit size.
@@ -594,6 +608,8 @@ impl Config {
             expire: a.expire,
             completion_window: Duration::from_secs(24 * 3600),
             retry,
+            reask: a.reask,
+            reuse_results: a.reuse_results,
             shutdown_grace: a.shutdown_grace.into(),
             flush_every: a.flush_every,
             flush_interval: a.flush_interval.into(),

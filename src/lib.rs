@@ -11,6 +11,7 @@
 //! for what is durable when.
 #![warn(missing_docs)]
 
+pub mod answer;
 pub mod api;
 pub mod backend;
 pub mod cli;

@@ -190,6 +190,21 @@ impl Metrics {
             "cause",
             &causes,
         );
+        let a = &c.answers;
+        counter_family(
+            &mut r,
+            "answers",
+            "JSON answers since start: checked against their format, fence removed, re-asks sent, lines ended invalid or truncated, lines reused from earlier answers",
+            "outcome",
+            &[
+                ("checked".into(), a.checked),
+                ("fenced".into(), a.fenced),
+                ("reasked".into(), a.reasks),
+                ("invalid".into(), a.invalid),
+                ("truncated".into(), a.truncated),
+                ("reused".into(), a.reused),
+            ],
+        );
         counter(
             &mut r,
             "requests_rescued",

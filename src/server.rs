@@ -122,6 +122,10 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     let metrics = Arc::new(crate::metrics::Metrics::new());
     worker::spawn(
         lanes,
+        worker::Answers {
+            schemas: Default::default(),
+            reask: cfg.reask,
+        },
         metrics.clone(),
         jobs_rx,
         events_tx,

@@ -142,7 +142,9 @@ pub fn output_line(key: RequestKey, custom_id: &str, result: &ResultRecord) -> S
         }),
         _ => None,
     };
-    let error = if response.is_none() {
+    // An answer that came but cannot count (`invalid_answer`, `answer_truncated`) has both: the
+    // answer as it came, and why it is in the error file.
+    let error = if response.is_none() || result.error_code.is_some() {
         Some(ErrorPart {
             code: result.error_code.as_deref().unwrap_or("internal_error"),
             message: result.error_message.as_deref().unwrap_or(""),

@@ -4,6 +4,7 @@
 //! not about requests: an out-of-memory answer halves its own concurrency limit, and a run
 //! of successes raises it again by one toward `--concurrency`.
 
+use crate::answer::{self, Checked, Report, Schemas, Wanted};
 use crate::backend::Backend;
 use crate::domain::outcome::classify;
 use crate::domain::{CallResult, Endpoint, RequestKey, Verdict};
@@ -61,6 +62,125 @@ pub struct Outcome {
     pub result: CallResult,
     /// What that means.
     pub verdict: Verdict,
+    /// What the check of a JSON answer found (and re-asks made).
+    pub check: Report,
+}
+
+/// How JSON answers are checked: the compiled schemas, and how often an answer that does not
+/// validate is asked again (`--reask`).
+#[derive(Clone, Default)]
+pub struct Answers {
+    /// Compiled schemas, shared by every call.
+    pub schemas: Schemas,
+    /// Re-asks at most.
+    pub reask: u32,
+}
+
+/// Runs one line's call on `slot`, and when the line asks for JSON checks the answer: a fence
+/// is removed, an answer that does not validate is asked again with what was wrong (at most
+/// `rules.reask` times; `restarted` runs before each re-ask, so that the lease's deadline counts
+/// from it), an answer cut off at the token limit is rejected. A line that asks for no JSON is
+/// sent and returned as it is.
+pub async fn call_checked<F, Fut>(
+    backend: &Backend,
+    endpoint: Endpoint,
+    body: Value,
+    slot: usize,
+    rules: &Answers,
+    restarted: F,
+) -> (CallResult, Report)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut report = Report::default();
+    let Some(wanted) = answer::wanted(endpoint, &body) else {
+        return (backend.call_on(endpoint, body, slot).await, report);
+    };
+    let validator = match wanted {
+        Wanted::Schema(s) => match rules.schemas.get(s) {
+            Ok(v) => Some(v),
+            // Refused at validation; a line stored before that check fails here, without a call.
+            Err(e) => {
+                let result = CallResult::Invalid {
+                    code: "invalid_schema".into(),
+                    message: format!("response_format.json_schema.schema: {e}"),
+                    retry: false,
+                };
+                return (result, report);
+            }
+        },
+        Wanted::Object => None,
+    };
+    let mut sent = body.clone();
+    loop {
+        let result = backend.call_on(endpoint, sent, slot).await;
+        let CallResult::Answered {
+            status: status @ 200..=299,
+            body: text,
+            usage,
+        } = &result
+        else {
+            return (result, report);
+        };
+        let Ok(mut parsed) = serde_json::from_str::<Value>(text) else {
+            return (result, report);
+        };
+        let Some((answer, cut)) = answer::answer_text(endpoint, &parsed) else {
+            // A tool call, or no text: nothing to check.
+            return (result, report);
+        };
+        report.checked = true;
+        let rejected = |code: &str, message: String| CallResult::Rejected {
+            code: code.into(),
+            message,
+            status: *status,
+            body: text.clone(),
+            usage: *usage,
+        };
+        if cut {
+            report.truncated = true;
+            let tokens = usage.map_or(String::new(), |u| {
+                format!(" after {} tokens", u.output_tokens)
+            });
+            let message = format!(
+                "the answer was cut off at the token limit (finish_reason: length){tokens}: raise max_tokens (or --num-ctx) for this line; a re-ask would be cut off again"
+            );
+            return (rejected("answer_truncated", message), report);
+        }
+        match answer::check(answer, wanted, validator.as_deref()) {
+            Checked::Valid { bare: None } => return (result, report),
+            Checked::Valid { bare: Some(bare) } => {
+                report.fenced = true;
+                answer::with_text(endpoint, &mut parsed, &bare);
+                let result = CallResult::Answered {
+                    status: *status,
+                    body: parsed.to_string(),
+                    usage: *usage,
+                };
+                return (result, report);
+            }
+            Checked::Invalid(errors) => {
+                let next = (report.reasks < rules.reask)
+                    .then(|| answer::reask_body(endpoint, &body, answer, &errors))
+                    .flatten();
+                if let Some(next) = next {
+                    report.reasks += 1;
+                    tracing::debug!(reask = report.reasks, errors = %errors.join("; "), "answer does not validate: asked again");
+                    restarted().await;
+                    sent = next;
+                    continue;
+                }
+                report.invalid = true;
+                let message = format!(
+                    "the answer does not match the line's response_format after {} re-ask(s): {}",
+                    report.reasks,
+                    errors.join("; ")
+                );
+                return (rejected("invalid_answer", message), report);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -155,6 +275,7 @@ pub struct Lane {
 /// closes; calls already running finish (their events still go to `events`).
 pub fn spawn(
     lanes_of: Vec<Lane>,
+    answers: Answers,
     metrics: Arc<crate::metrics::Metrics>,
     mut jobs: mpsc::Receiver<Job>,
     events: mpsc::Sender<Event>,
@@ -191,6 +312,7 @@ pub fn spawn(
                 let (backend, limiter, slot) = (on.backend, on.limiter, on.slot);
                 let events = events.clone();
                 let metrics = metrics.clone();
+                let answers = answers.clone();
                 let freed = freed_tx.clone();
                 calls.spawn(async move {
                     // The first call of a model on an Ollama backend waits for one load call,
@@ -209,7 +331,16 @@ pub fn spawn(
                         })
                         .await;
                     let started = std::time::Instant::now();
-                    let result = backend.call_on(job.endpoint, job.body, slot).await;
+                    let (key, lease) = (job.key, job.lease);
+                    let restarted = || {
+                        let events = events.clone();
+                        async move {
+                            let _ = events.send(Event::Started { key, lease }).await;
+                        }
+                    };
+                    let (result, check) =
+                        call_checked(&backend, job.endpoint, job.body, slot, &answers, restarted)
+                            .await;
                     let verdict = classify(&result);
                     metrics.observe_call(
                         started.elapsed().as_secs_f64(),
@@ -230,6 +361,7 @@ pub fn spawn(
                             attempts: job.attempts,
                             result,
                             verdict,
+                            check,
                         }))
                         .await;
                 });

@@ -3,6 +3,7 @@
 
 mod support;
 
+mod answers;
 mod api;
 mod bench;
 mod boundaries;

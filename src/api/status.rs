@@ -273,6 +273,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "completion_tokens": c.tokens.completion,
             "cached_tokens": c.tokens.cached,
             "answers_without_cached_figure": c.tokens.without_cached_figure,
+            "answers": c.answers,
         },
         "recent_errors": live.recent_errors,
         "gpu": st.gpu.view(),

@@ -324,27 +324,30 @@ fn think(body: &Value) -> Value {
     }
 }
 
+/// OpenAI's `response_format` as Ollama's `format` (a grammar for the answer): `"json"` for
+/// any JSON object, the schema itself for `json_schema`.
+fn format(body: &Value) -> Option<Value> {
+    match body["response_format"]["type"].as_str() {
+        Some("json_object") => Some(json!("json")),
+        Some("json_schema") => {
+            let schema = &body["response_format"]["json_schema"]["schema"];
+            Some(if schema.is_null() {
+                json!("json")
+            } else {
+                schema.clone()
+            })
+        }
+        _ => None,
+    }
+}
+
 fn chat_request(backend: &Backend, body: &Value) -> Result<Value, String> {
     let mut r = base_request(backend, body);
     r.insert("messages".into(), Value::Array(messages(body)?));
     context_rules(backend, &mut r);
     r.insert("think".into(), think(body));
-    match body["response_format"]["type"].as_str() {
-        Some("json_object") => {
-            r.insert("format".into(), json!("json"));
-        }
-        Some("json_schema") => {
-            let schema = &body["response_format"]["json_schema"]["schema"];
-            r.insert(
-                "format".into(),
-                if schema.is_null() {
-                    json!("json")
-                } else {
-                    schema.clone()
-                },
-            );
-        }
-        _ => {}
+    if let Some(f) = format(body) {
+        r.insert("format".into(), f);
     }
     if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
         r.insert("tools".into(), tools.clone());
@@ -386,6 +389,9 @@ fn generate_request(backend: &Backend, body: &Value) -> Value {
     r.insert("think".into(), think(body));
     if let Some(s) = body.get("suffix").filter(|v| !v.is_null()) {
         r.insert("suffix".into(), s.clone());
+    }
+    if let Some(f) = format(body) {
+        r.insert("format".into(), f);
     }
     Value::Object(r)
 }

@@ -194,7 +194,9 @@ fn classify(result: &CallResult, timeout: humantime::Duration) -> (Outcome, Stri
                 format!("{status}: {}", crate::domain::clip(text, 300)),
             )
         }
-        CallResult::Invalid { message, .. } => (Outcome::Error, crate::domain::clip(message, 300)),
+        CallResult::Invalid { message, .. } | CallResult::Rejected { message, .. } => {
+            (Outcome::Error, crate::domain::clip(message, 300))
+        }
         CallResult::Transport(e) | CallResult::Unreachable(e) => {
             (Outcome::Error, crate::domain::clip(e, 300))
         }

@@ -34,6 +34,32 @@ pub enum CallResult {
         /// Worth another try (a broken answer) or not (an answer that is too large).
         retry: bool,
     },
+    /// The backend answered 2xx with an answer that cannot count: it does not validate against
+    /// the line's JSON format after the re-asks (`invalid_answer`), or it was cut off at the
+    /// token limit (`answer_truncated`). Kept with the answer; not retried.
+    Rejected {
+        /// `invalid_answer` or `answer_truncated`.
+        code: String,
+        /// What was wrong (the validator's errors), and what to do.
+        message: String,
+        /// HTTP status of the last answer.
+        status: u16,
+        /// The last answer (OpenAI-shaped JSON text).
+        body: String,
+        /// Its usage.
+        usage: Option<Usage>,
+    },
+}
+
+impl CallResult {
+    /// Whether the backend answered at all (a 2xx, an error status or a rejected answer): it is
+    /// there and speaks the API.
+    pub fn answered(&self) -> bool {
+        matches!(
+            self,
+            CallResult::Answered { .. } | CallResult::Rejected { .. }
+        )
+    }
 }
 
 /// What a call result means for the request.
@@ -132,6 +158,7 @@ pub fn classify(result: &CallResult) -> Verdict {
         CallResult::Timeout | CallResult::Transport(_) => Verdict::Transient,
         CallResult::Invalid { retry: true, .. } => Verdict::Transient,
         CallResult::Invalid { retry: false, .. } => Verdict::Permanent,
+        CallResult::Rejected { .. } => Verdict::Permanent,
         CallResult::Unreachable(_) => Verdict::BackendDown,
     }
 }

@@ -192,6 +192,7 @@ fn expand(
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let endpoint = batch.endpoint;
     let mut errors: Vec<LineError> = Vec::new();
+    let schemas = crate::answer::Schemas::default();
     let mut unlisted = 0usize;
     let mut seen: HashSet<String> = HashSet::new();
     let mut model: Option<(String, u32)> = None;
@@ -242,6 +243,22 @@ fn expand(
                 continue;
             }
         };
+        // A schema the answers will be checked against must be one (compiled once per distinct
+        // schema): refused now, not at 3 a.m.
+        if let Some(crate::answer::Wanted::Schema(s)) = crate::answer::wanted(endpoint, &body)
+            && let Err(e) = schemas.get(s)
+        {
+            push_err(
+                &mut errors,
+                err(
+                    line_no,
+                    "invalid_value",
+                    Some("body.response_format.json_schema.schema"),
+                    format!("line {line_no}: body.response_format.json_schema.schema: {e}"),
+                ),
+            );
+            continue;
+        }
         match &model {
             None => model = Some((line_model, line_no)),
             Some((m, first)) if *m != line_model => {

@@ -62,6 +62,8 @@ pub struct Counters {
     pub retries_by_cause: std::collections::BTreeMap<&'static str, u64>,
     /// Tokens of durable answers.
     pub tokens: progress::Tokens,
+    /// JSON answers checked, re-asked, rejected; lines reused.
+    pub answers: progress::Answers,
 }
 
 /// Backend health as last seen.

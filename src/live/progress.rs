@@ -37,7 +37,7 @@ pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
         CallResult::Timeout => "timeout",
         CallResult::Unreachable(_) => "connect",
         CallResult::Transport(_) => "connection_error",
-        CallResult::Invalid { .. } => "invalid_answer",
+        CallResult::Invalid { .. } | CallResult::Rejected { .. } => "invalid_answer",
         CallResult::Answered { status: 429, .. } => "http_429",
         // Any other answer that is retried is a server-side failure.
         CallResult::Answered { .. } => "http_5xx",
@@ -81,6 +81,34 @@ impl Tokens {
     }
 }
 
+/// What the checks of JSON answers came to, and the lines answered from earlier answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Answers {
+    /// Answers checked against the line's JSON format.
+    pub checked: u64,
+    /// Of those, answers whose Markdown fence was removed.
+    pub fenced: u64,
+    /// Re-asks sent (calls beyond the first, each naming what was wrong).
+    pub reasks: u64,
+    /// Lines ended as `invalid_answer`.
+    pub invalid: u64,
+    /// Lines ended as `answer_truncated`.
+    pub truncated: u64,
+    /// Lines answered from an earlier identical request, without a call.
+    pub reused: u64,
+}
+
+impl Answers {
+    /// Counts one call's check.
+    pub fn add(&mut self, r: &crate::answer::Report) {
+        self.checked += u64::from(r.checked);
+        self.fenced += u64::from(r.fenced);
+        self.reasks += u64::from(r.reasks);
+        self.invalid += u64::from(r.invalid);
+        self.truncated += u64::from(r.truncated);
+    }
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     at: Instant,
@@ -99,6 +127,8 @@ pub struct Progress {
     /// Tokens of the results committed in this process.
     tokens: Tokens,
     retries: BTreeMap<&'static str, u64>,
+    /// JSON answers checked, re-asked, rejected; lines reused.
+    pub answers: Answers,
     /// When the last progress line was logged, and at how many lines.
     logged_at: Instant,
     logged_done: u64,
@@ -145,6 +175,8 @@ pub struct Figures {
     pub prefilled_tokens: Option<u64>,
     /// Retries scheduled, by cause.
     pub retries: BTreeMap<&'static str, u64>,
+    /// JSON answers checked, fenced, re-asked, invalid, truncated; lines reused (this process).
+    pub answers: Answers,
     /// The largest prompt (tokens) seen so far, and `--num-ctx` when it is set.
     pub max_prompt_tokens: u64,
     /// `--num-ctx`, to compare the largest prompt with.
@@ -168,6 +200,7 @@ impl Progress {
             }]),
             tokens: Tokens::default(),
             retries: BTreeMap::new(),
+            answers: Answers::default(),
             logged_at: now,
             logged_done: done,
         }
@@ -292,6 +325,7 @@ impl Progress {
             cached_share,
             prefilled_tokens,
             retries: self.retries.clone(),
+            answers: self.answers,
             max_prompt_tokens: t.max_prompt,
             num_ctx,
             running_seconds: running.as_secs(),

@@ -39,7 +39,9 @@ impl Supervisor {
             return;
         };
         active.in_flight = active.in_flight.saturating_sub(1);
-        if matches!(o.result, CallResult::Answered { .. }) {
+        active.progress.answers.add(&o.check);
+        self.counters.answers.add(&o.check);
+        if o.result.answered() {
             if self.answered_since_publish.len() <= backend_index {
                 self.answered_since_publish.resize(backend_index + 1, false);
             }
@@ -78,7 +80,7 @@ impl Supervisor {
         let garbage = matches!(&o.result, CallResult::Invalid { code, .. } if code == "invalid_backend_answer");
         if garbage {
             self.invalid_streak[backend_index] += 1;
-        } else if matches!(o.result, CallResult::Answered { .. }) {
+        } else if o.result.answered() {
             self.invalid_streak[backend_index] = 0;
         }
         let unhealthy = garbage
@@ -198,6 +200,19 @@ fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
         CallResult::Invalid { code, message, .. } => {
             ResultRecord::error(code, format!("{message} {tries}"))
         }
+        CallResult::Rejected {
+            code,
+            message,
+            status,
+            body,
+            usage,
+        } => ResultRecord {
+            status_code: Some(*status),
+            body: Some(body.clone()),
+            error_code: Some(code.clone()),
+            error_message: Some(message.clone()),
+            usage: *usage,
+        },
         CallResult::Transport(e) | CallResult::Unreachable(e) => {
             ResultRecord::error("backend_connection_error", format!("{e} {tries}"))
         }
@@ -215,5 +230,6 @@ pub(super) fn describe(r: &CallResult) -> String {
         CallResult::Unreachable(e) => format!("unreachable: {e}"),
         CallResult::Transport(e) => format!("connection error: {e}"),
         CallResult::Invalid { message, .. } => format!("invalid answer: {message}"),
+        CallResult::Rejected { code, message, .. } => format!("{code}: {message}"),
     }
 }

@@ -70,6 +70,10 @@ impl Supervisor {
                 eta = %f.eta_seconds.map(|s| humantime::format_duration(Duration::from_secs(s)).to_string()).unwrap_or_else(|| "unknown".into()),
                 failed = f.failed,
                 retries,
+                reasks = f.answers.reasks,
+                invalid_answers = f.answers.invalid,
+                truncated_answers = f.answers.truncated,
+                reused = f.answers.reused,
                 cached_share = %f.cached_share.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_else(|| "unknown".into()),
                 gpu_memory = %gpu.get_or_insert_with(|| self.gpu.summary()),
                 "progress"

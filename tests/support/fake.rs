@@ -30,9 +30,25 @@ impl Shape {
     }
 }
 
+/// A model's answer chosen by the test: from the request (in the backend's own shape), the
+/// answer text and whether it was cut off at the token limit.
+#[derive(Clone)]
+pub struct Script(pub Arc<Answerer>);
+
+/// See [`Script`].
+pub type Answerer = dyn Fn(&Value) -> (String, bool) + Send + Sync;
+
+impl std::fmt::Debug for Script {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Script")
+    }
+}
+
 /// What the fake does; change it while it runs.
 #[derive(Clone, Debug, Default)]
 pub struct Behaviour {
+    /// The answer text comes from this function instead of the echo.
+    pub script: Option<Script>,
     /// Delay before each answer.
     pub delay: Duration,
     /// The first N attempts of every request answer 500 "CUDA error: out of memory".
@@ -703,10 +719,15 @@ impl Ctx {
         if let Some(raw) = &b.raw_answer {
             return Reply::Raw(200, raw.clone());
         }
-        let answer = if b.unique_answers {
-            format!("echo:{user} #{call_number}")
+        let (answer, cut) = match &b.script {
+            Some(Script(f)) => f(&req),
+            None if b.unique_answers => (format!("echo:{user} #{call_number}"), false),
+            None => (format!("echo:{user}"), false),
+        };
+        let (finish, done) = if cut {
+            ("length", "length")
         } else {
-            format!("echo:{user}")
+            ("stop", "stop")
         };
         let mut prompt_tokens = whole_prompt;
         let mut cached_tokens = 2;
@@ -723,7 +744,7 @@ impl Ctx {
                 200,
                 json!({"model": req["model"], "created_at": "2026-11-27T00:00:00Z",
                        "message": {"role": "assistant", "content": answer},
-                       "done": true, "done_reason": "stop",
+                       "done": true, "done_reason": done,
                        "prompt_eval_count": prompt_tokens, "eval_count": 3}),
             ),
             (Shape::Ollama, "/api/embed") => Reply::Json(
@@ -734,14 +755,14 @@ impl Ctx {
             (Shape::Ollama, "/api/generate") => Reply::Json(
                 200,
                 json!({"model": req["model"], "response": answer, "done": true,
-                       "done_reason": "stop", "prompt_eval_count": prompt_tokens, "eval_count": 3}),
+                       "done_reason": done, "prompt_eval_count": prompt_tokens, "eval_count": 3}),
             ),
             (Shape::OpenAi, "/v1/chat/completions") => Reply::Json(
                 200,
                 json!({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1,
                        "model": req["model"],
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
-                                    "finish_reason": "stop", "logprobs": null}],
+                                    "finish_reason": finish, "logprobs": null}],
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3,
                                  "total_tokens": prompt_tokens + 3,
                                  "prompt_tokens_details": {"cached_tokens": cached_tokens}}}),
@@ -755,7 +776,7 @@ impl Ctx {
             (Shape::OpenAi, "/v1/completions") => Reply::Json(
                 200,
                 json!({"id": "cmpl-fake", "object": "text_completion", "created": 1, "model": req["model"],
-                       "choices": [{"index": 0, "text": answer, "finish_reason": "stop", "logprobs": null}],
+                       "choices": [{"index": 0, "text": answer, "finish_reason": finish, "logprobs": null}],
                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 3, "total_tokens": prompt_tokens + 3}}),
             ),
             _ => err(404, &format!("no route {path}")),

@@ -169,6 +169,7 @@ impl Harness {
                 attempts: job.attempts,
                 result,
                 verdict,
+                check: Default::default(),
             }))
             .await
             .expect("send");

@@ -214,7 +214,7 @@ function renderBatches() {
       el("td", { class: "id", title: new Date(b.created_at * 1000).toLocaleString() }, b.id.slice(0, 16) + "…", el("div", { class: "muted" }, fmtAgo(b.created_at) + (conversation ? " · conversation mode" : ""))),
       el("td", {}, el("span", { class: "pill " + status }, status.replace("_", " "))),
       el("td", {}, bar),
-      el("td", {}, fmtInt(done + failed) + " / " + fmtInt(total) + (failed ? " (" + fmtInt(failed) + " failed)" : "")),
+      el("td", {}, fmtInt(done + failed) + " / " + fmtInt(total) + (failed ? " (" + fmtInt(failed) + " failed)" : ""), answersLine(p)),
       el("td", {}, p && p.requests_per_second_recent != null ? p.requests_per_second_recent.toFixed(1) + "/s" : "–"),
       el("td", {}, p ? fmtDuration(p.eta_seconds) : "–"),
       el("td", {}, fmtInt(prompt) + " / " + fmtInt(completion)),
@@ -224,6 +224,20 @@ function renderBatches() {
   $("page").textContent = "page " + (state.pageIndex + 1);
   $("newer").disabled = state.pageIndex === 0;
   $("older").disabled = !state.hasMore;
+}
+
+// JSON answers of a running batch: checked, fences removed, re-asks, rejected; lines reused.
+function answersLine(p) {
+  const a = p && p.answers;
+  if (!a || !(a.checked || a.reused)) return "";
+  const parts = [];
+  if (a.checked) parts.push(fmtInt(a.checked) + " checked");
+  if (a.fenced) parts.push(fmtInt(a.fenced) + " fenced");
+  if (a.reasks) parts.push(fmtInt(a.reasks) + " re-asked");
+  if (a.invalid) parts.push(fmtInt(a.invalid) + " invalid");
+  if (a.truncated) parts.push(fmtInt(a.truncated) + " truncated");
+  if (a.reused) parts.push(fmtInt(a.reused) + " reused");
+  return el("div", { class: "muted answers" }, parts.join(" · "));
 }
 
 function renderErrors(s) {

@@ -1,0 +1,330 @@
+//! Answers that were asked to be JSON: what a line asks for (`response_format` `json_schema` or
+//! `json_object`), the check of an answer against it (a Markdown fence removed first), the
+//! validator's errors in words a model can act on, and the re-ask that names them. Pure apart
+//! from a cache of compiled schemas; the worker runs it on every answer, the intake compiles
+//! every schema once at validation.
+//!
+//! Schemas are compiled with `jsonschema` built without its HTTP and file resolvers: a remote
+//! `$ref` is never fetched; it is refused at validation.
+
+use crate::domain::Endpoint;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Validator errors named in a re-ask or an error line, at most.
+const ERRORS_SHOWN: usize = 8;
+/// Each error's text, at most (characters).
+const ERROR_CHARS: usize = 300;
+
+/// What a line asks its answer to be.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Wanted<'a> {
+    /// Any JSON object (`json_object`, or `json_schema` without a schema).
+    Object,
+    /// A JSON value valid under this schema.
+    Schema(&'a Value),
+}
+
+/// What the line's body asks for, if anything: `response_format` on chat and completions
+/// (llama.cpp, vLLM and Ollama's translation honour it on both).
+pub fn wanted(endpoint: Endpoint, body: &Value) -> Option<Wanted<'_>> {
+    if endpoint == Endpoint::Embeddings {
+        return None;
+    }
+    let rf = body.get("response_format")?;
+    match rf.get("type").and_then(Value::as_str)? {
+        "json_object" => Some(Wanted::Object),
+        "json_schema" => match rf.pointer("/json_schema/schema") {
+            Some(s) if s.is_object() => Some(Wanted::Schema(s)),
+            _ => Some(Wanted::Object),
+        },
+        _ => None,
+    }
+}
+
+/// Compiles a schema: the validator, or why the schema is not one (not a valid schema under its
+/// draft's meta-schema, or a `$ref` to a document that is not inside it).
+pub fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
+    jsonschema::options()
+        .build(schema)
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("retrieving it failed")
+                || text.contains("Retrieval is disabled")
+                || text.contains("resolver is required")
+            {
+                format!(
+                    "the schema refers to another document ({text}): remote `$ref`s are not fetched; put the definition inside the schema (`$defs`)"
+                )
+            } else {
+                format!("not a valid JSON Schema: {text}")
+            }
+        })
+}
+
+/// A schema compiled, or why it is not one.
+type Compiled = Result<Arc<jsonschema::Validator>, String>;
+
+/// Compiled schemas by their text, shared by every call: a 170,000-line batch with one schema
+/// compiles it once.
+#[derive(Default, Clone)]
+pub struct Schemas {
+    cache: Arc<Mutex<HashMap<String, Compiled>>>,
+}
+
+impl Schemas {
+    /// The validator of `schema` (compiled the first time it is seen).
+    pub fn get(&self, schema: &Value) -> Compiled {
+        let key = schema.to_string();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = cache.get(&key) {
+            return v.clone();
+        }
+        // A bounded cache: a server that sees many distinct schemas recompiles, never grows.
+        if cache.len() >= 256 {
+            cache.clear();
+        }
+        let v = compile(schema).map(Arc::new);
+        cache.insert(key, v.clone());
+        v
+    }
+}
+
+/// The answer text of an OpenAI-shaped answer body, and whether it was cut off at the token
+/// limit. `None` when the body carries no text answer (a tool call, an unknown shape).
+pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<(&str, bool)> {
+    let choice = body.get("choices")?.get(0)?;
+    let text = match endpoint {
+        Endpoint::ChatCompletions => choice.pointer("/message/content")?.as_str()?,
+        Endpoint::Completions => choice.get("text")?.as_str()?,
+        Endpoint::Embeddings => return None,
+    };
+    let cut = choice.get("finish_reason").and_then(Value::as_str) == Some("length");
+    Some((text, cut))
+}
+
+/// The JSON inside a Markdown code fence (```` ```json … ``` ````, with or without a language
+/// tag, with or without words around it), when the text has one.
+pub fn strip_fence(text: &str) -> Option<&str> {
+    let start = text.find("```")?;
+    let after = &text[start + 3..];
+    // The rest of the opening line is the language tag.
+    let body_start = after.find('\n').map(|i| i + 1)?;
+    let inner = &after[body_start..];
+    let end = inner.rfind("```")?;
+    Some(inner[..end].trim())
+}
+
+/// What the check found.
+#[derive(Debug, PartialEq)]
+pub enum Checked {
+    /// Valid. `bare`: the JSON text when a fence had to be removed to find it.
+    Valid {
+        /// The bare JSON text, when the answer was fenced.
+        bare: Option<String>,
+    },
+    /// Not valid: the errors, each naming where (`/score`: …).
+    Invalid(Vec<String>),
+}
+
+/// Checks an answer text against what was wanted (the schema's validator when there is one).
+pub fn check(text: &str, wanted: Wanted<'_>, validator: Option<&jsonschema::Validator>) -> Checked {
+    let trimmed = text.trim();
+    let (value, bare) = match serde_json::from_str::<Value>(trimmed) {
+        Ok(v) => (v, None),
+        Err(e) => match strip_fence(trimmed).map(|t| (t, serde_json::from_str::<Value>(t))) {
+            Some((t, Ok(v))) => (v, Some(t.to_string())),
+            _ => {
+                return Checked::Invalid(vec![format!(
+                    "the answer is not JSON ({e}); it must be only the JSON value, with no other text"
+                )]);
+            }
+        },
+    };
+    let errors: Vec<String> = match (wanted, validator) {
+        (Wanted::Schema(_), Some(v)) => v
+            .iter_errors(&value)
+            .take(ERRORS_SHOWN)
+            .map(|e| {
+                let path = e.instance_path().to_string();
+                let at = if path.is_empty() { "/".into() } else { path };
+                clip(&format!("`{at}`: {e}"))
+            })
+            .collect(),
+        _ if !value.is_object() => vec!["`/`: the answer must be a JSON object".into()],
+        _ => vec![],
+    };
+    if errors.is_empty() {
+        Checked::Valid { bare }
+    } else {
+        Checked::Invalid(errors)
+    }
+}
+
+fn clip(s: &str) -> String {
+    if s.chars().count() <= ERROR_CHARS {
+        s.to_string()
+    } else {
+        let mut c: String = s.chars().take(ERROR_CHARS).collect();
+        c.push('…');
+        c
+    }
+}
+
+/// The user message of a re-ask: what was wrong, and what to do.
+pub fn reask_message(errors: &[String]) -> String {
+    let mut m = String::from("Your answer was not valid JSON for the required format:\n");
+    for e in errors {
+        m.push_str("- ");
+        m.push_str(e);
+        m.push('\n');
+    }
+    m.push_str("Answer again with only the corrected JSON, no other text and no code fence.");
+    m
+}
+
+/// The request of a re-ask: the same request with the model's answer and a message naming what
+/// was wrong appended (chat: an assistant and a user message; completions: the prompt goes on
+/// with them). `None` when the body cannot carry them (a prompt that is not a string).
+pub fn reask_body(
+    endpoint: Endpoint,
+    body: &Value,
+    answer: &str,
+    errors: &[String],
+) -> Option<Value> {
+    let mut b = body.clone();
+    let message = reask_message(errors);
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let list = b.get_mut("messages")?.as_array_mut()?;
+            list.push(json!({"role": "assistant", "content": answer}));
+            list.push(json!({"role": "user", "content": message}));
+        }
+        Endpoint::Completions => {
+            let prompt = b.get("prompt")?.as_str()?;
+            let more = format!("{prompt}{answer}\n\n{message}\n\n");
+            b["prompt"] = Value::String(more);
+        }
+        Endpoint::Embeddings => return None,
+    }
+    Some(b)
+}
+
+/// The answer body with its text replaced by `bare` (the JSON without its fence).
+pub fn with_text(endpoint: Endpoint, body: &mut Value, bare: &str) {
+    let slot = match endpoint {
+        Endpoint::ChatCompletions => body.pointer_mut("/choices/0/message/content"),
+        Endpoint::Completions => body.pointer_mut("/choices/0/text"),
+        Endpoint::Embeddings => None,
+    };
+    if let Some(s) = slot {
+        *s = Value::String(bare.to_string());
+    }
+}
+
+/// What the checks of one line's calls came to, for the figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// The answer was checked (the line asked for JSON and an answer came).
+    pub checked: bool,
+    /// A fence was removed from the answer kept.
+    pub fenced: bool,
+    /// Re-asks made.
+    pub reasks: u32,
+    /// It ended as `invalid_answer`.
+    pub invalid: bool,
+    /// It ended as `answer_truncated`.
+    pub truncated: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema() -> Value {
+        json!({"type": "object", "required": ["score", "reason"],
+               "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                              "reason": {"type": "string"}}})
+    }
+
+    #[test]
+    fn fences_are_removed_and_errors_name_their_path() {
+        let s = schema();
+        let v = compile(&s).expect("compiles");
+        let fenced = "Here it is:\n```json\n{\"score\": 7, \"reason\": \"ok\"}\n```\n";
+        assert_eq!(
+            check(fenced, Wanted::Schema(&s), Some(&v)),
+            Checked::Valid {
+                bare: Some("{\"score\": 7, \"reason\": \"ok\"}".into())
+            }
+        );
+        assert_eq!(
+            check(
+                "{\"score\": 7, \"reason\": \"ok\"}",
+                Wanted::Schema(&s),
+                Some(&v)
+            ),
+            Checked::Valid { bare: None }
+        );
+        let Checked::Invalid(errs) = check(
+            "{\"score\": \"excellent\", \"reason\": \"ok\"}",
+            Wanted::Schema(&s),
+            Some(&v),
+        ) else {
+            panic!("must be invalid")
+        };
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(
+            errs[0].starts_with("`/score`: \"excellent\" is not of type \"integer\""),
+            "{errs:?}"
+        );
+        let Checked::Invalid(errs) = check("{\"score\": 3}", Wanted::Schema(&s), Some(&v)) else {
+            panic!("must be invalid")
+        };
+        assert!(
+            errs[0].contains("\"reason\" is a required property"),
+            "{errs:?}"
+        );
+        assert!(matches!(
+            check("[1]", Wanted::Object, None),
+            Checked::Invalid(_)
+        ));
+        assert!(matches!(
+            check("{\"score\": 7", Wanted::Object, None),
+            Checked::Invalid(e) if e[0].starts_with("the answer is not JSON")
+        ));
+    }
+
+    #[test]
+    fn bad_and_remote_schemas_are_refused() {
+        let e = compile(&json!({"type": 12})).expect_err("not a schema");
+        assert!(e.starts_with("not a valid JSON Schema"), "{e}");
+        let e = compile(&json!({"$ref": "https://example.com/s.json"})).expect_err("remote");
+        assert!(e.contains("remote `$ref`s are not fetched"), "{e}");
+        compile(&json!({"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a"}))
+            .expect("a local $ref is fine");
+    }
+
+    #[test]
+    fn a_reask_carries_the_answer_and_the_errors() {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": "rate"}]});
+        let errs = vec!["`/score`: missing".to_string()];
+        let r = reask_body(Endpoint::ChatCompletions, &body, "{}", &errs).expect("chat");
+        let m = r["messages"].as_array().expect("list");
+        assert_eq!(m.len(), 3);
+        assert_eq!(m[1], json!({"role": "assistant", "content": "{}"}));
+        assert!(
+            m[2]["content"]
+                .as_str()
+                .is_some_and(|c| c.contains("`/score`: missing"))
+        );
+        let p = json!({"model": "m", "prompt": "Rate: "});
+        let r = reask_body(Endpoint::Completions, &p, "{}", &errs).expect("completions");
+        assert!(
+            r["prompt"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("Rate: {}") && s.contains("`/score`"))
+        );
+    }
+}

@@ -1,0 +1,384 @@
+//! JSON answers checked before they count: fences removed, answers that do not validate
+//! re-asked with what was wrong, answers that never validate or were cut off named in the error
+//! file, lines that ask for no JSON untouched; the counters where people look. Both backends,
+//! the fake over real HTTP.
+
+use crate::support::fake::{Fake, Script, Shape};
+use crate::support::{Api, server_with};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+fn schema() -> Value {
+    json!({"type": "object", "required": ["score", "reason"], "additionalProperties": false,
+           "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                          "reason": {"type": "string"}}})
+}
+
+/// The line's own text (its first user message, or a completion's prompt up to the first
+/// answer appended by a re-ask), in the backend's request shape.
+fn line_text(req: &Value) -> String {
+    req["messages"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["role"] == "user"))
+        .and_then(|m| m["content"].as_str())
+        .or_else(|| req["prompt"].as_str())
+        .unwrap_or_default()
+        .split('|')
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Whether this call is a re-ask (the request carries the earlier answer and the errors).
+fn is_reask(req: &Value) -> bool {
+    match req["messages"].as_array() {
+        Some(m) => m.len() > 1,
+        None => req["prompt"]
+            .as_str()
+            .is_some_and(|p| p.contains("Answer again")),
+    }
+}
+
+/// The model, scripted by the kind of line (the user message's text before `:`).
+fn model() -> Script {
+    Script(Arc::new(|req: &Value| {
+        let text = line_text(req);
+        let kind = text.split(':').next().unwrap_or_default();
+        let reask = is_reask(req);
+        let (a, cut) = match kind {
+            "fenced" => (
+                "Here you are:\n```json\n{\"score\": 7, \"reason\": \"fine\"}\n```",
+                false,
+            ),
+            "missing" if !reask => ("{\"score\": 7}", false),
+            "missing" => ("{\"score\": 7, \"reason\": \"now complete\"}", false),
+            "never" => ("{\"score\": \"excellent\", \"reason\": \"x\"}", false),
+            "cut" => ("{\"score\": 7, \"reas", true),
+            "plain" => ("```json\n{}\n```", false),
+            "object" => ("```\n{\"a\": 1}\n```", false),
+            _ => ("{\"score\": 5, \"reason\": \"ok\"}", false),
+        };
+        (a.to_string(), cut)
+    }))
+}
+
+/// A line of `kind` (`n`-th of it) asking for `format` (`None`: no JSON asked).
+fn line(kind: &str, n: u32, format: Option<Value>) -> String {
+    let mut body = json!({"model": "m", "max_tokens": 64,
+        "messages": [{"role": "user", "content": format!("{kind}: rate candidate {n}")}]});
+    if let Some(f) = format {
+        body["response_format"] = f;
+    }
+    json!({"custom_id": format!("{kind}-{n}"), "method": "POST", "url": "/v1/chat/completions",
+           "body": body})
+    .to_string()
+}
+
+fn with_schema() -> Option<Value> {
+    Some(
+        json!({"type": "json_schema", "json_schema": {"name": "score", "strict": true,
+                                                         "schema": schema()}}),
+    )
+}
+
+/// The calls the fake received, by line (the user message's text).
+fn calls_by_line(fake: &Fake) -> HashMap<String, Vec<Value>> {
+    let mut by: HashMap<String, Vec<Value>> = HashMap::new();
+    for b in fake.stats.bodies.lock().expect("lock").iter() {
+        by.entry(line_text(b)).or_default().push(b.clone());
+    }
+    by
+}
+
+/// The answer text of an output line's body.
+fn content(line: &Value) -> &str {
+    line["response"]["body"]["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+async fn metric(api: &Api, name: &str) -> u64 {
+    let (status, text) = api.get_text("/metrics").await;
+    assert_eq!(status, 200);
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_answers_are_checked_reasked_and_named_on_both_backends() {
+    for shape in [Shape::Ollama, Shape::OpenAi] {
+        let fake = Fake::start(shape).await;
+        fake.keep_bodies.store(true, Ordering::SeqCst);
+        fake.set(|b| b.script = Some(model()));
+        let (_dir, server) = server_with(&fake, |_| {}).await;
+        let api = Api::new(&server.base);
+        let mut file = String::new();
+        for n in 1..=2 {
+            for kind in ["fenced", "missing", "never", "cut", "valid"] {
+                file.push_str(&line(kind, n, with_schema()));
+                file.push('\n');
+            }
+            file.push_str(&line("plain", n, None));
+            file.push('\n');
+        }
+        file.push_str(&line("object", 1, Some(json!({"type": "json_object"}))));
+        file.push('\n');
+        let batch = api
+            .run_file(
+                file.into_bytes(),
+                "/v1/chat/completions",
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(batch["status"], "completed", "{shape:?}: {batch}");
+        assert_eq!(batch["request_counts"]["total"], 13);
+        assert_eq!(
+            batch["request_counts"]["failed"], 4,
+            "{shape:?}: never ×2, cut ×2"
+        );
+        let out = api.lines(&batch["output_file_id"]).await;
+        let errors = api.lines(&batch["error_file_id"]).await;
+        let by_id = |lines: &[Value]| -> HashMap<String, Value> {
+            lines
+                .iter()
+                .map(|l| {
+                    (
+                        l["custom_id"].as_str().unwrap_or_default().to_string(),
+                        l.clone(),
+                    )
+                })
+                .collect()
+        };
+        let (out, errors) = (by_id(&out), by_id(&errors));
+        let calls = calls_by_line(&fake);
+        let calls_of = |kind: &str, n: u32| {
+            calls
+                .get(&format!("{kind}: rate candidate {n}"))
+                .map_or(0, Vec::len)
+        };
+        for n in 1..=2 {
+            // Fenced: the output is the bare JSON, one call.
+            let o = &out[&format!("fenced-{n}")];
+            assert_eq!(
+                content(o),
+                "{\"score\": 7, \"reason\": \"fine\"}",
+                "{shape:?}"
+            );
+            let parsed: Value = serde_json::from_str(content(o)).expect("bare JSON");
+            assert_eq!(parsed["score"], 7);
+            assert_eq!(calls_of("fenced", n), 1, "{shape:?}");
+            // Missing a required field: re-asked once, naming it; then it succeeds.
+            let o = &out[&format!("missing-{n}")];
+            assert_eq!(
+                serde_json::from_str::<Value>(content(o)).expect("JSON")["reason"],
+                "now complete"
+            );
+            assert_eq!(calls_of("missing", n), 2, "{shape:?}: exactly two calls");
+            let reask = &calls[&format!("missing: rate candidate {n}")][1];
+            let msgs = reask["messages"].as_array().expect("chat");
+            assert_eq!(
+                msgs.len(),
+                3,
+                "{shape:?}: the line, its answer, the re-ask: {reask}"
+            );
+            assert_eq!(msgs[1]["role"], "assistant");
+            assert_eq!(msgs[1]["content"], "{\"score\": 7}");
+            let said = msgs[2]["content"].as_str().expect("text");
+            assert!(said.contains("\"reason\" is a required property"), "{said}");
+            if shape == Shape::Ollama {
+                assert_eq!(
+                    reask["format"],
+                    schema(),
+                    "the grammar goes with the re-ask too"
+                );
+            }
+            // Never valid: 1 + --reask (2) calls, then invalid_answer with the last answer and
+            // the validator's errors.
+            let e = &errors[&format!("never-{n}")];
+            assert_eq!(calls_of("never", n), 3, "{shape:?}");
+            assert_eq!(e["error"]["code"], "invalid_answer", "{e}");
+            let m = e["error"]["message"].as_str().expect("message");
+            assert!(
+                m.contains("`/score`: \"excellent\" is not of type \"integer\""),
+                "{m}"
+            );
+            assert!(m.contains("after 2 re-ask"), "{m}");
+            assert_eq!(
+                content(e),
+                "{\"score\": \"excellent\", \"reason\": \"x\"}",
+                "{e}"
+            );
+            assert!(!out.contains_key(&format!("never-{n}")));
+            // Cut off: one call, answer_truncated, says to raise max_tokens.
+            let e = &errors[&format!("cut-{n}")];
+            assert_eq!(
+                calls_of("cut", n),
+                1,
+                "{shape:?}: a re-ask would be cut off again"
+            );
+            assert_eq!(e["error"]["code"], "answer_truncated", "{e}");
+            assert!(
+                e["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("max_tokens")),
+                "{e}"
+            );
+            // Valid at once: one call, kept as it came.
+            assert_eq!(calls_of("valid", n), 1);
+            assert_eq!(
+                content(&out[&format!("valid-{n}")]),
+                "{\"score\": 5, \"reason\": \"ok\"}"
+            );
+            // No JSON asked: untouched, fence and all.
+            assert_eq!(
+                content(&out[&format!("plain-{n}")]),
+                "```json\n{}\n```",
+                "{shape:?}"
+            );
+            assert_eq!(calls_of("plain", n), 1);
+        }
+        assert_eq!(content(&out["object-1"]), "{\"a\": 1}", "json_object: bare");
+        let total: usize = calls.values().map(Vec::len).sum();
+        assert_eq!(total, 2 * (1 + 2 + 3 + 1 + 1 + 1) + 1, "{shape:?}");
+        // The counters equal what was counted here: checked = every line that asked for JSON
+        // (10 + 1), fenced 2 + 1, re-asks 2×1 + 2×2, invalid 2, truncated 2.
+        let want = json!({"checked": 11, "fenced": 3, "reasks": 6, "invalid": 2,
+                          "truncated": 2, "reused": 0});
+        let (_, status) = api.get("/status").await;
+        assert_eq!(status["counters"]["answers"], want, "{shape:?}");
+        let id = batch["id"].as_str().expect("id");
+        let (code, figures) = api.get(&format!("/status/batches/{id}")).await;
+        assert_eq!(code, 200, "{figures}");
+        assert_eq!(figures["progress"]["answers"], want, "{figures}");
+        for (outcome, n) in [
+            ("checked", 11),
+            ("fenced", 3),
+            ("reasked", 6),
+            ("invalid", 2),
+            ("truncated", 2),
+        ] {
+            assert_eq!(
+                metric(
+                    &api,
+                    &format!("obatch_answers_total{{outcome=\"{outcome}\"}}")
+                )
+                .await,
+                n,
+                "{shape:?} {outcome}"
+            );
+        }
+    }
+}
+
+/// `/v1/completions` too: the prompt goes on with the answer and what was wrong.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_are_checked_and_reasked_through_the_prompt() {
+    for shape in [Shape::Ollama, Shape::OpenAi] {
+        let fake = Fake::start(shape).await;
+        fake.keep_bodies.store(true, Ordering::SeqCst);
+        fake.set(|b| b.script = Some(model()));
+        let (_dir, server) = server_with(&fake, |cfg| cfg.reask = 1).await;
+        let api = Api::new(&server.base);
+        let mut file = String::new();
+        for kind in ["missing", "never", "fenced"] {
+            file.push_str(
+                &json!({"custom_id": kind, "method": "POST", "url": "/v1/completions",
+                        "body": {"model": "m", "prompt": format!("{kind}: rate|"),
+                                 "response_format": with_schema()}})
+                .to_string(),
+            );
+            file.push('\n');
+        }
+        let batch = api
+            .run_file(
+                file.into_bytes(),
+                "/v1/completions",
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(batch["request_counts"]["failed"], 1, "{shape:?}: {batch}");
+        let out = api.lines(&batch["output_file_id"]).await;
+        let text = |id: &str| {
+            out.iter()
+                .find(|l| l["custom_id"] == id)
+                .and_then(|l| l["response"]["body"]["choices"][0]["text"].as_str())
+                .map(str::to_string)
+        };
+        assert_eq!(
+            text("missing").as_deref(),
+            Some("{\"score\": 7, \"reason\": \"now complete\"}")
+        );
+        assert_eq!(
+            text("fenced").as_deref(),
+            Some("{\"score\": 7, \"reason\": \"fine\"}")
+        );
+        let errors = api.lines(&batch["error_file_id"]).await;
+        assert_eq!(errors[0]["custom_id"], "never");
+        assert_eq!(errors[0]["error"]["code"], "invalid_answer");
+        let calls = calls_by_line(&fake);
+        assert_eq!(calls["never: rate"].len(), 2, "{shape:?}: 1 + --reask 1");
+        let reask = calls["missing: rate"][1]["prompt"]
+            .as_str()
+            .expect("prompt")
+            .to_string();
+        assert!(
+            reask.starts_with("missing: rate|{\"score\": 7}")
+                && reask.contains("\"reason\" is a required property"),
+            "{reask}"
+        );
+    }
+}
+
+/// A schema that is not one, or that points outside itself, is refused at validation with its
+/// line: no call is made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_schemas_are_refused_at_validation_with_the_line() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_dir, server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let mut file = String::new();
+    file.push_str(&line("valid", 1, with_schema()));
+    file.push('\n');
+    file.push_str(&line(
+        "valid",
+        2,
+        Some(json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "integer", "minimum": "one"}}})),
+    ));
+    file.push('\n');
+    file.push_str(&line(
+        "valid",
+        3,
+        Some(json!({"type": "json_schema", "json_schema": {"name": "s", "schema": {"$ref": "https://example.com/score.json"}}})),
+    ));
+    file.push('\n');
+    let batch = api
+        .run_file(
+            file.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(batch["status"], "failed", "{batch}");
+    let errs = batch["errors"]["data"].as_array().expect("errors");
+    assert_eq!(errs.len(), 2, "{batch}");
+    assert_eq!(errs[0]["line"], 2);
+    assert!(
+        errs[0]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not a valid JSON Schema")),
+        "{batch}"
+    );
+    assert_eq!(errs[1]["line"], 3);
+    assert!(
+        errs[1]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("remote `$ref`s are not fetched")),
+        "{batch}"
+    );
+    assert_eq!(fake.total_calls(), 0);
+}
