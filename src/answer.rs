@@ -223,6 +223,53 @@ pub fn with_text(endpoint: Endpoint, body: &mut Value, bare: &str) {
     }
 }
 
+/// The key under which a successful answer is found again: SHA-256 over the endpoint, what the
+/// backend is told beside the body (its kind, `num_ctx`, context shift) and the body as sent
+/// (model mapped, shared contents restored) in canonical JSON (object keys sorted, no spaces).
+/// Two lines with the same key ask the same thing of the same model in the same way.
+pub fn reuse_key(endpoint: Endpoint, options: &str, body: &Value) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut text = String::with_capacity(1024);
+    text.push_str("reuse-v1\0");
+    text.push_str(endpoint.as_str());
+    text.push('\0');
+    text.push_str(options);
+    text.push('\0');
+    canonical(body, &mut text);
+    Sha256::digest(text.as_bytes()).into()
+}
+
+/// `v` as canonical JSON: object keys in byte order, whatever order the line had them in.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
 /// What the checks of one line's calls came to, for the figures.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Report {
@@ -304,6 +351,26 @@ mod tests {
         assert!(e.contains("remote `$ref`s are not fetched"), "{e}");
         compile(&json!({"$defs": {"a": {"type": "integer"}}, "$ref": "#/$defs/a"}))
             .expect("a local $ref is fine");
+    }
+
+    #[test]
+    fn the_reuse_key_ignores_key_order_and_sees_every_value() {
+        let a =
+            json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]});
+        let b: Value = serde_json::from_str(
+            r#"{"messages":[{"content":"x","role":"user"}],"max_tokens":8,"model":"m"}"#,
+        )
+        .expect("json");
+        let k = |v: &Value| reuse_key(Endpoint::ChatCompletions, "ollama", v);
+        assert_eq!(k(&a), k(&b));
+        let mut c = a.clone();
+        c["max_tokens"] = json!(9);
+        assert_ne!(k(&a), k(&c));
+        assert_ne!(
+            k(&a),
+            reuse_key(Endpoint::ChatCompletions, "ollama num_ctx=8192", &a)
+        );
+        assert_ne!(k(&a), reuse_key(Endpoint::Completions, "ollama", &a));
     }
 
     #[test]

@@ -382,3 +382,174 @@ async fn bad_schemas_are_refused_at_validation_with_the_line() {
     );
     assert_eq!(fake.total_calls(), 0);
 }
+
+/// The answer text of each output line, by custom id.
+fn answers_by_id(lines: &[Value]) -> HashMap<String, String> {
+    lines
+        .iter()
+        .map(|l| {
+            (
+                l["custom_id"].as_str().unwrap_or_default().to_string(),
+                content(l).to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Never paying twice: 300 lines answered by one server process, which is then killed
+/// (SIGKILL); a second process runs the same 300 lines plus 100 new ones with `"reuse":
+/// "true"` and calls the backend exactly 100 times; identical lines in one batch make one call;
+/// a changed `max_tokens` is another request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_lines_are_reused_across_a_kill_and_never_sent_twice() {
+    use crate::support::process::{self, signal, wait_exit};
+    use crate::support::{assert_exactly_once, chat_file, ids};
+    let fake = Fake::start(Shape::OpenAi).await;
+    // Each call's answer is its own (a number no other call gets): a reused answer is told
+    // from a fresh one.
+    fake.set(|b| b.unique_answers = true);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let mut first = process::spawn(&state, &fake.url(), 4, &[]);
+    let api = Api::new(&first.addr);
+    let a = api
+        .run_file(
+            chat_file(300, "m", "rubric"),
+            "/v1/chat/completions",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(a["request_counts"]["completed"], 300, "{a}");
+    let before = answers_by_id(&api.lines(&a["output_file_id"]).await);
+    assert_eq!(fake.total_calls(), 300);
+    signal(&first.child, "-KILL");
+    wait_exit(&mut first.child, Duration::from_secs(10));
+
+    let second = process::spawn(&state, &fake.url(), 4, &[]);
+    let api = Api::new(&second.addr);
+    let b = api
+        .submit_with(
+            chat_file(400, "m", "rubric"),
+            "/v1/chat/completions",
+            json!({"reuse": "true"}),
+        )
+        .await;
+    let b = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(60))
+        .await;
+    assert_eq!(b["status"], "completed", "{b}");
+    assert_eq!(
+        fake.total_calls(),
+        400,
+        "exactly the 100 new lines were sent"
+    );
+    let out = api.lines(&b["output_file_id"]).await;
+    assert_exactly_once(&out, ids(400));
+    let after = answers_by_id(&out);
+    for (id, answer) in &before {
+        assert_eq!(&after[id], answer, "{id}: the stored answer, not a new one");
+    }
+    let (_, figures) = api
+        .get(&format!(
+            "/status/batches/{}",
+            b["id"].as_str().expect("id")
+        ))
+        .await;
+    assert_eq!(figures["progress"]["answers"]["reused"], 300, "{figures}");
+    assert_eq!(
+        metric(&api, "obatch_answers_total{outcome=\"reused\"}").await,
+        300
+    );
+    // The output line is the stored answer with its usage; ids are the new batch's own.
+    let ids_a: std::collections::HashSet<String> = api
+        .lines(&a["output_file_id"])
+        .await
+        .iter()
+        .map(|l| l["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(
+        out.iter()
+            .all(|l| !ids_a.contains(l["id"].as_str().unwrap_or_default()))
+    );
+    assert!(out.iter().all(|l| {
+        l["response"]["body"]["usage"]["prompt_tokens"]
+            .as_u64()
+            .is_some()
+    }));
+
+    // One batch: five identical new lines (one call), c-1 with another max_tokens (a call of
+    // its own), and c-2 as it was (reused).
+    let same = |id: &str| {
+        json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+               "body": {"model": "m", "messages": [{"role": "system", "content": "rubric"},
+                                                  {"role": "user", "content": "the same question"}],
+                        "max_tokens": 8}})
+        .to_string()
+    };
+    let mut file: Vec<String> = (1..=5).map(|i| same(&format!("same-{i}"))).collect();
+    let mut changed: Value =
+        serde_json::from_str(&crate::support::chat_line("c-1", "m", "rubric")).expect("line");
+    changed["custom_id"] = json!("c-1-longer");
+    changed["body"]["max_tokens"] = json!(64);
+    file.push(changed.to_string());
+    let mut kept: Value =
+        serde_json::from_str(&crate::support::chat_line("c-2", "m", "rubric")).expect("line");
+    kept["custom_id"] = json!("c-2-again");
+    file.push(kept.to_string());
+    let c = api
+        .submit_with(
+            (file.join("\n") + "\n").into_bytes(),
+            "/v1/chat/completions",
+            json!({"reuse": "true"}),
+        )
+        .await;
+    let c = api
+        .wait_terminal(c["id"].as_str().expect("id"), Duration::from_secs(60))
+        .await;
+    assert_eq!(c["request_counts"]["completed"], 7, "{c}");
+    assert_eq!(
+        fake.total_calls(),
+        402,
+        "one call for the five, one for the changed max_tokens"
+    );
+    let out = answers_by_id(&api.lines(&c["output_file_id"]).await);
+    let first_same = &out["same-1"];
+    assert!(
+        (2..=5).all(|i| &out[&format!("same-{i}")] == first_same),
+        "{out:?}"
+    );
+    assert_ne!(
+        out["c-1-longer"], before["c-1"],
+        "another max_tokens is another request"
+    );
+    assert_eq!(out["c-2-again"], before["c-2"]);
+    // Without the metadata nothing is reused.
+    let d = api
+        .run_file(
+            chat_file(3, "m", "rubric"),
+            "/v1/chat/completions",
+            Duration::from_secs(60),
+        )
+        .await;
+    assert_eq!(d["request_counts"]["completed"], 3);
+    assert_eq!(fake.total_calls(), 405);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reuse_metadata_other_than_true_or_false_is_refused() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_dir, server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let (_, file) = api
+        .upload("in.jsonl", crate::support::chat_file(1, "m", "s"), "batch")
+        .await;
+    let (status, err) = api
+        .post(
+            "/v1/batches",
+            json!({"input_file_id": file["id"], "endpoint": "/v1/chat/completions",
+                   "completion_window": "24h", "metadata": {"reuse": "yes"}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{err}");
+    assert_eq!(err["error"]["param"], "metadata.reuse");
+}

@@ -134,6 +134,19 @@ pub async fn create(
     if let Some(mode) = metadata.as_ref().and_then(|m| m.get("mode")) {
         check_mode(&st.cfg, endpoint, mode)?;
     }
+    if let Some(reuse) = metadata
+        .as_ref()
+        .and_then(|m| m.get(crate::domain::META_REUSE))
+        .filter(|v| !matches!(v.as_str(), "true" | "false"))
+    {
+        return Err(ApiError::bad(
+            Some("metadata.reuse"),
+            format!(
+                "metadata reuse must be 'true' or 'false', got '{}'",
+                crate::domain::clip(reuse, 40)
+            ),
+        ));
+    }
     let file_id = crate::domain::FileId::parse(input)
         .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
     let file = st

@@ -62,6 +62,11 @@ pub struct RunArgs {
     /// On Ctrl-C, cancel the batch (and download what finished) instead of detaching from it.
     #[arg(long)]
     pub cancel_on_interrupt: bool,
+    /// Answer every line that an earlier batch on the server's state directory already
+    /// answered (same request, model and backend options) from the store, without a call
+    /// (the batch's metadata `"reuse": "true"`).
+    #[arg(long)]
+    pub reuse: bool,
     /// How often to ask the server how the batch is doing.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub poll: humantime::Duration,
@@ -89,6 +94,8 @@ struct Input {
     /// `--mode conversation`: the batch asks for it in its metadata (so a `--server` runs it
     /// so too), and its hash differs from the same input's in independent mode.
     conversation: bool,
+    /// `--reuse`: the batch asks for earlier answers in its metadata.
+    reuse: bool,
 }
 
 impl Drop for Input {
@@ -146,6 +153,7 @@ fn prepare(args: &RunArgs) -> Result<Input, String> {
         lines: 0,
         bytes: 0,
         conversation: args.serve.mode == crate::config::Mode::Conversation,
+        reuse: args.reuse,
     };
     let file = std::fs::File::open(&input.path)
         .map_err(|e| format!("cannot read {}: {e}", input.path.display()))?;
@@ -411,6 +419,9 @@ async fn attach_or_create(
     let mut metadata = json!({META_SHA256: input.sha256, META_NAME: input.name});
     if input.conversation {
         metadata["mode"] = json!("conversation");
+    }
+    if input.reuse {
+        metadata[crate::domain::META_REUSE] = json!("true");
     }
     let b = server
         .create_batch(&file_id, &input.endpoint, metadata)

@@ -85,6 +85,9 @@ pub enum Endpoint {
     Completions,
 }
 
+/// The batch metadata key that asks for earlier answers to be reused (`"true"` / `"false"`).
+pub const META_REUSE: &str = "reuse";
+
 impl Endpoint {
     /// Parses the `endpoint` parameter / the `url` of an input line.
     pub fn parse(s: &str) -> Option<Self> {

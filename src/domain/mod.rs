@@ -10,7 +10,7 @@ pub mod ids;
 pub mod outcome;
 pub mod request;
 
-pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, RequestCounts};
+pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, META_REUSE, RequestCounts};
 pub use file::FileRecord;
 pub use ids::{BatchId, FileId, RequestKey};
 pub use outcome::{CallResult, RetryPolicy, Step, Verdict};

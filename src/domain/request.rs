@@ -9,6 +9,7 @@
 //!    │                                                ├── success ──▶ Succeeded
 //!    │                                                └── permanent failure or attempts
 //!    │                                                    exhausted ──▶ Failed
+//!    └── reuse: an identical request's stored answer (no call, no attempt) ──▶ Succeeded
 //! ```
 //! Each arrow is one [`Transition`]; [`RequestRecord::apply`] is the machine: it refuses every
 //! edge the drawing does not have, and every edge from `Leased` under another lease number (an
@@ -158,6 +159,12 @@ pub enum Transition {
         /// Our error.
         result: ResultRecord,
     },
+    /// `Queued → Succeeded` without a call: the answer of an identical request, already
+    /// answered successfully (a batch that reuses answers).
+    Reuse {
+        /// The answer, as it was stored.
+        result: ResultRecord,
+    },
 }
 
 /// A transition the machine does not allow from where the record is.
@@ -191,13 +198,14 @@ impl Transition {
             Transition::GiveBack { .. } => "give_back",
             Transition::Rescue { .. } => "rescue",
             Transition::Fail { .. } => "fail",
+            Transition::Reuse { .. } => "reuse",
         }
     }
 
     /// Where it starts, and under which lease (`None`: a queued record has no live lease).
     pub fn from(&self) -> (RequestState, Option<u32>) {
         match self {
-            Transition::Lease => (RequestState::Queued, None),
+            Transition::Lease | Transition::Reuse { .. } => (RequestState::Queued, None),
             Transition::Settle { lease, .. }
             | Transition::Retry { lease, .. }
             | Transition::GiveBack { lease, .. }
@@ -212,7 +220,8 @@ impl Transition {
             Transition::Lease => RequestState::Leased,
             Transition::Settle {
                 succeeded: true, ..
-            } => RequestState::Succeeded,
+            }
+            | Transition::Reuse { .. } => RequestState::Succeeded,
             Transition::Settle { .. } | Transition::Fail { .. } => RequestState::Failed,
             Transition::Retry { .. } | Transition::GiveBack { .. } | Transition::Rescue { .. } => {
                 RequestState::Queued
@@ -240,7 +249,9 @@ impl RequestRecord {
                 self.attempts += 1;
                 self.not_before_ms = 0;
             }
-            Transition::Settle { result, .. } | Transition::Fail { result, .. } => {
+            Transition::Settle { result, .. }
+            | Transition::Fail { result, .. }
+            | Transition::Reuse { result } => {
                 self.result = Some(result.clone());
             }
             Transition::Retry { due_ms, error, .. } => {
@@ -316,11 +327,14 @@ mod tests {
                 lease,
                 result: ResultRecord::error("internal_error", "z"),
             },
+            Transition::Reuse {
+                result: ResultRecord::error("x", "y"),
+            },
         ]
     }
 
     /// The drawing in the module doc, as (from, edge, to).
-    const DRAWN: [(RequestState, &str, RequestState); 7] = [
+    const DRAWN: [(RequestState, &str, RequestState); 8] = [
         (RequestState::Queued, "lease", RequestState::Leased),
         (RequestState::Leased, "settle", RequestState::Succeeded),
         (RequestState::Leased, "settle", RequestState::Failed),
@@ -328,6 +342,7 @@ mod tests {
         (RequestState::Leased, "give_back", RequestState::Queued),
         (RequestState::Leased, "rescue", RequestState::Queued),
         (RequestState::Leased, "fail", RequestState::Failed),
+        (RequestState::Queued, "reuse", RequestState::Succeeded),
     ];
 
     #[test]
@@ -344,8 +359,10 @@ mod tests {
                     let drawn = DRAWN
                         .iter()
                         .any(|(f, e, to)| *f == state && *e == t.name() && *to == t.to());
-                    // Lease starts from Queued, where no lease is checked.
-                    let allowed = drawn && (lease_matches || t == Transition::Lease);
+                    // Lease and reuse start from Queued, where no lease is checked.
+                    let allowed = drawn
+                        && (lease_matches
+                            || matches!(t, Transition::Lease | Transition::Reuse { .. }));
                     match rec.apply(&t) {
                         Ok(()) => {
                             assert!(allowed, "{state:?} --{}--> allowed", t.name());

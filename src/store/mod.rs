@@ -14,6 +14,7 @@
 //! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
 //! | `conversations` | batch uuid (16 B)       | a batch's mode: its conversation [`Plan`], or none (independent lines) |
 //! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
+//! | `answers`  | reuse key: sha-256 (32 B)    | the line (batch ‖ line, 20 B) whose success answered it; the answer itself stays in that line's record |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
 //!
@@ -157,6 +158,7 @@ pub struct Store {
     stats: sled::Tree,
     groups: sled::Tree,
     conversations: sled::Tree,
+    answers: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -204,6 +206,7 @@ impl Store {
             stats: db.open_tree("stats")?,
             groups: db.open_tree("groups")?,
             conversations: db.open_tree("conversations")?,
+            answers: db.open_tree("answers")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -628,6 +631,30 @@ impl Store {
             .stats
             .get(id.0.as_bytes())?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    // ---- answers by reuse key -------------------------------------------------------------
+
+    /// Remembers that line `key` answered the request whose reuse key is `hash` (the answer
+    /// stays in the line's record: stored once).
+    pub fn remember_answer(&self, hash: &[u8; 32], key: RequestKey) -> Result<(), StoreError> {
+        self.answers.insert(hash, &key.to_bytes()[..])?;
+        Ok(())
+    }
+
+    /// The line that answered the request whose reuse key is `hash`, and its record as it is
+    /// now; `None` when no line did (or its batch is gone).
+    pub fn answered_by(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<(RequestKey, RequestRecord)>, StoreError> {
+        let Some(k) = self.answers.get(hash)? else {
+            return Ok(None);
+        };
+        let Some(key) = RequestKey::from_bytes(&k) else {
+            return Ok(None);
+        };
+        Ok(self.get_request(key)?.map(|r| (key, r)))
     }
 
     // ---- blobs ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ mod outage;
 mod outcome;
 mod publish;
 mod recovery;
+mod reuse;
 mod transitions;
 mod turns;
 
@@ -133,6 +134,21 @@ struct Active {
     /// Conversation mode's settings, when the batch runs in it (fixed and stored when first
     /// taken on).
     plan: Option<crate::conversation::Plan>,
+    /// Metadata `reuse`: `Some(true)` answers lines from earlier identical requests,
+    /// `Some(false)` never does; `None` follows `--reuse-results`.
+    reuse: Option<bool>,
+    /// Reuse keys on their way in this batch: which line answers each, who waits for it.
+    claims: HashMap<[u8; 32], reuse::Claim>,
+}
+
+/// A result written since the last flush, counted once the flush makes it durable.
+#[derive(Debug)]
+struct Done {
+    batch: BatchId,
+    ok: bool,
+    usage: Option<Usage>,
+    /// Answered from an earlier answer: its tokens are the batch's, not this run's work.
+    reused: bool,
 }
 
 impl Active {
@@ -175,6 +191,12 @@ impl Active {
             progress: progress::Progress::new(0),
             cache_warned: false,
             plan: None,
+            reuse: rec
+                .metadata
+                .as_ref()
+                .and_then(|m| m.get(crate::domain::META_REUSE))
+                .map(|v| v == "true"),
+            claims: HashMap::new(),
         }
     }
 }
@@ -188,6 +210,8 @@ struct Lease {
     deadline: Option<Instant>,
     /// A conversation's line: the history it was sent with.
     turn: Option<turns::Leased>,
+    /// An independent line's reuse key: its success is remembered under it.
+    reuse_key: Option<[u8; 32]>,
 }
 
 /// Everything the supervisor task owns.
@@ -216,7 +240,7 @@ pub struct Supervisor {
     delayed: BinaryHeap<Reverse<(Instant, RequestKey)>>,
     leased: HashMap<RequestKey, Lease>,
     /// Results written since the last flush: (batch, succeeded, usage).
-    pending: Vec<(BatchId, bool, Option<Usage>)>,
+    pending: Vec<Done>,
     first_pending: Option<Instant>,
     /// Per backend: down (its lanes get no leases) since a call found it unreachable, until a
     /// probe reaches it.
@@ -617,6 +641,7 @@ impl Supervisor {
                     .unwrap_or(false)
             })
             .collect();
+        let mut answered_here = 0;
         while let Some(lane) = (0..self.lane_load.len())
             .filter(|&l| !declined[l] && self.lane_load[l] < LEASES_PER_LANE)
             .min_by_key(|&l| self.lane_load[l])
@@ -633,6 +658,35 @@ impl Supervisor {
                 continue;
             };
             let key = RequestKey { batch: id, line };
+            let (endpoint, plan) = (a.endpoint, a.plan);
+            let reuses = a.reuses(self.cfg.reuse_results);
+            let body = self
+                .store
+                .get_body(key)
+                .map_err(|e| e.to_string())
+                .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
+                .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
+            // An independent line's reuse key: looked up first when the batch reuses answers,
+            // and its success is remembered under it whatever the batch.
+            let reuse_key = match (&body, plan) {
+                (Ok(b), None) => Some(self.reuse_key(endpoint, b)),
+                _ => None,
+            };
+            if reuses && let Some(hash) = reuse_key {
+                match self.look_up(id, line, hash) {
+                    reuse::Lookup::Reused | reuse::Lookup::Waiting => {
+                        // A batch answered from the store must not hold the loop: a group
+                        // commit's worth per turn, then the turn ends (and the next starts
+                        // at once).
+                        answered_here += 1;
+                        if answered_here >= self.cfg.flush_every {
+                            break;
+                        }
+                        continue;
+                    }
+                    reuse::Lookup::Send => {}
+                }
+            }
             let rec = match transitions::lease(&self.store, key) {
                 Ok(r) => r,
                 Err(e) => {
@@ -641,13 +695,10 @@ impl Supervisor {
                     continue;
                 }
             };
-            let body = self
-                .store
-                .get_body(key)
-                .map_err(|e| e.to_string())
-                .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
-                .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
-            let body = match (body, a.plan, self.sched.conversation_of(id, line)) {
+            let Some(a) = self.batches.get_mut(&id) else {
+                continue;
+            };
+            let body = match (body, plan, self.sched.conversation_of(id, line)) {
                 (Ok(body), Some(plan), Some(conv)) => self
                     .turns
                     .prepare(&self.store, key, conv, &plan, body)
@@ -663,6 +714,7 @@ impl Supervisor {
                             lane,
                             deadline: None,
                             turn,
+                            reuse_key,
                         },
                     );
                     self.lane_load[lane] += 1;
@@ -689,7 +741,12 @@ impl Supervisor {
                     );
                     if failed.is_ok() {
                         self.sched.finished(id, line);
-                        self.pending.push((key.batch, false, None));
+                        self.pending.push(Done {
+                            batch: key.batch,
+                            ok: false,
+                            usage: None,
+                            reused: false,
+                        });
                         self.first_pending.get_or_insert_with(Instant::now);
                     }
                 }
@@ -710,23 +767,24 @@ impl Supervisor {
         }
         self.counters.flushes += 1;
         self.counters.results += self.pending.len() as u64;
-        for (batch, ok, usage) in self.pending.drain(..) {
-            if let Some(a) = self.batches.get_mut(&batch) {
-                if ok {
+        for d in self.pending.drain(..) {
+            if let Some(a) = self.batches.get_mut(&d.batch) {
+                if d.ok {
                     a.succeeded += 1;
-                } else {
-                    a.failed += 1;
-                }
-                a.progress.result(usage.as_ref());
-                if ok {
                     self.counters.succeeded += 1;
                 } else {
+                    a.failed += 1;
                     self.counters.failed += 1;
                 }
-                if let Some(u) = &usage {
-                    self.counters.tokens.add(u);
+                // The batch's usage is its output's; the rates and the run's token counters
+                // are the work done here (a reused answer cost nothing now).
+                if !d.reused {
+                    a.progress.result(d.usage.as_ref());
+                    if let Some(u) = &d.usage {
+                        self.counters.tokens.add(u);
+                    }
                 }
-                if let Some(u) = usage {
+                if let Some(u) = d.usage {
                     a.usage.add(&u);
                 }
             }

@@ -2,7 +2,7 @@
 //! the request machine applies it (`transitions.rs`), and the figures, the recent errors and the
 //! conversation's record follow.
 
-use super::{Lease, Supervisor, transitions};
+use super::{Done, Lease, Supervisor, transitions};
 use crate::config::Config;
 use crate::domain::{CallResult, ResultRecord, Step, Verdict, unix_millis, unix_now};
 use crate::live::{self, progress};
@@ -23,7 +23,13 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        let Some(Lease { lane, turn, .. }) = self.end_lease(o.key) else {
+        let Some(Lease {
+            lane,
+            turn,
+            reuse_key,
+            ..
+        }) = self.end_lease(o.key)
+        else {
             return;
         };
         if self.store_failed() {
@@ -122,7 +128,17 @@ impl Supervisor {
                     if self.pending.is_empty() {
                         self.first_pending = Some(Instant::now());
                     }
-                    self.pending.push((key.batch, succeeded, usage));
+                    self.pending.push(Done {
+                        batch: key.batch,
+                        ok: succeeded,
+                        usage,
+                        reused: false,
+                    });
+                    match reuse_key {
+                        Some(hash) if succeeded => self.answered(key, hash, &result),
+                        Some(hash) => self.not_answered(key, hash),
+                        None => {}
+                    }
                 }
                 r
             }

@@ -12,6 +12,7 @@
 //! | [`give_back`] | Leased → Queued (attempt given back) | an outcome: backend unreachable; graceful shutdown |
 //! | [`rescue`] | Leased → Queued (attempt kept) | a lease past its deadline; start-up recovery |
 //! | [`fail`] | Leased → Failed (our error, no answer) | an unusable stored body; start-up recovery after too many interrupted tries |
+//! | [`reuse`] | Queued → Succeeded (an identical request's answer, no call) | the loop, filling a lane with a line of a batch that reuses answers |
 
 use crate::conversation::Record as ConvRecord;
 use crate::domain::{RequestKey, RequestRecord, ResultRecord, Transition};
@@ -83,6 +84,11 @@ pub fn fail(store: &Store, key: RequestKey, lease: u32, result: ResultRecord) ->
     store.transition_request(key, &Transition::Fail { lease, result })
 }
 
+/// `Queued → Succeeded` without a call: `result` is the stored answer of an identical request.
+pub fn reuse(store: &Store, key: RequestKey, result: ResultRecord) -> Moved {
+    store.transition_request(key, &Transition::Reuse { result })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +141,9 @@ mod tests {
             ("fail", RequestState::Failed, |s, k, l| {
                 fail(s, k, l, ResultRecord::error("internal_error", "x"))
             }),
+            ("reuse", RequestState::Succeeded, |s, k, _| {
+                reuse(s, k, ResultRecord::error("a", "b"))
+            }),
         ]
     }
 
@@ -173,7 +182,7 @@ mod tests {
                     let current = bring(&store, key, from);
                     let before = store.get_request(key).expect("get").expect("some");
                     let lease = if stale { current + 1 } else { current };
-                    let allowed = if name == "lease" {
+                    let allowed = if name == "lease" || name == "reuse" {
                         from == RequestState::Queued
                     } else {
                         from == RequestState::Leased && !stale
