@@ -255,6 +255,56 @@ async fn json_answers_are_checked_reasked_and_named_on_both_backends() {
         let (code, figures) = api.get(&format!("/status/batches/{id}")).await;
         assert_eq!(code, 200, "{figures}");
         assert_eq!(figures["progress"]["answers"], want, "{figures}");
+        // `analyze` on the files as they came: the new codes, and a bar per integer score.
+        let files = tempfile::tempdir().expect("tempdir");
+        let (o, e) = (files.path().join("o.jsonl"), files.path().join("e.jsonl"));
+        for (path, id) in [
+            (&o, &batch["output_file_id"]),
+            (&e, &batch["error_file_id"]),
+        ] {
+            let (_, text) = api
+                .get_text(&format!("/v1/files/{}/content", id.as_str().expect("file")))
+                .await;
+            std::fs::write(path, text).expect("write");
+        }
+        let report = std::process::Command::new(crate::support::binary())
+            .arg("analyze")
+            .arg(&o)
+            .arg("--errors")
+            .arg(&e)
+            .args(["--field", "score"])
+            .output()
+            .expect("analyze");
+        let stdout = String::from_utf8_lossy(&report.stdout);
+        assert!(report.status.success(), "{stdout}");
+        assert!(
+            stdout.contains("lines: 13 (9 succeeded, 4 failed)"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("failed invalid_answer: 2 (the answer never matched"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("failed answer_truncated: 2 (cut off at max_tokens"),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains("never-1: the answer does not match"),
+            "{stdout}"
+        );
+        // Scores 7 (fenced ×2, missing ×2) and 5 (valid ×2): bars for 5, 6 and 7.
+        let bars: Vec<Vec<&str>> = stdout
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|w| {
+                w.len() >= 2 && ["5", "6", "7"].contains(&w[0]) && w[1].parse::<u32>().is_ok()
+            })
+            .collect();
+        assert_eq!(bars.len(), 3, "{stdout}");
+        assert_eq!((bars[0][0], bars[0][1]), ("5", "2"), "{stdout}");
+        assert_eq!((bars[1][0], bars[1][1]), ("6", "0"), "{stdout}");
+        assert_eq!((bars[2][0], bars[2][1]), ("7", "4"), "{stdout}");
         for (outcome, n) in [
             ("checked", 11),
             ("fenced", 3),
@@ -552,4 +602,101 @@ async fn reuse_metadata_other_than_true_or_false_is_refused() {
         .await;
     assert_eq!(status, 400, "{err}");
     assert_eq!(err["error"]["param"], "metadata.reuse");
+}
+
+/// Conversation mode: a re-ask is made with the conversation's history, but its turns never
+/// enter the kept history; the next turn carries the line and its valid answer only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reask_turns_never_enter_a_conversations_history() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.keep_bodies.store(true, Ordering::SeqCst);
+    fake.set(|b| {
+        b.script = Some(Script(Arc::new(|req: &Value| {
+            let msgs = req["messages"].as_array().cloned().unwrap_or_default();
+            let last = msgs
+                .last()
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            let text = if last.starts_with("first") {
+                "{\"score\": 7}".to_string() // missing "reason": re-asked
+            } else if last.starts_with("Your answer") {
+                "{\"score\": 7, \"reason\": \"after the re-ask\"}".to_string()
+            } else {
+                "{\"score\": 3, \"reason\": \"second\"}".to_string()
+            };
+            (text, false)
+        })));
+    });
+    let (_dir, server) = server_with(&fake, |cfg| {
+        cfg.concurrency = 1;
+        cfg.backends = vec![(cfg.backend_url.clone(), Some(1))];
+        cfg.num_ctx = Some(8192);
+    })
+    .await;
+    let api = Api::new(&server.base);
+    let mut file = String::new();
+    for (id, text) in [("a", "first candidate"), ("b", "second candidate")] {
+        file.push_str(
+            &json!({"custom_id": id, "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "system", "content": "rubric"},
+                                                       {"role": "user", "content": text}],
+                             "response_format": with_schema()}})
+            .to_string(),
+        );
+        file.push('\n');
+    }
+    let b = api
+        .submit_with(
+            file.into_bytes(),
+            "/v1/chat/completions",
+            json!({"mode": "conversation"}),
+        )
+        .await;
+    let b = api
+        .wait_terminal(b["id"].as_str().expect("id"), Duration::from_secs(30))
+        .await;
+    assert_eq!(b["request_counts"]["completed"], 2, "{b}");
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    assert_eq!(bodies.len(), 3, "a, its re-ask, b");
+    let roles = |b: &Value| -> Vec<String> {
+        b["messages"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .map(|x| {
+                        format!(
+                            "{}:{}",
+                            x["role"].as_str().unwrap_or(""),
+                            x["content"]
+                                .as_str()
+                                .unwrap_or("")
+                                .chars()
+                                .take(12)
+                                .collect::<String>()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        roles(&bodies[1]).len(),
+        4,
+        "the re-ask: system, a, answer, what was wrong"
+    );
+    assert_eq!(
+        roles(&bodies[2]),
+        vec![
+            "system:rubric".to_string(),
+            "user:first candid".into(),
+            "assistant:{\"score\": 7,".into(),
+            "user:second candi".into()
+        ],
+        "b carries a and its valid answer, not the re-ask"
+    );
+    assert_eq!(
+        bodies[2]["messages"][2]["content"],
+        "{\"score\": 7, \"reason\": \"after the re-ask\"}"
+    );
 }

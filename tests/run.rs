@@ -690,3 +690,111 @@ async fn run_after_retry_finds_its_own_batch_and_keeps_its_results() {
         "kept"
     );
 }
+
+/// The README's first command, as written, on a copy of the shipped example: against a fake
+/// Ollama (the only change: `OLLAMA_BATCH_BACKEND_URL`), whose answers are schema-valid, fenced
+/// now and then, and now and then missing a field at first (re-asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_first_command_runs_the_shipped_example_as_written() {
+    use crate::support::fake::Script;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README");
+    let command = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run --release -- run "))
+        .expect("the README's first command");
+    let args: Vec<&str> = command
+        .split('#')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip_while(|a| *a != "--")
+        .skip(1)
+        .collect();
+    assert_eq!(args.first(), Some(&"run"), "{command}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("docs/example")).expect("mkdir");
+    std::fs::create_dir_all(dir.path().join("state")).expect("mkdir");
+    for f in ["candidates.csv", "rubric.md", "answer.schema.json"] {
+        std::fs::copy(
+            root.join("docs/example").join(f),
+            dir.path().join("docs/example").join(f),
+        )
+        .expect("copy the example");
+    }
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("docs/example/answer.schema.json")).expect("schema"),
+    )
+    .expect("JSON");
+    let fake = Fake::start(Shape::Ollama).await;
+    fake.keep_bodies
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    fake.set(|b| {
+        b.script = Some(Script(std::sync::Arc::new(|req: &Value| {
+            let msgs = req["messages"].as_array().cloned().unwrap_or_default();
+            let user = msgs
+                .iter()
+                .find(|m| m["role"] == "user")
+                .and_then(|m| m["content"].as_str())
+                .unwrap_or_default()
+                .to_string();
+            let n: u32 = user.bytes().map(u32::from).sum();
+            let reask = msgs.last().is_some_and(|m| m["role"] == "user")
+                && msgs.iter().filter(|m| m["role"] == "user").count() > 1;
+            let answer = r#"{"score": 8, "recommendation": "Yes", "reasoning": "Long platform experience."}"#;
+            let text = if n % 7 == 0 && !reask {
+                r#"{"score": 8, "recommendation": "Yes"}"#.to_string()
+            } else if n % 5 == 0 {
+                format!("```json\n{answer}\n```")
+            } else {
+                answer.to_string()
+            };
+            (text, false)
+        })));
+    });
+    let out = Command::new(binary())
+        .args(&args)
+        .current_dir(dir.path())
+        .env_remove("OLLAMA_BATCH_SERVER")
+        .env("OLLAMA_BATCH_BACKEND_URL", fake.url())
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let output = std::fs::read_to_string(dir.path().join("state/candidates.output.jsonl"))
+        .expect("the output file in state/");
+    let lines: Vec<Value> = output
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 200);
+    let validator = ollama_batch::answer::compile(&schema).expect("the shipped schema is one");
+    for l in &lines {
+        let content = l["response"]["body"]["choices"][0]["message"]["content"]
+            .as_str()
+            .expect("content");
+        let v: Value = serde_json::from_str(content).expect("bare JSON");
+        assert!(validator.is_valid(&v), "{content}");
+    }
+    let bodies = fake.stats.bodies.lock().expect("lock").clone();
+    let reasks = bodies
+        .iter()
+        .filter(|b| b["messages"].as_array().is_some_and(|m| m.len() > 3))
+        .count();
+    assert!(reasks > 0, "some answers were re-asked");
+    assert_eq!(
+        bodies.len(),
+        200 + reasks,
+        "one call per line, plus the re-asks"
+    );
+    assert!(
+        bodies.iter().all(|b| b["format"] == schema),
+        "Ollama's grammar is the schema"
+    );
+    assert!(
+        bodies.iter().all(|b| b["messages"][0]["content"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("You are a senior technical recruiter"))),
+        "the rubric is the system message"
+    );
+}

@@ -40,8 +40,31 @@ pub struct AnalyzeArgs {
     pub plot: Option<PathBuf>,
 }
 
-/// 10 equal bins from min to max: (low edge, high edge, count); one bin when all are equal.
+/// Integer answers spanning at most this many values get one bin per integer.
+const MAX_INTEGER_BINS: f64 = 50.0;
+
+/// Whether every number is an integer and they span few enough values for one bin each.
+pub fn integer_valued(numbers: &[f64], s: &Stats) -> bool {
+    !numbers.is_empty()
+        && numbers.iter().all(|v| v.fract() == 0.0)
+        && s.max - s.min < MAX_INTEGER_BINS
+}
+
+/// The histogram: one bin per integer (edges k ± 0.5) when every answer is an integer over a
+/// small range (scores 1-10), else 10 equal bins from min to max; (low edge, high edge, count).
 pub fn bins(numbers: &[f64], s: &Stats) -> Vec<(f64, f64, usize)> {
+    if integer_valued(numbers, s) {
+        let n = (s.max - s.min) as usize + 1;
+        let mut counts = vec![0usize; n];
+        for v in numbers {
+            counts[((v - s.min) as usize).min(n - 1)] += 1;
+        }
+        return counts
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (s.min + i as f64 - 0.5, s.min + i as f64 + 0.5, c))
+            .collect();
+    }
     let n = if s.max > s.min { 10usize } else { 1 };
     let width = (s.max - s.min) / n as f64;
     let mut counts = vec![0usize; n];
@@ -244,6 +267,7 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
     let mut categories: BTreeMap<String, usize> = BTreeMap::new();
     let mut unparsed: Vec<(String, String)> = Vec::new();
     let mut missing_field = 0usize;
+    let mut invalid: Vec<(String, String)> = Vec::new();
     let (mut prompt, mut completion, mut cached, mut cached_reported, mut cached_unreported) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut rows: Vec<Row> = Vec::new();
@@ -293,6 +317,15 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
         seen.insert(id.clone(), ());
         let code = error_code(l);
         *by_code.entry(code.clone()).or_default() += 1;
+        if code == "invalid_answer" {
+            let m: String = l["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .chars()
+                .take(160)
+                .collect();
+            invalid.push((id.clone(), m));
+        }
         rows.push((id, None, "failed", code, 0, 0));
     }
     let mut not_run = 0usize;
@@ -321,7 +354,18 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
         ),
     )?;
     for (code, n) in &by_code {
-        w(out, format!("  failed {code}: {n}"))?;
+        let hint = match code.as_str() {
+            "invalid_answer" => {
+                " (the answer never matched the line's JSON schema, re-asks included; the error file holds the last answer and what was wrong)"
+            }
+            "answer_truncated" => " (cut off at max_tokens: raise it and retry these lines)",
+            _ => "",
+        };
+        w(out, format!("  failed {code}: {n}{hint}"))?;
+    }
+    // What the validator said of the first few answers that never validated.
+    for (id, message) in invalid.iter().take(3) {
+        w(out, format!("    {id}: {message}"))?;
     }
     let share = if cached_unreported == 0 && prompt > 0 {
         format!("{:.1}%", 100.0 * cached as f64 / prompt as f64)
@@ -360,13 +404,19 @@ pub fn analyze(args: &AnalyzeArgs, out: &mut dyn Write) -> Result<(), String> {
                     s.count, s.min, s.max, s.mean, s.median, s.p10, s.p25, s.p75, s.p90
                 ),
             )?;
-            // A text histogram over 10 equal bins.
+            // A text histogram: a bar per integer (scores), else over 10 equal bins.
+            let integers = integer_valued(&numbers, &s);
             let bins = bins(&numbers, &s);
             let top = bins.iter().map(|b| b.2).max().unwrap_or(1).max(1);
-            for (lo, _, c) in &bins {
+            for (lo, hi, c) in &bins {
+                let label = if integers {
+                    format!("{:>10}", ((lo + hi) / 2.0) as i64)
+                } else {
+                    format!("{lo:>10.2}")
+                };
                 w(
                     out,
-                    format!("  {:>10.2} {:>7} {}", lo, c, "#".repeat(c * 40 / top)),
+                    format!("  {label} {:>7} {}", c, "#".repeat(c * 40 / top)),
                 )?;
             }
         }
@@ -457,6 +507,27 @@ mod tests {
         assert_eq!(m["score"], 3);
         assert_eq!(parse_answer("I think it's good"), None);
         assert_eq!(parse_answer("NaN"), None);
+    }
+
+    #[test]
+    fn integer_answers_get_a_bar_per_integer() {
+        let scores = [1.0, 2.0, 2.0, 7.0, 10.0, 10.0, 10.0];
+        let s = stats(&scores).expect("stats");
+        let b = bins(&scores, &s);
+        assert_eq!(b.len(), 10, "1 to 10: ten bars, not 1.0, 1.9, 2.8, …");
+        let counts: Vec<usize> = b.iter().map(|x| x.2).collect();
+        assert_eq!(counts, vec![1, 2, 0, 0, 0, 0, 1, 0, 0, 3]);
+        assert_eq!((b[0].0, b[0].1), (0.5, 1.5));
+        // Fractions, or integers over a wide range, keep 10 equal bins.
+        let f = [0.5, 1.0, 9.75];
+        assert_eq!(bins(&f, &stats(&f).expect("stats")).len(), 10);
+        let wide = [0.0, 1000.0];
+        assert_eq!(bins(&wide, &stats(&wide).expect("stats")).len(), 10);
+        let one = [5.0, 5.0];
+        assert_eq!(
+            bins(&one, &stats(&one).expect("stats")),
+            vec![(4.5, 5.5, 2)]
+        );
     }
 
     #[test]

@@ -338,6 +338,13 @@ pub fn convert(
             p.display()
         ));
     }
+    // The server checks every answer against it: a schema that is not one is refused here,
+    // before a file of lines that would all be refused at validation is written.
+    if let (Some(p), Some(s)) = (&args.json_schema, &schema)
+        && let Err(e) = crate::answer::compile(s)
+    {
+        return Err(format!("--json-schema {}: {e}", p.display()));
+    }
     // A quote opened and never closed would make the rest of the file one field: refuse it
     // before anything is written, naming the line where it opened.
     let file = std::fs::File::open(csv_path)
