@@ -343,6 +343,42 @@ mod tests {
         ));
     }
 
+    /// The check alone: 170,000 small answers against the example's schema (release:
+    /// `scripts/bench-schema.sh`).
+    #[test]
+    #[ignore = "benchmark: run scripts/bench-schema.sh"]
+    fn bench_check_170000_answers() {
+        let s = json!({"type": "object", "required": ["score", "recommendation", "reasoning"],
+            "additionalProperties": false,
+            "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                           "recommendation": {"enum": ["Strong Yes", "Yes", "Maybe", "No", "Strong No"]},
+                           "reasoning": {"type": "string", "minLength": 1, "maxLength": 600}}});
+        let body = json!({"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
+            "content": "```json\n{\"score\": 7, \"recommendation\": \"Yes\", \"reasoning\": \"Eleven years on payment platforms; led the Kafka migration.\"}\n```"}}]});
+        let text = body.to_string();
+        let schemas = Schemas::default();
+        let t0 = std::time::Instant::now();
+        let mut valid = 0;
+        for _ in 0..170_000 {
+            // As the worker does: parse the answer body, find the text, check it.
+            let parsed: Value = serde_json::from_str(&text).expect("json");
+            let (answer, _) = answer_text(Endpoint::ChatCompletions, &parsed).expect("text");
+            let v = schemas.get(&s).expect("schema");
+            if matches!(
+                check(answer, Wanted::Schema(&s), Some(&v)),
+                Checked::Valid { .. }
+            ) {
+                valid += 1;
+            }
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        assert_eq!(valid, 170_000);
+        println!(
+            "answers checked: 170000 fenced answers (parse, fence, schema) in {secs:.3} s: {:.2} µs each",
+            secs * 1e6 / 170_000.0
+        );
+    }
+
     #[test]
     fn bad_and_remote_schemas_are_refused() {
         let e = compile(&json!({"type": 12})).expect_err("not a schema");

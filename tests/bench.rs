@@ -223,3 +223,77 @@ async fn bench_run_whole_job() {
         "| `run` on the CSV, engine in-process, fake backend, concurrency 16 | {n} | {run_s:.1} | {run_mib:.0} MiB |"
     );
 }
+
+/// Throughput with every answer checked against a JSON schema (ignored by default; run by
+/// `scripts/bench-schema.sh`): the same batch with and without `response_format` against a
+/// backend that answers at once with a valid JSON answer, at concurrency 8 and 64. Uses only
+/// what the commit before the schema check had too, so the two can be alternated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-schema.sh"]
+async fn bench_throughput_schema() {
+    use serde_json::json;
+    let n = bench_lines(20_000);
+    let fake = Fake::start(Shape::OpenAi).await;
+    let answer = json!({"id": "chatcmpl-b", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "finish_reason": "stop",
+                     "message": {"role": "assistant",
+                                 "content": "{\"score\": 7, \"recommendation\": \"Yes\", \"reasoning\": \"Long platform experience.\"}"}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 20, "total_tokens": 60}});
+    fake.set(|b| b.raw_answer = Some(answer.to_string()));
+    let schema = json!({"type": "object", "required": ["score", "recommendation", "reasoning"],
+        "additionalProperties": false,
+        "properties": {"score": {"type": "integer", "minimum": 1, "maximum": 10},
+                       "recommendation": {"enum": ["Strong Yes", "Yes", "Maybe", "No", "Strong No"]},
+                       "reasoning": {"type": "string", "minLength": 1, "maxLength": 600}}});
+    println!();
+    println!("| lines ask for | concurrency | lines | seconds | requests/s |");
+    println!("|---|---|---|---|---|");
+    for concurrency in [8usize, 64] {
+        for with_schema in [false, true] {
+            let mut file = String::new();
+            for i in 1..=n {
+                let mut body = json!({"model": "m", "max_tokens": 300, "messages": [
+                    {"role": "system", "content": "rubric"},
+                    {"role": "user", "content": format!("score c-{i}")}]});
+                if with_schema {
+                    body["response_format"] = json!({"type": "json_schema",
+                        "json_schema": {"name": "answer", "strict": true, "schema": schema}});
+                }
+                file.push_str(
+                    &json!({"custom_id": format!("c-{i}"), "method": "POST",
+                    "url": "/v1/chat/completions", "body": body})
+                    .to_string(),
+                );
+                file.push('\n');
+            }
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
+            cfg.concurrency = concurrency;
+            cfg.flush_interval = Duration::from_millis(20);
+            cfg.cache_bytes = 64 << 20;
+            let mut server = TestServer::start(cfg).await;
+            let api = Api::new(&server.base);
+            let id = api
+                .submit_id(file.into_bytes(), "/v1/chat/completions")
+                .await;
+            api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
+                b["status"] != "validating"
+            })
+            .await;
+            let t0 = Instant::now();
+            let done = api.wait_terminal(&id, Duration::from_secs(600)).await;
+            let secs = t0.elapsed().as_secs_f64();
+            assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+            println!(
+                "| {} | {concurrency} | {n} | {secs:.2} | {:.0} |",
+                if with_schema {
+                    "a JSON schema"
+                } else {
+                    "nothing"
+                },
+                n as f64 / secs
+            );
+            server.stop().await;
+        }
+    }
+}
