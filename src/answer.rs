@@ -66,19 +66,29 @@ pub fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
 /// A schema compiled, or why it is not one.
 type Compiled = Result<Arc<jsonschema::Validator>, String>;
 
-/// Compiled schemas by their text, shared by every call: a 170,000-line batch with one schema
-/// compiles it once.
+/// A schema and what compiling it gave.
+type Cached = (Value, Compiled);
+
+/// Compiled schemas, found again by a hash of the schema and compared in full (no text is
+/// built per call): a 170,000-line batch with one schema compiles it once.
 #[derive(Default, Clone)]
 pub struct Schemas {
-    cache: Arc<Mutex<HashMap<String, Compiled>>>,
+    cache: Arc<Mutex<HashMap<u64, Vec<Cached>>>>,
 }
 
 impl Schemas {
     /// The validator of `schema` (compiled the first time it is seen).
     pub fn get(&self, schema: &Value) -> Compiled {
-        let key = schema.to_string();
+        let h = {
+            let mut sink = HashSink(std::collections::hash_map::DefaultHasher::new());
+            canonical(schema, &mut sink);
+            std::hash::Hasher::finish(&sink.0)
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = cache.get(&key) {
+        if let Some((_, v)) = cache
+            .get(&h)
+            .and_then(|l| l.iter().find(|(s, _)| s == schema))
+        {
             return v.clone();
         }
         // A bounded cache: a server that sees many distinct schemas recompiles, never grows.
@@ -86,7 +96,10 @@ impl Schemas {
             cache.clear();
         }
         let v = compile(schema).map(Arc::new);
-        cache.insert(key, v.clone());
+        cache
+            .entry(h)
+            .or_default()
+            .push((schema.clone(), v.clone()));
         v
     }
 }
@@ -228,45 +241,86 @@ pub fn with_text(endpoint: Endpoint, body: &mut Value, bare: &str) {
 /// (model mapped, shared contents restored) in canonical JSON (object keys sorted, no spaces).
 /// Two lines with the same key ask the same thing of the same model in the same way.
 pub fn reuse_key(endpoint: Endpoint, options: &str, body: &Value) -> [u8; 32] {
-    use sha2::{Digest, Sha256};
-    let mut text = String::with_capacity(1024);
-    text.push_str("reuse-v1\0");
-    text.push_str(endpoint.as_str());
-    text.push('\0');
-    text.push_str(options);
-    text.push('\0');
-    canonical(body, &mut text);
-    Sha256::digest(text.as_bytes()).into()
+    use sha2::Digest as _;
+    let mut sink = HashSink(sha2::Sha256::new());
+    sink.put(b"reuse-v1\0");
+    sink.put(endpoint.as_str().as_bytes());
+    sink.put(b"\0");
+    sink.put(options.as_bytes());
+    sink.put(b"\0");
+    canonical(body, &mut sink);
+    sink.0.finalize().into()
 }
 
-/// `v` as canonical JSON: object keys in byte order, whatever order the line had them in.
-fn canonical(v: &Value, out: &mut String) {
+/// A hash canonical JSON can be fed into: SHA-256 (reuse keys, stored) or SipHash (the schema
+/// cache, in memory).
+trait Feed {
+    fn feed(&mut self, b: &[u8]);
+}
+
+impl Feed for sha2::Sha256 {
+    fn feed(&mut self, b: &[u8]) {
+        sha2::Digest::update(self, b);
+    }
+}
+
+impl Feed for std::collections::hash_map::DefaultHasher {
+    fn feed(&mut self, b: &[u8]) {
+        std::hash::Hasher::write(self, b);
+    }
+}
+
+/// Feeds what is written into the hash (no copy of the canonical text is kept).
+struct HashSink<H: Feed>(H);
+
+impl<H: Feed> HashSink<H> {
+    fn put(&mut self, b: &[u8]) {
+        self.0.feed(b);
+    }
+}
+
+impl<H: Feed> std::io::Write for HashSink<H> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.put(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `v` as canonical JSON into the hash: object keys in byte order, whatever order the line had
+/// them in; strings and numbers as serde_json writes them.
+fn canonical<H: Feed>(v: &Value, out: &mut HashSink<H>) {
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
-            keys.sort();
-            out.push('{');
+            keys.sort_unstable();
+            out.put(b"{");
             for (i, k) in keys.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.put(b",");
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
+                // Writing into a hash cannot fail.
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.put(b":");
                 canonical(&m[k], out);
             }
-            out.push('}');
+            out.put(b"}");
         }
         Value::Array(a) => {
-            out.push('[');
+            out.put(b"[");
             for (i, x) in a.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.put(b",");
                 }
                 canonical(x, out);
             }
-            out.push(']');
+            out.put(b"]");
         }
-        other => out.push_str(&other.to_string()),
+        other => {
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
     }
 }
 

@@ -641,6 +641,17 @@ impl Config {
         })
     }
 
+    /// What the backend is told beside a line's body, as part of its reuse key: the same body
+    /// under another backend kind, `--num-ctx` or context shift is another request.
+    pub fn reuse_options(&self) -> String {
+        format!(
+            "{} num_ctx={:?} shift={}",
+            self.backend.as_str(),
+            self.num_ctx,
+            self.context_shift
+        )
+    }
+
     /// Each backend's slots, in lane order: `#SLOTS`, else `--concurrency`.
     pub fn slots(&self) -> Vec<usize> {
         self.backends

@@ -125,6 +125,7 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         worker::Answers {
             schemas: Default::default(),
             reask: cfg.reask,
+            reuse_options: cfg.reuse_options(),
         },
         metrics.clone(),
         jobs_rx,

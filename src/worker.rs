@@ -32,6 +32,11 @@ pub struct Job {
     pub body: Value,
     /// The lane (backend slot) it runs on: at most one call per lane at a time.
     pub lane: usize,
+    /// Its reuse key, when the supervisor already computed it (a batch that reuses answers).
+    pub reuse_key: Option<[u8; 32]>,
+    /// An independent line: its success is remembered under its reuse key (computed here when
+    /// the supervisor did not).
+    pub remember: bool,
 }
 
 /// What the worker tells the supervisor.
@@ -64,6 +69,8 @@ pub struct Outcome {
     pub verdict: Verdict,
     /// What the check of a JSON answer found (and re-asks made).
     pub check: Report,
+    /// The line's reuse key (an independent line's), under which a success is remembered.
+    pub reuse_key: Option<[u8; 32]>,
 }
 
 /// How JSON answers are checked: the compiled schemas, and how often an answer that does not
@@ -74,6 +81,8 @@ pub struct Answers {
     pub schemas: Schemas,
     /// Re-asks at most.
     pub reask: u32,
+    /// The backend options in every reuse key (`Config::reuse_options`).
+    pub reuse_options: String,
 }
 
 /// Runs one line's call on `slot`, and when the line asks for JSON checks the answer: a fence
@@ -95,7 +104,7 @@ where
 {
     let mut report = Report::default();
     let Some(wanted) = answer::wanted(endpoint, &body) else {
-        return (backend.call_on(endpoint, body, slot).await, report);
+        return (backend.call_on(endpoint, &body, slot).await, report);
     };
     let validator = match wanted {
         Wanted::Schema(s) => match rules.schemas.get(s) {
@@ -112,9 +121,12 @@ where
         },
         Wanted::Object => None,
     };
-    let mut sent = body.clone();
+    // The line's own body is sent first; a re-ask sends its own (built from the line's).
+    let mut reask: Option<Value> = None;
     loop {
-        let result = backend.call_on(endpoint, sent, slot).await;
+        let result = backend
+            .call_on(endpoint, reask.as_ref().unwrap_or(&body), slot)
+            .await;
         let CallResult::Answered {
             status: status @ 200..=299,
             body: text,
@@ -168,7 +180,7 @@ where
                     report.reasks += 1;
                     tracing::debug!(reask = report.reasks, errors = %errors.join("; "), "answer does not validate: asked again");
                     restarted().await;
-                    sent = next;
+                    reask = Some(next);
                     continue;
                 }
                 report.invalid = true;
@@ -332,6 +344,13 @@ pub fn spawn(
                         .await;
                     let started = std::time::Instant::now();
                     let (key, lease) = (job.key, job.lease);
+                    // The key of the body as the line asks it (before any re-ask), hashed here
+                    // on the worker's threads rather than in the supervisor's loop.
+                    let reuse_key = job.reuse_key.or_else(|| {
+                        job.remember.then(|| {
+                            answer::reuse_key(job.endpoint, &answers.reuse_options, &job.body)
+                        })
+                    });
                     let restarted = || {
                         let events = events.clone();
                         async move {
@@ -362,6 +381,7 @@ pub fn spawn(
                             result,
                             verdict,
                             check,
+                            reuse_key,
                         }))
                         .await;
                 });

@@ -235,14 +235,16 @@ impl Backend {
     }
 
     /// Runs one request on `lane`: with slot pinning on (llama.cpp), as `id_slot` = lane.
-    pub async fn call_on(&self, endpoint: Endpoint, mut body: Value, lane: usize) -> CallResult {
+    pub async fn call_on(&self, endpoint: Endpoint, body: &Value, lane: usize) -> CallResult {
         let slots = self.slots();
         if self.kind == BackendKind::Openai
             && lane < slots
             && endpoint != Endpoint::Embeddings
-            && let Some(obj) = body.as_object_mut()
+            && let Some(obj) = body.as_object()
         {
-            obj.insert("id_slot".into(), Value::from(lane));
+            let mut pinned = obj.clone();
+            pinned.insert("id_slot".into(), Value::from(lane));
+            return self.call(endpoint, &Value::Object(pinned)).await;
         }
         self.call(endpoint, body).await
     }
@@ -258,7 +260,7 @@ impl Backend {
     }
 
     /// Runs one request. `body` is the line's body with the model already mapped.
-    pub async fn call(&self, endpoint: Endpoint, body: Value) -> CallResult {
+    pub async fn call(&self, endpoint: Endpoint, body: &Value) -> CallResult {
         match self.kind {
             BackendKind::Ollama => ollama::call(self, endpoint, body).await,
             BackendKind::Openai => openai::call(self, endpoint, body).await,

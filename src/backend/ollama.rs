@@ -12,11 +12,11 @@ use crate::domain::{CallResult, Endpoint, Usage};
 use serde_json::{Map, Value, json};
 use std::collections::HashMap;
 
-pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: Value) -> CallResult {
+pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) -> CallResult {
     let request = match endpoint {
-        Endpoint::ChatCompletions => chat_request(backend, &body),
-        Endpoint::Embeddings => Ok(embed_request(backend, &body)),
-        Endpoint::Completions => Ok(generate_request(backend, &body)),
+        Endpoint::ChatCompletions => chat_request(backend, body),
+        Endpoint::Embeddings => Ok(embed_request(backend, body)),
+        Endpoint::Completions => Ok(generate_request(backend, body)),
     };
     let request = match request {
         Ok(r) => r,

@@ -7,8 +7,8 @@ use super::{Backend, compact, wrap_error};
 use crate::domain::{CallResult, Endpoint, Usage};
 use serde_json::Value;
 
-pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: Value) -> CallResult {
-    match backend.post(endpoint.as_str(), &body).await {
+pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) -> CallResult {
+    match backend.post(endpoint.as_str(), body).await {
         Ok((status, text)) => interpret(endpoint, status, &text),
         Err(failure) => failure,
     }

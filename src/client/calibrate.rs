@@ -225,7 +225,7 @@ impl Client {
             BackendKind::Ollama => self.backend.with_num_ctx(Some(ctx)),
             BackendKind::Openai => self.backend.clone(),
         };
-        let result = backend.call(Endpoint::ChatCompletions, body).await;
+        let result = backend.call(Endpoint::ChatCompletions, &body).await;
         match &result {
             CallResult::Answered { status, usage, .. } if (200..300).contains(status) => {
                 let u = usage.unwrap_or_default();

@@ -210,8 +210,6 @@ struct Lease {
     deadline: Option<Instant>,
     /// A conversation's line: the history it was sent with.
     turn: Option<turns::Leased>,
-    /// An independent line's reuse key: its success is remembered under it.
-    reuse_key: Option<[u8; 32]>,
 }
 
 /// Everything the supervisor task owns.
@@ -666,10 +664,11 @@ impl Supervisor {
                 .map_err(|e| e.to_string())
                 .and_then(|b| b.ok_or_else(|| "the body is missing".to_string()))
                 .and_then(|b| intake::materialize(&self.store, &b, a.model.as_deref()));
-            // An independent line's reuse key: looked up first when the batch reuses answers,
-            // and its success is remembered under it whatever the batch.
+            // A reusing batch's line is looked up under its reuse key first. (Every independent
+            // line's success is remembered under its key whatever the batch: the worker
+            // computes it, off this loop, when the supervisor did not need it.)
             let reuse_key = match (&body, plan) {
-                (Ok(b), None) => Some(self.reuse_key(endpoint, b)),
+                (Ok(b), None) if reuses => Some(self.reuse_key(endpoint, b)),
                 _ => None,
             };
             if reuses && let Some(hash) = reuse_key {
@@ -714,7 +713,6 @@ impl Supervisor {
                             lane,
                             deadline: None,
                             turn,
-                            reuse_key,
                         },
                     );
                     self.lane_load[lane] += 1;
@@ -726,6 +724,8 @@ impl Supervisor {
                         endpoint: a.endpoint,
                         body,
                         lane,
+                        reuse_key,
+                        remember: plan.is_none(),
                     });
                 }
                 Err(e) => {

@@ -23,13 +23,7 @@ impl Supervisor {
             tracing::debug!(request = %o.key, lease = o.lease, "answer of a stale lease dropped");
             return;
         }
-        let Some(Lease {
-            lane,
-            turn,
-            reuse_key,
-            ..
-        }) = self.end_lease(o.key)
-        else {
+        let Some(Lease { lane, turn, .. }) = self.end_lease(o.key) else {
             return;
         };
         if self.store_failed() {
@@ -134,7 +128,7 @@ impl Supervisor {
                         usage,
                         reused: false,
                     });
-                    match reuse_key {
+                    match o.reuse_key {
                         Some(hash) if succeeded => self.answered(key, hash, &result),
                         Some(hash) => self.not_answered(key, hash),
                         None => {}

@@ -170,6 +170,7 @@ impl Harness {
                 result,
                 verdict,
                 check: Default::default(),
+                reuse_key: None,
             }))
             .await
             .expect("send");
