@@ -102,9 +102,33 @@ pub struct BackendArgs {
         value_name = "KEY"
     )]
     pub backend_api_key: Option<Secret>,
+    /// Trust the certificate authorities in this PEM file, beside the system's, for https model
+    /// servers and webhook receivers (a private CA, a self-signed gateway).
+    #[arg(long, env = "OLLAMA_BATCH_CA_CERT", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl BackendArgs {
+    /// The `--ca-cert` file's PEM, checked to hold at least one certificate; `None` without it.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        let Some(path) = &self.ca_cert else {
+            return Ok(None);
+        };
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read --ca-cert {}: {e}", path.display()))?;
+        match reqwest::Certificate::from_pem_bundle(&pem) {
+            Ok(certs) if !certs.is_empty() => Ok(Some(pem)),
+            Ok(_) => Err(format!(
+                "--ca-cert {}: no certificate in it (a PEM file with -----BEGIN CERTIFICATE----- blocks)",
+                path.display()
+            )),
+            Err(e) => Err(format!(
+                "--ca-cert {}: not a PEM certificate file: {e}",
+                path.display()
+            )),
+        }
+    }
+
     /// Every backend: (base URL without a trailing slash, its slots when `#SLOTS` gave them),
     /// in order; or why the flags are wrong.
     pub fn urls(&self) -> Result<Vec<(String, Option<usize>)>, String> {
@@ -127,14 +151,14 @@ impl BackendArgs {
                 None => (raw.as_str(), None),
             };
             let url = url.trim_end_matches('/').to_string();
-            if url.starts_with("https://") {
+            let scheme = if url.starts_with("https://") {
+                "https://"
+            } else {
+                "http://"
+            };
+            if !url.starts_with(scheme) || url.len() <= scheme.len() {
                 return Err(format!(
-                    "--backend-url {url}: https is not built into ollama-batch (no TLS library); use http:// for a model server on this machine or network, or a local TLS-terminating proxy"
-                ));
-            }
-            if !url.starts_with("http://") || url.len() <= "http://".len() {
-                return Err(format!(
-                    "--backend-url must start with http://, got '{raw}'"
+                    "--backend-url must start with http:// or https://, got '{raw}'"
                 ));
             }
             if url.contains(['?', '#']) {
@@ -472,6 +496,8 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     /// Key sent to the backend.
     pub backend_api_key: Option<Secret>,
+    /// `--ca-cert`: PEM of certificate authorities trusted beside the system's.
+    pub ca_pem: Option<Vec<u8>>,
     /// `--allowed-host` names, lower-cased.
     pub allowed_hosts: Vec<String>,
     /// Largest backend answer in bytes.
@@ -619,6 +645,7 @@ impl Config {
             max_listed_errors: 1000,
             api_keys: a.api_key.clone(),
             backend_api_key: a.backend.backend_api_key.clone(),
+            ca_pem: a.backend.ca_pem()?,
             allowed_hosts: a
                 .allowed_host
                 .iter()
@@ -743,7 +770,7 @@ mod tests {
             (&["--max-file-size", "huge"][..], "--max-file-size"),
             (&["--max-file-size", "0"][..], "--max-file-size"),
             (&["--max-answer-size", "10"][..], "--max-answer-size"),
-            (&["--backend-url", "https://api.example.com"][..], "https"),
+            (&["--ca-cert", "/nonexistent/ca.pem"][..], "--ca-cert"),
             (&["--client-timeout", "0s"][..], "--client-timeout"),
             (&["--backend-url", "http://a:1#0"][..], "slots"),
             (&["--backend-url", "http://a:1/v1"][..], "without /v1"),

@@ -95,7 +95,9 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     let mut backends = Vec::new();
     let mut limiters = Vec::new();
     for ((url, _), slots) in cfg.backends.iter().zip(cfg.slots()) {
-        backends.push(Backend::for_url(&cfg, url).map_err(ServerError::Config)?);
+        let b = Backend::for_url(&cfg, url).map_err(ServerError::Config)?;
+        b.check_certificate().await.map_err(ServerError::Config)?;
+        backends.push(b);
         limiters.push(Arc::new(Limiter::new(slots)));
     }
     let lanes: Vec<worker::Lane> = cfg

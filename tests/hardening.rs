@@ -517,7 +517,7 @@ async fn api_keys_guard_every_endpoint_but_health() {
         c.backend_api_key = Some("sk-backend".parse().expect("key"));
     })
     .await;
-    let http = reqwest::Client::new();
+    let http = crate::support::http().build().expect("client");
     let get = |path: &str, key: Option<&str>| {
         let mut r = http.get(format!("{}{path}", server.base));
         if let Some(k) = key {
@@ -569,7 +569,7 @@ async fn api_keys_guard_every_endpoint_but_health() {
     );
     // With a key, the whole flow works; the backend saw its own key, never the client's.
     let mut api = Api::new(&server.base);
-    api.http = reqwest::Client::builder()
+    api.http = crate::support::http()
         .default_headers(
             [(
                 reqwest::header::AUTHORIZATION,

@@ -149,7 +149,7 @@ async fn real_llama_cpp_server_caches_shuffled_prefix_groups() {
     let ours = share(&done["usage"]);
     server.stop().await;
     // The bare client: the same bodies in file order, 4 at a time, straight to the server.
-    let http = reqwest::Client::new();
+    let http = crate::support::http().build().expect("client");
     let (mut prompt, mut cached) = (0u64, 0u64);
     for chunk in bodies.chunks(4) {
         let answers = futures_util::future::join_all(chunk.iter().map(|b| {
@@ -268,7 +268,9 @@ async fn real_llama_cpp_server_answers_to_a_json_schema() {
     // llama.cpp builds the grammar from the chat template's generation prompt: with the tiny
     // model (no ChatML special tokens in its vocabulary) the chat endpoint refuses every
     // grammar ("Failed to initialize samplers"). Said and skipped, never passed.
-    let probe: Value = reqwest::Client::new()
+    let probe: Value = crate::support::http()
+        .build()
+        .expect("client")
         .post(format!("{}/v1/chat/completions", real_url()))
         .json(
             &json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],

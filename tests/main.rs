@@ -21,5 +21,6 @@ mod run;
 mod sdk;
 mod stress;
 mod timers;
+mod tls;
 mod tools;
 mod watch;

@@ -20,7 +20,7 @@ const CANCELS: usize = 50;
 const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder()
+    crate::support::http()
         .timeout(ANSWER_WITHIN)
         .build()
         .expect("client")

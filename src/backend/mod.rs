@@ -72,6 +72,7 @@ impl Backend {
             cfg.backend,
             url,
             cfg.backend_api_key.as_ref(),
+            cfg.ca_pem.as_deref(),
             cfg.request_timeout,
         )?;
         b.num_ctx = cfg.num_ctx;
@@ -90,6 +91,7 @@ impl Backend {
         kind: BackendKind,
         url: &str,
         api_key: Option<&crate::config::Secret>,
+        ca_pem: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<Backend, String> {
         let mut headers = reqwest::header::HeaderMap::new();
@@ -101,7 +103,7 @@ impl Backend {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        let http = reqwest::Client::builder()
+        let http = http_client(ca_pem)?
             .default_headers(headers)
             .timeout(timeout)
             .connect_timeout(Duration::from_secs(5).min(timeout))
@@ -293,6 +295,19 @@ impl Backend {
             .map_err(|e| crate::domain::redact_urls(&format!("{}{}: {e}", self.shown, path)))
     }
 
+    /// At start, for an https backend: a certificate it cannot trust is a configuration error
+    /// (it will not fix itself), said at once instead of pausing the queue for ever. Any other
+    /// failure (down, slow) is left to the probes.
+    pub async fn check_certificate(&self) -> Result<(), String> {
+        if !self.base.starts_with("https://") {
+            return Ok(());
+        }
+        match self.probe().await {
+            Err(e) if e.contains("TLS certificate") => Err(e),
+            _ => Ok(()),
+        }
+    }
+
     /// A cheap liveness check: `GET /api/tags` (Ollama) or `GET /v1/models`. The error says
     /// why in words (connection refused, timed out, DNS, TLS) with a hint for the common case.
     pub async fn probe(&self) -> Result<(), String> {
@@ -417,6 +432,23 @@ impl Backend {
     }
 }
 
+/// An HTTP client builder that speaks https (rustls with ring; the system's roots through the
+/// platform verifier, and the `--ca-cert` authorities beside them): the one way every HTTP
+/// client of the server (model servers, webhook receivers) and the client subcommands is made.
+pub fn http_client(ca_pem: Option<&[u8]>) -> Result<reqwest::ClientBuilder, String> {
+    // The process's one TLS provider; a second install is refused, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut b = reqwest::Client::builder();
+    if let Some(pem) = ca_pem {
+        for cert in reqwest::Certificate::from_pem_bundle(pem)
+            .map_err(|e| format!("--ca-cert: not a PEM certificate file: {e}"))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    Ok(b)
+}
+
 /// The model check on a `/v1/models` list.
 fn models_list_check(v: &Value, model: &str, base: &str) -> ModelCheck {
     let Some(list) = v["data"].as_array().filter(|l| !l.is_empty()) else {
@@ -462,8 +494,15 @@ fn explain(kind: BackendKind, base: &str, e: &reqwest::Error) -> String {
         format!("connection refused by {base}: {hint_server}")
     } else if lower.contains("dns error") || lower.contains("failed to lookup address") {
         format!("cannot resolve the host name of {base} (DNS): check --backend-url")
-    } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("ssl") {
-        format!("TLS failed with {base}: check the certificate and the scheme of --backend-url")
+    } else if lower.contains("certificate") || lower.contains("unknownissuer") {
+        format!(
+            "the TLS certificate of {base} is not trusted ({}): if a private CA signed it, pass that CA's certificate with --ca-cert FILE; else check the host name in --backend-url",
+            certificate_problem(&chain)
+        )
+    } else if lower.contains("tls") || lower.contains("ssl") || lower.contains("handshake") {
+        format!(
+            "TLS failed with {base}: check the scheme of --backend-url (https:// to a server that speaks plain http?)"
+        )
     } else if e.is_timeout() && e.is_connect() {
         format!("connecting to {base} timed out: the host does not answer; {hint_server}")
     } else if e.is_timeout() {
@@ -478,6 +517,22 @@ fn explain(kind: BackendKind, base: &str, e: &reqwest::Error) -> String {
         format!("the connection to {base} failed")
     };
     format!("{what} ({chain})")
+}
+
+/// The certificate problem rustls named, in words.
+fn certificate_problem(chain: &str) -> &'static str {
+    let lower = chain.to_ascii_lowercase();
+    if lower.contains("unknownissuer") {
+        "signed by an unknown authority"
+    } else if lower.contains("notvalidforname") || lower.contains("not valid for name") {
+        "issued for another host name"
+    } else if lower.contains("expired") {
+        "expired"
+    } else if lower.contains("selfsigned") || lower.contains("self-signed") {
+        "self-signed"
+    } else {
+        "invalid peer certificate"
+    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

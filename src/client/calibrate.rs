@@ -491,6 +491,7 @@ async fn measure(args: &CalibrateArgs, interrupted: &CancellationToken) -> Resul
         args.backend.backend,
         url,
         args.backend.backend_api_key.as_ref(),
+        args.backend.ca_pem()?.as_deref(),
         *args.request_timeout,
     )?
     .with_keep_alive(json!("10m"));

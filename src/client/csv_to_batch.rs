@@ -157,7 +157,7 @@ pub const TOKEN_SAMPLE: usize = 200;
 /// prompt and a sample of user messages, scaled to every line written. The chat template adds a
 /// few tokens a line that this does not count.
 pub async fn count_tokens(url: &str, r: &Report) -> Result<u64, String> {
-    let http = reqwest::Client::builder()
+    let http = crate::backend::http_client(None)?
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .map_err(|e| e.to_string())?;

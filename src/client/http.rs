@@ -16,7 +16,7 @@ pub struct Server {
 impl Server {
     /// A server at `base` (`http://127.0.0.1:4080`).
     pub fn new(base: &str, key: Option<crate::config::Secret>) -> Result<Server, String> {
-        let http = reqwest::Client::builder()
+        let http = crate::backend::http_client(None)?
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| format!("cannot make an HTTP client: {e}"))?;

@@ -159,6 +159,12 @@ pub async fn server_with(
     (dir, server)
 }
 
+/// An HTTP client builder for the tests: the crate's own (it installs the process's TLS
+/// provider, without which reqwest built with `rustls-no-provider` panics).
+pub fn http() -> reqwest::ClientBuilder {
+    ollama_batch::backend::http_client(None).expect("an HTTP client")
+}
+
 /// A plain HTTP client for the OpenAI API of the server under test.
 pub struct Api {
     pub base: String,
@@ -169,7 +175,7 @@ impl Api {
     pub fn new(base: &str) -> Api {
         Api {
             base: base.to_string(),
-            http: reqwest::Client::new(),
+            http: http().build().expect("client"),
         }
     }
 
