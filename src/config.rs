@@ -325,6 +325,16 @@ pub struct ServeArgs {
     /// ...and at least this often while lines finish more slowly.
     #[arg(long, env = "OLLAMA_BATCH_PROGRESS_INTERVAL", default_value = "30s")]
     pub progress_interval: humantime::Duration,
+    /// Delete uploads and output / error files this long after they were made, when they name
+    /// no expiry of their own (`expires_after`, `output_expires_after`). Default: keep them.
+    #[arg(long, env = "OLLAMA_BATCH_FILE_RETENTION", value_name = "DURATION")]
+    pub file_retention: Option<humantime::Duration>,
+    /// The shortest expiry accepted, in seconds (OpenAI: 3600; lower only for tests).
+    #[arg(long, hide = true, default_value_t = 3600)]
+    pub min_expiry_seconds: u64,
+    /// How often expired files are looked for (lower only for tests).
+    #[arg(long, hide = true, default_value = "60s")]
+    pub expiry_sweep_interval: humantime::Duration,
     /// Which ready line goes to which backend slot: `affine` keeps each slot on one prefix
     /// group (lines sharing a system prompt) so its prompt cache is reused; `fifo` sends lines
     /// in input order.
@@ -510,6 +520,12 @@ pub struct Config {
     pub progress_every: u64,
     /// Progress line at least this often.
     pub progress_interval: Duration,
+    /// Default lifetime of files that name none (`--file-retention`; `None`: kept).
+    pub file_retention: Option<Duration>,
+    /// Shortest expiry accepted, seconds.
+    pub min_expiry_seconds: u64,
+    /// Period of the expired-file sweep.
+    pub expiry_sweep_interval: Duration,
     /// The scheduling policy.
     pub scheduling: crate::schedule::Policy,
     /// Starvation bound of the affine policy.
@@ -657,6 +673,10 @@ impl Config {
             client_timeout,
             progress_every: a.progress_every.max(1),
             progress_interval: a.progress_interval.into(),
+            file_retention: a.file_retention.map(Into::into),
+            min_expiry_seconds: a.min_expiry_seconds.max(1),
+            expiry_sweep_interval: Duration::from(a.expiry_sweep_interval)
+                .max(Duration::from_millis(10)),
             scheduling: match a.scheduling {
                 Scheduling::Affine => crate::schedule::Policy::Affine,
                 Scheduling::Fifo => crate::schedule::Policy::Fifo,

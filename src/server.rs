@@ -171,6 +171,24 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
     if cfg.backend == crate::config::BackendKind::Ollama {
         spawn_ps_poll(backend.clone(), gpu.clone(), &tracker, stop.clone());
     }
+    let sweeping = store.clone();
+    spawn_every(
+        &tracker,
+        stop.clone(),
+        cfg.expiry_sweep_interval,
+        move || {
+            let store = sweeping.clone();
+            async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    supervisor::sweep_expired(&store, crate::domain::unix_now())
+                })
+                .await;
+                if let Ok(Err(e)) = r {
+                    tracing::warn!(error = %e, "the expired-file sweep failed; it runs again later");
+                }
+            }
+        },
+    );
 
     let state = AppState {
         store: store.clone(),

@@ -13,6 +13,7 @@ mod conversation;
 mod crash;
 mod dashboard;
 mod economy;
+mod expiry;
 mod faults;
 mod hardening;
 mod lifecycle;

@@ -147,11 +147,32 @@ pub async fn create(
             ),
         ));
     }
+    let output_expiry = match obj.get("output_expires_after") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(e)) => Some(super::files::expires_after(
+            e.get("anchor").and_then(Value::as_str),
+            e.get("seconds")
+                .map(|s| match s {
+                    Value::String(t) => t.clone(),
+                    other => other.to_string(),
+                })
+                .as_deref(),
+            "output_expires_after",
+            st.cfg.min_expiry_seconds,
+        )?),
+        Some(_) => {
+            return Err(ApiError::bad(
+                Some("output_expires_after"),
+                "output_expires_after must be an object: {\"anchor\": \"created_at\", \"seconds\": N}",
+            ));
+        }
+    };
     let file_id = crate::domain::FileId::parse(input)
         .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
     let file = st
         .store
         .get_file(file_id)?
+        .filter(|f| !f.is_expired(unix_now()))
         .ok_or_else(|| ApiError::not_found("File", input, "input_file_id"))?;
     if file.purpose != "batch" {
         return Err(ApiError::bad(
@@ -162,7 +183,7 @@ pub async fn create(
             ),
         ));
     }
-    let rec = start_batch(&st, endpoint, file_id, metadata).await?;
+    let rec = start_batch(&st, endpoint, file_id, metadata, output_expiry).await?;
     Ok(Json(batch_object(&rec, None)))
 }
 
@@ -195,6 +216,7 @@ async fn start_batch(
     endpoint: Endpoint,
     file_id: crate::domain::FileId,
     metadata: Option<BTreeMap<String, String>>,
+    output_expiry: Option<u64>,
 ) -> Result<BatchRecord, ApiError> {
     let now = unix_now();
     let rec = BatchRecord::new(
@@ -208,6 +230,10 @@ async fn start_batch(
     );
     let s = st.clone();
     super::detached(st, async move {
+        // Before the batch: a batch never exists without the expiry it was created with.
+        if let Some(secs) = output_expiry {
+            s.store.put_output_expiry(rec.id, secs)?;
+        }
         s.store.put_batch(&rec)?;
         s.store.flush_async().await?;
         tracing::info!(batch = %rec.id, file = %file_id, endpoint = endpoint.as_str(), "batch created");
@@ -286,7 +312,7 @@ pub async fn retry(
             metadata.remove(*key);
         }
         metadata.insert("retry_of".into(), id.to_string());
-        start_batch(&s, b.endpoint, file_id, Some(metadata)).await
+        start_batch(&s, b.endpoint, file_id, Some(metadata), None).await
     })
     .await?;
     Ok(Json(batch_object(&new, None)))

@@ -176,6 +176,7 @@ async fn receive(
     let scratch_path = st.store.scratch_path(id);
     let mut scratch = Scratch(None);
     let mut purpose: Option<String> = None;
+    let (mut anchor, mut seconds): (Option<String>, Option<String>) = (None, None);
     let mut file: Option<(String, u64)> = None;
     // Set when a field passes the limit: how much more of the body may still be drained.
     let mut over_limit: Option<u64> = None;
@@ -191,6 +192,15 @@ async fn receive(
         let copied = match field.name() {
             Some("purpose") => {
                 purpose = Some(small_text(&mut field, "purpose", idle).await?);
+                continue;
+            }
+            // The openai SDKs send `expires_after={"anchor", "seconds"}` as these two fields.
+            Some("expires_after[anchor]") => {
+                anchor = Some(small_text(&mut field, "expires_after[anchor]", idle).await?);
+                continue;
+            }
+            Some("expires_after[seconds]") => {
+                seconds = Some(small_text(&mut field, "expires_after[seconds]", idle).await?);
                 continue;
             }
             Some("file") if file.is_none() => {
@@ -234,6 +244,15 @@ async fn receive(
     }
     let (filename, bytes) =
         file.ok_or_else(|| ApiError::bad(Some("file"), "missing required parameter: 'file'"))?;
+    let expires_after = match (&anchor, &seconds) {
+        (None, None) => None,
+        _ => Some(expires_after(
+            anchor.as_deref(),
+            seconds.as_deref(),
+            "expires_after",
+            st.cfg.min_expiry_seconds,
+        )?),
+    };
     // The whole body is in: publishing the file finishes even if the client goes away now.
     scratch.0 = None;
     let s = st.clone();
@@ -245,13 +264,14 @@ async fn receive(
             .map_err(|e| ApiError::io(std::io::Error::other(e.to_string())))?
             .map_err(ApiError::io)?;
         scratch.0 = None;
+        let now = unix_now();
         let rec = FileRecord {
             id,
             bytes,
-            created_at: unix_now(),
+            created_at: now,
             filename,
             purpose,
-            expires_at: None,
+            expires_at: expiry_of(&s, expires_after, now),
         };
         s.store.put_file(&rec)?;
         s.store.flush_async().await?;
@@ -262,15 +282,71 @@ async fn receive(
     Ok(Json(file_object(&rec)))
 }
 
+/// OpenAI's `expires_after` / `output_expires_after`: anchor `created_at` (the file's own
+/// creation), `seconds` from `min` (3600) to 2592000 (30 days). The seconds, or a 400 naming
+/// `param`.
+pub(super) fn expires_after(
+    anchor: Option<&str>,
+    seconds: Option<&str>,
+    param: &str,
+    min: u64,
+) -> Result<u64, ApiError> {
+    const MAX: u64 = 2_592_000;
+    let (anchor_param, seconds_param) = if param == "expires_after" {
+        ("expires_after.anchor", "expires_after.seconds")
+    } else {
+        (
+            "output_expires_after.anchor",
+            "output_expires_after.seconds",
+        )
+    };
+    if anchor != Some("created_at") {
+        return Err(ApiError::bad(
+            Some(anchor_param),
+            format!(
+                "{param}.anchor must be 'created_at', got {}",
+                anchor.map_or("nothing".into(), |a| format!(
+                    "'{}'",
+                    crate::domain::clip(a, 40)
+                ))
+            ),
+        ));
+    }
+    match seconds.and_then(|s| s.trim().parse::<u64>().ok()) {
+        Some(n) if (min..=MAX).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad(
+            Some(seconds_param),
+            format!(
+                "{param}.seconds must be an integer from {min} (an hour) to {MAX} (30 days), got {}",
+                seconds.map_or("nothing".into(), |s| format!(
+                    "'{}'",
+                    crate::domain::clip(s, 40)
+                ))
+            ),
+        )),
+    }
+}
+
+/// When a file made now expires: `seconds` after now, else `--file-retention` after now, else
+/// never.
+pub(super) fn expiry_of(st: &AppState, seconds: Option<u64>, now: i64) -> Option<i64> {
+    seconds
+        .or(st.cfg.file_retention.map(|d| d.as_secs()))
+        .map(|s| now.saturating_add(i64::try_from(s).unwrap_or(i64::MAX)))
+}
+
 /// Parses a file id from the path; anything malformed is simply not found.
 fn file_id(path: Result<Path<String>, PathRejection>) -> Result<FileId, ApiError> {
     let raw = path.map(|Path(s)| s).unwrap_or_default();
     FileId::parse(&raw).ok_or_else(|| ApiError::not_found("File", &raw, "file_id"))
 }
 
+/// A file that exists and has not expired (an expired file is gone for clients at once, even
+/// before the sweep deletes its bytes).
 async fn load(st: &AppState, id: FileId) -> Result<FileRecord, ApiError> {
     st.store
         .get_file(id)?
+        .filter(|f| !f.is_expired(unix_now()))
         .ok_or_else(|| ApiError::not_found("File", &id.to_string(), "file_id"))
 }
 
@@ -370,8 +446,14 @@ pub async fn list(
     let (files, more) = st
         .store
         .list_files(q.purpose.as_deref(), after, limit as usize, desc)?;
+    // An expired file is gone for clients, swept or not.
+    let now = unix_now();
     Ok(Json(list_page(
-        files.iter().map(file_object).collect(),
+        files
+            .iter()
+            .filter(|f| !f.is_expired(now))
+            .map(file_object)
+            .collect(),
         more,
     )))
 }

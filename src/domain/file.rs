@@ -19,3 +19,10 @@ pub struct FileRecord {
     /// Unix seconds, or `None`.
     pub expires_at: Option<i64>,
 }
+
+impl FileRecord {
+    /// Whether it has expired at `now` (unix seconds): gone for clients, deleted by the sweep.
+    pub fn is_expired(&self, now: i64) -> bool {
+        self.expires_at.is_some_and(|t| t <= now)
+    }
+}

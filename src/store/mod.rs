@@ -14,6 +14,7 @@
 //! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
 //! | `conversations` | batch uuid (16 B)       | a batch's mode: its conversation [`Plan`], or none (independent lines) |
 //! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
+//! | `expiry`   | batch uuid (16 B)            | its `output_expires_after` seconds (u64, big-endian), when it named one |
 //! | `answers`  | reuse key: sha-256 (32 B)    | the line (batch ‖ line, 20 B) whose success answered it; the answer itself stays in that line's record |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
@@ -159,6 +160,7 @@ pub struct Store {
     groups: sled::Tree,
     conversations: sled::Tree,
     answers: sled::Tree,
+    expiry: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -207,6 +209,7 @@ impl Store {
             groups: db.open_tree("groups")?,
             conversations: db.open_tree("conversations")?,
             answers: db.open_tree("answers")?,
+            expiry: db.open_tree("expiry")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -631,6 +634,37 @@ impl Store {
             .stats
             .get(id.0.as_bytes())?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    // ---- file expiry ----------------------------------------------------------------------
+
+    /// Keeps a batch's `output_expires_after` (seconds after its output files are made).
+    pub fn put_output_expiry(&self, batch: BatchId, seconds: u64) -> Result<(), StoreError> {
+        self.expiry
+            .insert(batch.0.as_bytes(), &seconds.to_be_bytes()[..])?;
+        Ok(())
+    }
+
+    /// A batch's `output_expires_after`, when it named one.
+    pub fn output_expiry(&self, batch: BatchId) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .expiry
+            .get(batch.0.as_bytes())?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Files whose `expires_at` is at or before `now` (unix seconds).
+    pub fn expired_files(&self, now: i64) -> Result<Vec<FileRecord>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.files.iter() {
+            let (_, v) = item?;
+            let rec: FileRecord = decode("file", &v)?;
+            if rec.is_expired(now) {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 
     // ---- answers by reuse key -------------------------------------------------------------

@@ -28,7 +28,12 @@ pub enum Target {
 
 /// Writes the files and the terminal state. Returns `Ok(false)` when the batch was not in
 /// the expected state (someone else finished it).
-pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool, StoreError> {
+pub fn finalize(
+    store: &Store,
+    batch_id: BatchId,
+    target: Target,
+    retention: Option<Duration>,
+) -> Result<bool, StoreError> {
     let expect = match target {
         Target::Completed => BatchStatus::Finalizing,
         Target::Cancelled => BatchStatus::Cancelling,
@@ -79,6 +84,11 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
         }
     }
     let now = unix_now();
+    // The batch's `output_expires_after`, else `--file-retention`, from the files' creation.
+    let expires_at = store
+        .output_expiry(batch_id)?
+        .or(retention.map(|d| d.as_secs()))
+        .map(|secs| now.saturating_add(i64::try_from(secs).unwrap_or(i64::MAX)));
     let mut published = [None, None];
     for (slot, (sink, id, kind)) in [(out, out_id, "output"), (errs, err_id, "error")]
         .into_iter()
@@ -92,7 +102,7 @@ pub fn finalize(store: &Store, batch_id: BatchId, target: Target) -> Result<bool
                 created_at: now,
                 filename: format!("{batch_id}_{kind}.jsonl"),
                 purpose: "batch_output".into(),
-                expires_at: None,
+                expires_at,
             })?;
             published[slot] = Some(id);
             tracing::debug!(batch = %batch_id, kind, lines, "file published");
@@ -216,9 +226,11 @@ impl super::Supervisor {
             let store = self.store.clone();
             let tx = self.cmds_tx.clone();
             let id = *id;
+            let retention = self.cfg.file_retention;
             self.tracker.spawn(async move {
                 let s = store.clone();
-                let r = tokio::task::spawn_blocking(move || finalize(&s, id, target)).await;
+                let r =
+                    tokio::task::spawn_blocking(move || finalize(&s, id, target, retention)).await;
                 let cmd = match r {
                     Ok(Ok(_)) => Command::Finalized(id),
                     Ok(Err(e)) => Command::FinalizeFailed(id, e.to_string()),
@@ -298,7 +310,7 @@ mod tests {
             super::super::transitions::settle(&store, *k, lease, i < 2, result, None)
                 .expect("done");
         }
-        assert!(finalize(&store, batch.id, Target::Completed).expect("first run"));
+        assert!(finalize(&store, batch.id, Target::Completed, None).expect("first run"));
         let first = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
         // A crash after the files but before the terminal state: the batch is still finalizing.
         store
@@ -306,7 +318,7 @@ mod tests {
                 b.status = BatchStatus::Finalizing
             })
             .expect("rewind");
-        assert!(finalize(&store, batch.id, Target::Completed).expect("second run"));
+        assert!(finalize(&store, batch.id, Target::Completed, None).expect("second run"));
         let again = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
         assert_eq!(first, again, "same file, same bytes");
         let done = store.get_batch(batch.id).expect("get").expect("some");
@@ -319,6 +331,6 @@ mod tests {
         );
         assert_eq!(String::from_utf8(first).expect("utf8").lines().count(), 2);
         // Once completed, it is not finalized again.
-        assert!(!finalize(&store, batch.id, Target::Completed).expect("third run"));
+        assert!(!finalize(&store, batch.id, Target::Completed, None).expect("third run"));
     }
 }

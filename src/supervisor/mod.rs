@@ -22,6 +22,7 @@
 //! and retry files; terminal states), `turns.rs` (conversation mode's calls), `intake_task.rs`
 //! (validation and the model check in the background).
 
+mod expiry;
 pub mod finalize;
 mod intake_task;
 mod outage;
@@ -32,6 +33,7 @@ mod reuse;
 mod transitions;
 mod turns;
 
+pub use expiry::sweep_expired;
 pub use intake_task::spawn_intake;
 pub use recovery::{RecoveredBatch, Recovery, recover};
 
