@@ -329,6 +329,41 @@ pub struct ServeArgs {
     /// no expiry of their own (`expires_after`, `output_expires_after`). Default: keep them.
     #[arg(long, env = "OLLAMA_BATCH_FILE_RETENTION", value_name = "DURATION")]
     pub file_retention: Option<humantime::Duration>,
+    /// POST a signed event (Standard Webhooks, as OpenAI's batch webhooks) to this URL when a
+    /// batch completes, fails, is cancelled or expires (repeatable; comma-separated in the env
+    /// var). Needs --webhook-secret.
+    #[arg(
+        long = "webhook-url",
+        env = "OLLAMA_BATCH_WEBHOOK_URL",
+        value_delimiter = ',',
+        value_name = "URL"
+    )]
+    pub webhook_url: Vec<String>,
+    /// The signing secret, `whsec_<base64>` (the receiver verifies with the same one, e.g. the
+    /// openai SDK's `client.webhooks.unwrap`). Never printed.
+    #[arg(
+        long,
+        env = "OLLAMA_BATCH_WEBHOOK_SECRET",
+        hide_env_values = true,
+        value_name = "whsec_…"
+    )]
+    pub webhook_secret: Option<Secret>,
+    /// Go on delivering an event that is not acknowledged (2xx) for this long, with exponential
+    /// backoff and jitter.
+    #[arg(long, env = "OLLAMA_BATCH_WEBHOOK_RETRY_FOR", default_value = "72h")]
+    pub webhook_retry_for: humantime::Duration,
+    /// Let a batch name its own receiver in metadata (`webhook_url`). Off: a client must not be
+    /// able to make the server call arbitrary addresses.
+    #[arg(long, env = "OLLAMA_BATCH_WEBHOOK_ALLOW_METADATA")]
+    pub webhook_allow_metadata: bool,
+    /// Run this program for each finished batch, with OLLAMA_BATCH_ID, OLLAMA_BATCH_STATUS,
+    /// OLLAMA_BATCH_TOTAL, OLLAMA_BATCH_COMPLETED and OLLAMA_BATCH_FAILED in its environment
+    /// (a desktop notification, a mail). Its failure is logged, never fatal.
+    #[arg(long, env = "OLLAMA_BATCH_ON_FINISH_CMD", value_name = "PROGRAM")]
+    pub on_finish_cmd: Option<PathBuf>,
+    /// The first retry delay of a webhook delivery (lower only for tests).
+    #[arg(long, hide = true, default_value = "5s")]
+    pub webhook_retry_initial: humantime::Duration,
     /// The shortest expiry accepted, in seconds (OpenAI: 3600; lower only for tests).
     #[arg(long, hide = true, default_value_t = 3600)]
     pub min_expiry_seconds: u64,
@@ -524,6 +559,18 @@ pub struct Config {
     pub file_retention: Option<Duration>,
     /// Shortest expiry accepted, seconds.
     pub min_expiry_seconds: u64,
+    /// Webhook receivers for every batch.
+    pub webhook_urls: Vec<String>,
+    /// The webhook signing key (the base64-decoded part of `whsec_…`).
+    pub webhook_key: Option<Secret>,
+    /// How long an event is delivered for.
+    pub webhook_retry_for: Duration,
+    /// First retry delay of a delivery.
+    pub webhook_retry_initial: Duration,
+    /// Batches may name their own receiver.
+    pub webhook_allow_metadata: bool,
+    /// Program run per finished batch.
+    pub on_finish_cmd: Option<PathBuf>,
     /// Period of the expired-file sweep.
     pub expiry_sweep_interval: Duration,
     /// The scheduling policy.
@@ -561,6 +608,41 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         other => return Err(format!("invalid size unit '{other}' in '{s}'")),
     };
     Ok((n * mult as f64) as u64)
+}
+
+/// A webhook receiver's URL: http(s), a host, no credentials shown anywhere (they are sent).
+pub fn check_receiver_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))
+        .filter(|r| !r.is_empty() && !r.starts_with('/'))
+        .ok_or_else(|| {
+            format!(
+                "webhook URL '{}' must start with http:// or https:// and name a host",
+                crate::domain::redact_urls(url)
+            )
+        })?;
+    if rest.contains(char::is_whitespace) {
+        return Err(format!(
+            "webhook URL '{}' contains white space",
+            crate::domain::redact_urls(url)
+        ));
+    }
+    Ok(url.to_string())
+}
+
+/// The signing key of a `whsec_<base64>` secret (Standard Webhooks), base64 again (the bytes
+/// are decoded where they are used).
+fn webhook_key(secret: &str) -> Result<String, String> {
+    use base64::Engine;
+    let b64 = secret.strip_prefix("whsec_").ok_or(
+        "--webhook-secret must look like whsec_<base64> (as OpenAI's and Standard Webhooks' secrets do)",
+    )?;
+    match base64::engine::general_purpose::STANDARD.decode(b64) {
+        Ok(k) if k.len() >= 16 => Ok(b64.to_string()),
+        Ok(_) => Err("--webhook-secret: the key after whsec_ must be at least 16 bytes".into()),
+        Err(_) => Err("--webhook-secret: the part after whsec_ is not base64".into()),
+    }
 }
 
 impl Config {
@@ -675,6 +757,26 @@ impl Config {
             progress_interval: a.progress_interval.into(),
             file_retention: a.file_retention.map(Into::into),
             min_expiry_seconds: a.min_expiry_seconds.max(1),
+            webhook_urls: a
+                .webhook_url
+                .iter()
+                .map(|u| check_receiver_url(u.trim()))
+                .collect::<Result<_, _>>()?,
+            webhook_key: match (
+                &a.webhook_secret,
+                a.webhook_url.is_empty() && !a.webhook_allow_metadata,
+            ) {
+                (Some(s), _) => Some(Secret(webhook_key(s.expose())?)),
+                (None, true) => None,
+                (None, false) => {
+                    return Err("--webhook-url (and --webhook-allow-metadata) need --webhook-secret whsec_…: receivers verify each event with it".into());
+                }
+            },
+            webhook_retry_for: a.webhook_retry_for.into(),
+            webhook_retry_initial: Duration::from(a.webhook_retry_initial)
+                .max(Duration::from_millis(1)),
+            webhook_allow_metadata: a.webhook_allow_metadata,
+            on_finish_cmd: a.on_finish_cmd.clone(),
             expiry_sweep_interval: Duration::from(a.expiry_sweep_interval)
                 .max(Duration::from_millis(10)),
             scheduling: match a.scheduling {

@@ -27,6 +27,7 @@ pub mod schedule;
 pub mod server;
 pub mod store;
 pub mod supervisor;
+pub mod webhook;
 pub mod wire;
 
 #[cfg(test)]

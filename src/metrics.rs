@@ -84,6 +84,10 @@ pub struct Scrape<'a> {
     pub gpu: &'a crate::gpu::GpuView,
     /// Bytes of the state directory.
     pub store_bytes: u64,
+    /// Webhook deliveries since start by outcome (`delivered`, `retried`, `failed`).
+    pub webhook_deliveries: &'a [(&'static str, u64)],
+    /// Webhook deliveries waiting in the store.
+    pub webhook_pending: u64,
 }
 
 fn gauge(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: i64) {
@@ -189,6 +193,23 @@ impl Metrics {
             "Retries scheduled since start, by cause",
             "cause",
             &causes,
+        );
+        counter_family(
+            &mut r,
+            "webhook_deliveries",
+            "Webhook deliveries since start: made (2xx), attempts scheduled again, given up",
+            "outcome",
+            &s.webhook_deliveries
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect::<Vec<_>>(),
+        );
+        gauge(
+            &mut r,
+            "webhook_pending",
+            "Webhook deliveries waiting in the store",
+            None,
+            s.webhook_pending as i64,
         );
         let a = &c.answers;
         counter_family(

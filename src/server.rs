@@ -190,7 +190,18 @@ pub async fn start(cfg: Config, listener: TcpListener) -> Result<Running, Server
         },
     );
 
+    let webhooks = crate::webhook::spawn(store.clone(), &cfg, &tracker, stop.clone())
+        .map_err(ServerError::Config)?;
+    if !cfg.webhook_urls.is_empty() || cfg.on_finish_cmd.is_some() {
+        tracing::info!(
+            receivers = cfg.webhook_urls.len(),
+            on_finish_cmd = cfg.on_finish_cmd.is_some(),
+            "batch webhooks on"
+        );
+    }
+
     let state = AppState {
+        webhooks,
         store: store.clone(),
         cfg: cfg.clone(),
         supervisor: handle,

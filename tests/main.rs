@@ -25,3 +25,4 @@ mod timers;
 mod tls;
 mod tools;
 mod watch;
+mod webhooks;

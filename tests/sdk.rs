@@ -8,7 +8,7 @@ use std::process::Command;
 
 /// The Python to run the SDK with: `OLLAMA_BATCH_TEST_PYTHON` (which must work: a run that
 /// names one never skips), else `python3` if it has the package, else none (skip).
-fn python() -> Option<String> {
+pub(crate) fn python() -> Option<String> {
     let named = std::env::var("OLLAMA_BATCH_TEST_PYTHON").ok();
     let py = named.clone().unwrap_or_else(|| "python3".into());
     let ok = Command::new(&py)

@@ -134,6 +134,19 @@ pub async fn create(
     if let Some(mode) = metadata.as_ref().and_then(|m| m.get("mode")) {
         check_mode(&st.cfg, endpoint, mode)?;
     }
+    if let Some(url) = metadata
+        .as_ref()
+        .and_then(|m| m.get(crate::webhook::META_WEBHOOK_URL))
+    {
+        if !st.cfg.webhook_allow_metadata {
+            return Err(ApiError::bad(
+                Some("metadata.webhook_url"),
+                "this server does not call addresses a batch names (start it with --webhook-allow-metadata and --webhook-secret to allow metadata webhook_url)",
+            ));
+        }
+        crate::config::check_receiver_url(url)
+            .map_err(|e| ApiError::bad(Some("metadata.webhook_url"), e))?;
+    }
     if let Some(reuse) = metadata
         .as_ref()
         .and_then(|m| m.get(crate::domain::META_REUSE))

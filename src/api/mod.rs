@@ -48,6 +48,8 @@ pub struct AppState {
     pub stop: tokio_util::sync::CancellationToken,
     /// Held while a retry batch is made: two retries of one batch at once make one batch.
     pub retries: Arc<tokio::sync::Mutex<()>>,
+    /// The webhook deliverer's figures.
+    pub webhooks: Arc<crate::webhook::Stats>,
 }
 
 impl AppState {

@@ -185,6 +185,7 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
             )
         })
         .collect();
+    use std::sync::atomic::Ordering::Relaxed;
     let text = st.metrics.render(&crate::metrics::Scrape {
         requests: &requests,
         batches: &batches,
@@ -194,6 +195,12 @@ pub async fn metrics(State(st): State<AppState>) -> axum::response::Response {
         concurrency_limit: limit as u64,
         gpu: &gpu,
         store_bytes: size,
+        webhook_deliveries: &[
+            ("delivered", st.webhooks.delivered.load(Relaxed)),
+            ("retried", st.webhooks.retried.load(Relaxed)),
+            ("failed", st.webhooks.failed.load(Relaxed)),
+        ],
+        webhook_pending: st.webhooks.pending.load(Relaxed),
     });
     (
         [(
@@ -275,6 +282,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "answers_without_cached_figure": c.tokens.without_cached_figure,
             "answers": c.answers,
         },
+        "webhooks": st.webhooks.view(&st.cfg.webhook_urls),
         "recent_errors": live.recent_errors,
         "gpu": st.gpu.view(),
         "version": env!("CARGO_PKG_VERSION"),

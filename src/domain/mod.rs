@@ -11,7 +11,7 @@ pub mod outcome;
 pub mod request;
 
 pub use batch::{BatchRecord, BatchStatus, Endpoint, LineError, META_REUSE, RequestCounts};
-pub use file::FileRecord;
+pub use file::{Delivery, FileRecord};
 pub use ids::{BatchId, FileId, RequestKey};
 pub use outcome::{CallResult, RetryPolicy, Step, Verdict};
 pub use request::{Refused, RequestRecord, RequestState, ResultRecord, Transition, Usage};

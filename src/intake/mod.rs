@@ -105,7 +105,7 @@ pub fn validate(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<Valida
         });
     }
     if !errors.is_empty() {
-        return reject(store, batch_id, errors).map(Validated::Done);
+        return reject(store, cfg, batch_id, errors).map(Validated::Done);
     }
     store.flush()?;
     Ok(Validated::Valid {
@@ -117,16 +117,24 @@ pub fn validate(store: &Store, cfg: &Config, batch_id: BatchId) -> Result<Valida
 /// `validating → failed` with these errors; the queued lines are deleted.
 pub fn reject(
     store: &Store,
+    cfg: &Config,
     batch_id: BatchId,
     errors: Vec<LineError>,
 ) -> Result<IntakeOutcome, StoreError> {
     store.delete_requests(batch_id)?;
     let n = errors.len();
-    let result = store.update_batch(batch_id, &[BatchStatus::Validating], |b| {
-        b.status = BatchStatus::Failed;
-        b.failed_at = Some(unix_now());
-        b.errors = errors.clone();
-    });
+    let receivers = crate::webhook::Receivers::of(cfg);
+    // `failed` and its webhook events in one transaction.
+    let result = store.update_batch_notifying(
+        batch_id,
+        &[BatchStatus::Validating],
+        |b| {
+            b.status = BatchStatus::Failed;
+            b.failed_at = Some(unix_now());
+            b.errors = errors.clone();
+        },
+        |b| receivers.outbox(b),
+    );
     store.flush()?;
     finish(result, IntakeOutcome::Invalid(n))
 }

@@ -15,6 +15,7 @@
 //! | `conversations` | batch uuid (16 B)       | a batch's mode: its conversation [`Plan`], or none (independent lines) |
 //! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
 //! | `expiry`   | batch uuid (16 B)            | its `output_expires_after` seconds (u64, big-endian), when it named one |
+//! | `webhooks` | delivery id u64 (8 B)        | a [`Delivery`] still to make (an event for one receiver), written with its batch's terminal transition |
 //! | `answers`  | reuse key: sha-256 (32 B)    | the line (batch ‖ line, 20 B) whose success answered it; the answer itself stays in that line's record |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
@@ -34,8 +35,8 @@ pub mod files;
 
 use crate::conversation::{Plan, Record as ConvRecord};
 use crate::domain::{
-    BatchId, BatchRecord, BatchStatus, FileId, FileRecord, Refused, RequestKey, RequestRecord,
-    Transition,
+    BatchId, BatchRecord, BatchStatus, Delivery, FileId, FileRecord, Refused, RequestKey,
+    RequestRecord, Transition,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::collections::HashMap;
@@ -161,6 +162,7 @@ pub struct Store {
     conversations: sled::Tree,
     answers: sled::Tree,
     expiry: sled::Tree,
+    webhooks: sled::Tree,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -210,6 +212,7 @@ impl Store {
             conversations: db.open_tree("conversations")?,
             answers: db.open_tree("answers")?,
             expiry: db.open_tree("expiry")?,
+            webhooks: db.open_tree("webhooks")?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -634,6 +637,69 @@ impl Store {
             .stats
             .get(id.0.as_bytes())?
             .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// [`Store::update_batch`] and the deliveries `outbox` makes of the moved record, in one
+    /// transaction: an event is never lost between a terminal transition and its delivery.
+    pub fn update_batch_notifying(
+        &self,
+        id: BatchId,
+        expect: &[BatchStatus],
+        change: impl Fn(&mut BatchRecord),
+        outbox: impl Fn(&BatchRecord) -> Vec<Delivery>,
+    ) -> Result<BatchRecord, TransitionError> {
+        use sled::Transactional;
+        use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
+        let key = id.0.as_bytes();
+        let r = (&self.batches, &self.webhooks).transaction(|(batches, hooks)| {
+            let old = batches
+                .get(key)?
+                .ok_or(Abort::Abort(TransitionError::NotFound))?;
+            let mut rec: BatchRecord =
+                decode("batch", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
+            if !expect.contains(&rec.status) {
+                return Err(Abort::Abort(TransitionError::BatchIs(rec.status)));
+            }
+            change(&mut rec);
+            batches.insert(key, encode(&rec))?;
+            for d in outbox(&rec) {
+                let n = hooks.generate_id()?;
+                hooks.insert(&n.to_be_bytes()[..], encode(&d))?;
+            }
+            Ok(rec)
+        });
+        match r {
+            Ok(rec) => Ok(rec),
+            Err(TransactionError::Abort(e)) => Err(e),
+            Err(TransactionError::Storage(e)) => Err(e.into()),
+        }
+    }
+
+    // ---- webhook deliveries ---------------------------------------------------------------
+
+    /// Every delivery still to make, by id.
+    pub fn deliveries(&self) -> Result<Vec<(u64, Delivery)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.webhooks.iter() {
+            let (k, v) = item?;
+            let Ok(id) = <[u8; 8]>::try_from(&k[..]) else {
+                continue;
+            };
+            out.push((u64::from_be_bytes(id), decode("delivery", &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Rewrites a delivery (another attempt scheduled).
+    pub fn put_delivery(&self, id: u64, d: &Delivery) -> Result<(), StoreError> {
+        self.webhooks.insert(id.to_be_bytes(), encode(d))?;
+        Ok(())
+    }
+
+    /// Forgets a delivery (made, or given up).
+    pub fn remove_delivery(&self, id: u64) -> Result<(), StoreError> {
+        self.webhooks.remove(id.to_be_bytes())?;
+        Ok(())
     }
 
     // ---- file expiry ----------------------------------------------------------------------

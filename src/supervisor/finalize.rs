@@ -11,6 +11,7 @@ use super::Command;
 use crate::domain::FileRecord;
 use crate::domain::{BatchId, BatchStatus, RequestState, ResultRecord, Usage, unix_now};
 use crate::store::{Store, StoreError, TransitionError};
+use crate::webhook::Receivers;
 use crate::wire::output_line;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -33,6 +34,7 @@ pub fn finalize(
     batch_id: BatchId,
     target: Target,
     retention: Option<Duration>,
+    receivers: &Receivers,
 ) -> Result<bool, StoreError> {
     let expect = match target {
         Target::Completed => BatchStatus::Finalizing,
@@ -109,24 +111,30 @@ pub fn finalize(
         }
     }
     store.flush()?;
-    let result = store.update_batch(batch_id, &[expect], |b| {
-        b.status = match target {
-            Target::Completed => BatchStatus::Completed,
-            Target::Cancelled => BatchStatus::Cancelled,
-            Target::Expired => BatchStatus::Expired,
-        };
-        match target {
-            Target::Completed => b.completed_at = Some(now),
-            Target::Cancelled => b.cancelled_at = Some(now),
-            Target::Expired => b.expired_at = Some(now),
-        }
-        b.output_file_id = published[0];
-        b.error_file_id = published[1];
-        b.request_counts.total = b.request_counts.total.max(total);
-        b.request_counts.completed = completed;
-        b.request_counts.failed = failed;
-        b.usage = usage;
-    });
+    // The terminal state and its webhook events in one transaction.
+    let result = store.update_batch_notifying(
+        batch_id,
+        &[expect],
+        |b| {
+            b.status = match target {
+                Target::Completed => BatchStatus::Completed,
+                Target::Cancelled => BatchStatus::Cancelled,
+                Target::Expired => BatchStatus::Expired,
+            };
+            match target {
+                Target::Completed => b.completed_at = Some(now),
+                Target::Cancelled => b.cancelled_at = Some(now),
+                Target::Expired => b.expired_at = Some(now),
+            }
+            b.output_file_id = published[0];
+            b.error_file_id = published[1];
+            b.request_counts.total = b.request_counts.total.max(total);
+            b.request_counts.completed = completed;
+            b.request_counts.failed = failed;
+            b.usage = usage;
+        },
+        |b| receivers.outbox(b),
+    );
     store.flush()?;
     match result {
         Ok(b) => {
@@ -227,10 +235,13 @@ impl super::Supervisor {
             let tx = self.cmds_tx.clone();
             let id = *id;
             let retention = self.cfg.file_retention;
+            let receivers = Receivers::of(&self.cfg);
             self.tracker.spawn(async move {
                 let s = store.clone();
-                let r =
-                    tokio::task::spawn_blocking(move || finalize(&s, id, target, retention)).await;
+                let r = tokio::task::spawn_blocking(move || {
+                    finalize(&s, id, target, retention, &receivers)
+                })
+                .await;
                 let cmd = match r {
                     Ok(Ok(_)) => Command::Finalized(id),
                     Ok(Err(e)) => Command::FinalizeFailed(id, e.to_string()),
@@ -310,7 +321,16 @@ mod tests {
             super::super::transitions::settle(&store, *k, lease, i < 2, result, None)
                 .expect("done");
         }
-        assert!(finalize(&store, batch.id, Target::Completed, None).expect("first run"));
+        assert!(
+            finalize(
+                &store,
+                batch.id,
+                Target::Completed,
+                None,
+                &Receivers::default()
+            )
+            .expect("first run")
+        );
         let first = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
         // A crash after the files but before the terminal state: the batch is still finalizing.
         store
@@ -318,7 +338,16 @@ mod tests {
                 b.status = BatchStatus::Finalizing
             })
             .expect("rewind");
-        assert!(finalize(&store, batch.id, Target::Completed, None).expect("second run"));
+        assert!(
+            finalize(
+                &store,
+                batch.id,
+                Target::Completed,
+                None,
+                &Receivers::default()
+            )
+            .expect("second run")
+        );
         let again = std::fs::read(store.file_path(batch.id.output_file())).expect("output");
         assert_eq!(first, again, "same file, same bytes");
         let done = store.get_batch(batch.id).expect("get").expect("some");
@@ -331,6 +360,15 @@ mod tests {
         );
         assert_eq!(String::from_utf8(first).expect("utf8").lines().count(), 2);
         // Once completed, it is not finalized again.
-        assert!(!finalize(&store, batch.id, Target::Completed, None).expect("third run"));
+        assert!(
+            !finalize(
+                &store,
+                batch.id,
+                Target::Completed,
+                None,
+                &Receivers::default()
+            )
+            .expect("third run")
+        );
     }
 }

@@ -64,6 +64,7 @@ pub fn spawn_intake(
                         tracing::error!(batch = %id, error = %why, "model not found: batch failed, no line sent");
                         intake::reject(
                             &s,
+                            &cfg,
                             id,
                             vec![crate::domain::LineError {
                                 code: "model_not_found".into(),
