@@ -10,7 +10,7 @@ import sys
 
 ROOTS = ["OpenAIFile", "Batch", "ListFilesResponse", "ListBatchesResponse",
          "DeleteFileResponse", "ErrorResponse", "CreateChatCompletionResponse",
-         "CreateCompletionResponse", "CreateEmbeddingResponse"]
+         "CreateCompletionResponse", "CreateEmbeddingResponse", "Response"]
 
 
 def refs(x, acc):

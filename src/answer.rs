@@ -109,7 +109,9 @@ impl Schemas {
 pub fn answer_text(endpoint: Endpoint, body: &Value) -> Option<(&str, bool)> {
     let choice = body.get("choices")?.get(0)?;
     let text = match endpoint {
-        Endpoint::ChatCompletions => choice.pointer("/message/content")?.as_str()?,
+        Endpoint::ChatCompletions | Endpoint::Responses => {
+            choice.pointer("/message/content")?.as_str()?
+        }
         Endpoint::Completions => choice.get("text")?.as_str()?,
         Endpoint::Embeddings => return None,
     };
@@ -209,7 +211,7 @@ pub fn reask_body(
     let mut b = body.clone();
     let message = reask_message(errors);
     match endpoint {
-        Endpoint::ChatCompletions => {
+        Endpoint::ChatCompletions | Endpoint::Responses => {
             let list = b.get_mut("messages")?.as_array_mut()?;
             list.push(json!({"role": "assistant", "content": answer}));
             list.push(json!({"role": "user", "content": message}));
@@ -227,7 +229,9 @@ pub fn reask_body(
 /// The answer body with its text replaced by `bare` (the JSON without its fence).
 pub fn with_text(endpoint: Endpoint, body: &mut Value, bare: &str) {
     let slot = match endpoint {
-        Endpoint::ChatCompletions => body.pointer_mut("/choices/0/message/content"),
+        Endpoint::ChatCompletions | Endpoint::Responses => {
+            body.pointer_mut("/choices/0/message/content")
+        }
         Endpoint::Completions => body.pointer_mut("/choices/0/text"),
         Endpoint::Embeddings => None,
     };

@@ -8,6 +8,7 @@ use crate::answer::{self, Checked, Report, Schemas, Wanted};
 use crate::backend::Backend;
 use crate::domain::outcome::classify;
 use crate::domain::{CallResult, Endpoint, RequestKey, Verdict};
+use crate::wire::responses;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
@@ -195,6 +196,41 @@ where
     }
 }
 
+/// A chat answer (kept or rejected) of a Responses line as its Response object; failures as
+/// they are.
+fn as_response(result: CallResult, echo: &Value) -> CallResult {
+    let convert = |body: &str| {
+        serde_json::from_str::<Value>(body)
+            .map(|chat| responses::to_response(&chat, echo).to_string())
+            .unwrap_or_else(|_| body.to_string())
+    };
+    match result {
+        CallResult::Answered {
+            status: status @ 200..=299,
+            body,
+            usage,
+        } => CallResult::Answered {
+            status,
+            body: convert(&body),
+            usage,
+        },
+        CallResult::Rejected {
+            code,
+            message,
+            status,
+            body,
+            usage,
+        } => CallResult::Rejected {
+            code,
+            message,
+            status,
+            body: convert(&body),
+            usage,
+        },
+        other => other,
+    }
+}
+
 #[derive(Debug)]
 struct LimiterState {
     limit: usize,
@@ -357,9 +393,24 @@ pub fn spawn(
                             let _ = events.send(Event::Started { key, lease }).await;
                         }
                     };
-                    let (result, check) =
-                        call_checked(&backend, job.endpoint, job.body, slot, &answers, restarted)
-                            .await;
+                    // A Responses line is a chat call; what its Response echoes is not sent.
+                    let mut body = job.body;
+                    let echo = (job.endpoint == Endpoint::Responses)
+                        .then(|| body.as_object_mut()?.remove(responses::ECHO))
+                        .flatten();
+                    let (result, check) = call_checked(
+                        &backend,
+                        job.endpoint.called_as(),
+                        body,
+                        slot,
+                        &answers,
+                        restarted,
+                    )
+                    .await;
+                    let result = match &echo {
+                        Some(echo) => as_response(result, echo),
+                        None => result,
+                    };
                     let verdict = classify(&result);
                     metrics.observe_call(
                         started.elapsed().as_secs_f64(),

@@ -35,7 +35,8 @@ fn line_text(req: &Value) -> String {
 /// Whether this call is a re-ask (the request carries the earlier answer and the errors).
 fn is_reask(req: &Value) -> bool {
     match req["messages"].as_array() {
-        Some(m) => m.len() > 1,
+        // A line has one user message; a re-ask adds the answer and a second one.
+        Some(m) => m.iter().filter(|x| x["role"] == "user").count() > 1,
         None => req["prompt"]
             .as_str()
             .is_some_and(|p| p.contains("Answer again")),
@@ -699,4 +700,128 @@ async fn reask_turns_never_enter_a_conversations_history() {
         bodies[2]["messages"][2]["content"],
         "{\"score\": 7, \"reason\": \"after the re-ask\"}"
     );
+}
+
+/// `/v1/responses` lines: `text.format` json_schema gets the same check and re-ask as chat, the
+/// answer comes back as a Response; what cannot run locally, and a line whose `url` is another
+/// endpoint, are refused at validation with their line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_lines_are_checked_and_what_cannot_run_is_refused_by_line() {
+    for shape in [Shape::Ollama, Shape::OpenAi] {
+        let fake = Fake::start(shape).await;
+        fake.keep_bodies.store(true, Ordering::SeqCst);
+        fake.set(|b| b.script = Some(model()));
+        let (_dir, server) = server_with(&fake, |_| {}).await;
+        let api = Api::new(&server.base);
+        let line = |id: &str, text: &str| {
+            json!({"custom_id": id, "method": "POST", "url": "/v1/responses",
+                   "body": {"model": "m", "instructions": "Rate.", "input": text,
+                            "text": {"format": {"type": "json_schema", "name": "score",
+                                                "strict": true, "schema": schema()}}}})
+            .to_string()
+        };
+        let file = format!(
+            "{}\n{}\n",
+            line("a", "missing: rate candidate 1"),
+            line("b", "fenced: rate candidate 2")
+        );
+        let done = api
+            .run_file(file.into_bytes(), "/v1/responses", Duration::from_secs(30))
+            .await;
+        assert_eq!(done["request_counts"]["completed"], 2, "{shape:?}: {done}");
+        let out = api.lines(&done["output_file_id"]).await;
+        let text = |id: &str| {
+            out.iter()
+                .find(|l| l["custom_id"] == id)
+                .map(|l| l["response"]["body"]["output"][0]["content"][0]["text"].clone())
+        };
+        assert_eq!(
+            text("a"),
+            Some(json!("{\"score\": 7, \"reason\": \"now complete\"}")),
+            "{shape:?}: re-asked once, then valid"
+        );
+        assert_eq!(
+            text("b"),
+            Some(json!("{\"score\": 7, \"reason\": \"fine\"}"))
+        );
+        assert!(
+            out.iter()
+                .all(|l| l["response"]["body"]["object"] == "response")
+        );
+        assert_eq!(calls_by_line(&fake)["missing: rate candidate 1"].len(), 2);
+        // The instructions went as the system message; the echo did not go at all.
+        let bodies = fake.stats.bodies.lock().expect("lock").clone();
+        assert!(
+            bodies.iter().all(|b| b["messages"][0]["content"] == "Rate."
+                && b.get("ollama_batch_response").is_none()),
+            "{bodies:?}"
+        );
+    }
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_dir, server) = server_with(&fake, |_| {}).await;
+    let api = Api::new(&server.base);
+    let ok = json!({"custom_id": "ok", "method": "POST", "url": "/v1/responses",
+                    "body": {"model": "m", "input": "hi"}});
+    let mut bad = Vec::new();
+    for (id, body) in [
+        (
+            "tools",
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}]}),
+        ),
+        (
+            "prev",
+            json!({"model": "m", "input": "x", "previous_response_id": "resp_1"}),
+        ),
+        (
+            "bg",
+            json!({"model": "m", "input": "x", "background": true}),
+        ),
+        ("store", json!({"model": "m", "input": "x", "store": true})),
+        (
+            "file",
+            json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_file", "file_id": "file-1"}]}]}),
+        ),
+    ] {
+        bad.push(json!({"custom_id": id, "method": "POST", "url": "/v1/responses", "body": body}));
+    }
+    bad.push(
+        json!({"custom_id": "url", "method": "POST", "url": "/v1/chat/completions",
+                    "body": {"model": "m", "messages": [{"role": "user", "content": "x"}]}}),
+    );
+    let file: String = std::iter::once(&ok)
+        .chain(bad.iter())
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let done = api
+        .run_file(file.into_bytes(), "/v1/responses", Duration::from_secs(30))
+        .await;
+    assert_eq!(done["status"], "failed", "{done}");
+    let errs = done["errors"]["data"].as_array().expect("errors");
+    let got: Vec<(u64, String)> = errs
+        .iter()
+        .map(|e| {
+            (
+                e["line"].as_u64().unwrap_or(0),
+                e["param"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (2, "body.tools".to_string()),
+            (3, "body.previous_response_id".into()),
+            (4, "body.background".into()),
+            (5, "body.store".into()),
+            (6, "body.input[0].content[0].type".into()),
+            (7, "url".into()),
+        ],
+        "{done}"
+    );
+    assert!(errs.iter().all(|e| {
+        e["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("line "))
+    }));
+    assert_eq!(fake.total_calls(), 0);
 }

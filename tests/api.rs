@@ -338,7 +338,9 @@ async fn hostile_input_gets_error_objects_and_the_server_keeps_serving() {
     let fid = file["id"].as_str().expect("id");
     for (body, param) in [
         (
-            json!({"input_file_id": fid, "endpoint": "/v1/responses", "completion_window": "24h"}),
+            // An endpoint OpenAI batches take that no local model server has (/v1/responses
+            // runs here since the Responses API issue).
+            json!({"input_file_id": fid, "endpoint": "/v1/moderations", "completion_window": "24h"}),
             "endpoint",
         ),
         (

@@ -153,6 +153,19 @@ async fn every_api_object_and_ollama_answer_conforms() {
             json!({"custom_id": "e", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "hi"}}),
             "CreateEmbeddingResponse",
         ),
+        (
+            "/v1/responses",
+            json!({"custom_id": "r", "method": "POST", "url": "/v1/responses", "body": {"model": "m",
+                "instructions": "Be brief.", "input": "hi", "max_output_tokens": 8, "metadata": {"k": "v"}}}),
+            "Response",
+        ),
+        (
+            "/v1/responses",
+            json!({"custom_id": "r2", "method": "POST", "url": "/v1/responses", "body": {"model": "m",
+                "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+                "text": {"format": {"type": "json_object"}}}}),
+            "Response",
+        ),
     ] {
         let done = api
             .run_file(

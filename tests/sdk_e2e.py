@@ -98,4 +98,41 @@ try:
 except openai.NotFoundError:
     pass
 
-print(f"SDK OK: openai {openai.__version__}, {n} lines, {len(listed)} batches paged")
+# A /v1/responses batch: Responses lines (instructions, input messages with input_text parts,
+# max_output_tokens, metadata), output bodies parsed as the SDK's own Response type.
+from openai.types.responses import Response
+
+rlines = [
+    json.dumps({
+        "custom_id": f"r-{i}",
+        "method": "POST",
+        "url": "/v1/responses",
+        "body": {
+            "model": "gpt-4o-mini",
+            "instructions": "Score the candidate.",
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": f"score r-{i}"}]}],
+            "max_output_tokens": 16,
+            "metadata": {"row": str(i)},
+        },
+    })
+    for i in range(1, 11)
+]
+rf = client.files.create(file=("responses.jsonl", ("\n".join(rlines) + "\n").encode()), purpose="batch")
+rb = client.batches.create(input_file_id=rf.id, endpoint="/v1/responses", completion_window="24h")
+assert rb.endpoint == "/v1/responses", rb
+rb = wait(rb.id)
+assert rb.status == "completed" and rb.request_counts.completed == 10, rb
+seen = []
+for line in client.files.content(rb.output_file_id).text.splitlines():
+    o = json.loads(line)
+    r = Response.model_validate(o["response"]["body"])
+    cid = o["custom_id"]
+    assert r.output_text == f"echo:score {cid}", (cid, r.output_text)
+    assert r.status == "completed" and r.object == "response", r
+    assert r.usage is not None and r.usage.input_tokens > 0 and r.usage.output_tokens > 0, r.usage
+    assert r.usage.total_tokens == r.usage.input_tokens + r.usage.output_tokens, r.usage
+    assert r.metadata == {"row": cid[2:]}, r.metadata
+    seen.append(cid)
+assert sorted(seen) == sorted(f"r-{i}" for i in range(1, 11)), seen
+
+print(f"SDK OK: openai {openai.__version__}, {n} lines, {len(listed)} batches paged, 10 Responses")

@@ -119,7 +119,7 @@ pub async fn create(
         ApiError::bad(
             Some("endpoint"),
             format!(
-                "unsupported endpoint '{endpoint_raw}': this server runs /v1/chat/completions, /v1/embeddings and /v1/completions"
+                "unsupported endpoint '{endpoint_raw}': this server runs /v1/responses, /v1/chat/completions, /v1/embeddings and /v1/completions"
             ),
         )
     })?;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 
 pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) -> CallResult {
     let request = match endpoint {
-        Endpoint::ChatCompletions => chat_request(backend, body),
+        Endpoint::ChatCompletions | Endpoint::Responses => chat_request(backend, body),
         Endpoint::Embeddings => Ok(embed_request(backend, body)),
         Endpoint::Completions => Ok(generate_request(backend, body)),
     };
@@ -29,7 +29,7 @@ pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) ->
         }
     };
     let path = match endpoint {
-        Endpoint::ChatCompletions => "/api/chat",
+        Endpoint::ChatCompletions | Endpoint::Responses => "/api/chat",
         Endpoint::Embeddings => "/api/embed",
         Endpoint::Completions => "/api/generate",
     };
@@ -91,7 +91,7 @@ pub(crate) fn interpret(endpoint: Endpoint, status: u16, text: &str, model: &str
         };
     }
     let translated = match endpoint {
-        Endpoint::ChatCompletions => chat_response(&answer, model),
+        Endpoint::ChatCompletions | Endpoint::Responses => chat_response(&answer, model),
         Endpoint::Embeddings => embed_response(&answer, model),
         Endpoint::Completions => generate_response(&answer, model),
     };
@@ -290,7 +290,7 @@ fn messages(body: &Value) -> Result<Vec<Value>, String> {
 /// this on every line, so such a batch fails at validation instead of line by line.
 pub(crate) fn check(endpoint: Endpoint, body: &Value) -> Result<(), String> {
     match endpoint {
-        Endpoint::ChatCompletions => messages(body).map(|_| ()),
+        Endpoint::ChatCompletions | Endpoint::Responses => messages(body).map(|_| ()),
         Endpoint::Embeddings | Endpoint::Completions => Ok(()),
     }
 }

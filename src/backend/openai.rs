@@ -22,7 +22,9 @@ pub(crate) fn interpret(endpoint: Endpoint, status: u16, text: &str) -> CallResu
     match parsed {
         Ok(v) if ok => {
             let expected = match endpoint {
-                Endpoint::ChatCompletions | Endpoint::Completions => "choices",
+                Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses => {
+                    "choices"
+                }
                 Endpoint::Embeddings => "data",
             };
             if v[expected].as_array().is_none_or(|a| a.is_empty()) {

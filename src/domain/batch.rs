@@ -83,6 +83,9 @@ pub enum Endpoint {
     Embeddings,
     /// `/v1/completions`
     Completions,
+    /// `/v1/responses`: each line is translated into a chat call at validation, and each answer
+    /// back into a Response object (`wire::responses`).
+    Responses,
 }
 
 /// The batch metadata key that asks for earlier answers to be reused (`"true"` / `"false"`).
@@ -95,6 +98,7 @@ impl Endpoint {
             "/v1/chat/completions" => Some(Endpoint::ChatCompletions),
             "/v1/embeddings" => Some(Endpoint::Embeddings),
             "/v1/completions" => Some(Endpoint::Completions),
+            "/v1/responses" => Some(Endpoint::Responses),
             _ => None,
         }
     }
@@ -104,6 +108,16 @@ impl Endpoint {
             Endpoint::ChatCompletions => "/v1/chat/completions",
             Endpoint::Embeddings => "/v1/embeddings",
             Endpoint::Completions => "/v1/completions",
+            Endpoint::Responses => "/v1/responses",
+        }
+    }
+
+    /// The API a line of this endpoint is sent to a backend as: a Responses line as a chat
+    /// completion (translated at validation); the others as themselves.
+    pub fn called_as(self) -> Endpoint {
+        match self {
+            Endpoint::Responses => Endpoint::ChatCompletions,
+            e => e,
         }
     }
 }

@@ -103,7 +103,7 @@ fn field_error(line_no: u32, param: &str, v: Option<&Value>, want: &str) -> Line
 /// validation instead of reaching the backend, which may answer an empty 200).
 fn check_body(line_no: u32, endpoint: Endpoint, body: &Value) -> Result<(), LineError> {
     match endpoint {
-        Endpoint::ChatCompletions => {
+        Endpoint::ChatCompletions | Endpoint::Responses => {
             let ms = body.get("messages");
             let Some(list) = ms.and_then(Value::as_array) else {
                 return Err(field_error(
@@ -304,6 +304,20 @@ pub(crate) fn check_line(
             format!("line {line_no}: stream: true is not supported in a batch"),
         ));
     }
+    // A Responses line runs as a chat call: translated here, checked as one.
+    let body = if endpoint == Endpoint::Responses {
+        crate::wire::responses::to_chat(&body).map_err(|(param, why)| {
+            err(
+                line_no,
+                "unsupported_parameter",
+                Some(&param),
+                format!("line {line_no}: {param} {why}"),
+            )
+        })?
+    } else {
+        body
+    };
+    let endpoint = endpoint.called_as();
     check_body(line_no, endpoint, &body)?;
     crate::backend::check_line(backend, endpoint, &body).map_err(|reason| {
         err(

@@ -1,6 +1,7 @@
 //! The OpenAI JSON shapes: file and batch objects, list pages, the error envelope, and the
 //! output / error lines. Every field of the batch object is always present (null when unknown).
 
+pub mod responses;
 use crate::domain::FileRecord;
 use crate::domain::{BatchRecord, RequestCounts, RequestKey, ResultRecord, Usage};
 use serde::Serialize;
