@@ -24,7 +24,14 @@ pub const CALL_BUCKETS: [f64; 14] = [
 ];
 
 /// Call outcomes (the histogram's label).
-pub const OUTCOMES: [&str; 5] = ["success", "permanent", "transient", "oom", "backend_down"];
+pub const OUTCOMES: [&str; 6] = [
+    "success",
+    "permanent",
+    "transient",
+    "oom",
+    "backend_down",
+    "overloaded",
+];
 
 fn new_call_histogram() -> Histogram {
     Histogram::new(CALL_BUCKETS)
@@ -225,6 +232,12 @@ impl Metrics {
                 ("truncated".into(), a.truncated),
                 ("reused".into(), a.reused),
             ],
+        );
+        counter(
+            &mut r,
+            "requests_deferred",
+            "Lines put back without spending an attempt because the backend was full (429 / 503)",
+            c.deferred,
         );
         counter(
             &mut r,

@@ -241,7 +241,8 @@ struct LimiterState {
     generation: u64,
 }
 
-/// Adaptive concurrency limit (AIMD on out-of-memory answers).
+/// Adaptive concurrency limit (AIMD: halved on out-of-memory and on 429 / 503 "full" answers,
+/// once per burst; one more after a run of successes).
 #[derive(Debug)]
 pub struct Limiter {
     max: usize,
@@ -272,13 +273,23 @@ impl Limiter {
             let mut s = self.lock();
             s.in_flight = s.in_flight.saturating_sub(1);
             match verdict {
-                Verdict::OutOfMemory if generation == s.generation => {
+                Verdict::OutOfMemory | Verdict::Overloaded if generation == s.generation => {
                     s.limit = (s.limit / 2).max(1);
                     s.generation += 1;
                     s.streak = 0;
-                    tracing::warn!(limit = s.limit, "backend out of memory: concurrency halved");
+                    if verdict == Verdict::OutOfMemory {
+                        tracing::warn!(
+                            limit = s.limit,
+                            "backend out of memory: concurrency halved"
+                        );
+                    } else {
+                        tracing::info!(
+                            limit = s.limit,
+                            "backend full (429/503): concurrency halved"
+                        );
+                    }
                 }
-                Verdict::OutOfMemory => s.streak = 0,
+                Verdict::OutOfMemory | Verdict::Overloaded => s.streak = 0,
                 Verdict::Success => {
                     s.streak += 1;
                     if s.streak >= RECOVERY_STREAK && s.limit < self.max {
@@ -420,6 +431,7 @@ pub fn spawn(
                             Verdict::Transient => "transient",
                             Verdict::OutOfMemory => "oom",
                             Verdict::BackendDown => "backend_down",
+                            Verdict::Overloaded => "overloaded",
                         },
                     );
                     limiter.release(generation, verdict);

@@ -449,7 +449,8 @@ fn analyze_plots_the_histogram_and_lines_finished_over_time() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_makes_a_batch_of_exactly_the_lines_that_did_not_succeed() {
     let fake = Fake::start(Shape::OpenAi).await;
-    fake.set(|b| b.busy_permille = 300);
+    // Connection resets spend the one attempt (a busy 503 no longer does: it is deferred).
+    fake.set(|b| b.reset_permille = 300);
     let (_d, mut server) = server_with(&fake, |c| c.retry.max_attempts = 1).await;
     let api = Api::new(&server.base);
     let n = 40;
@@ -478,7 +479,7 @@ async fn retry_makes_a_batch_of_exactly_the_lines_that_did_not_succeed() {
     );
     let id = done["id"].as_str().expect("id").to_string();
     // The backend is healthy again (before the retry batch starts running).
-    fake.set(|b| b.busy_permille = 0);
+    fake.set(|b| b.reset_permille = 0);
     let base = server.base.clone();
     let (ok, stdout, err) =
         tokio::task::spawn_blocking(move || run(&["retry", &id, "--server", &base]))

@@ -15,6 +15,7 @@ mod dashboard;
 mod economy;
 mod expiry;
 mod faults;
+mod gateway;
 mod hardening;
 mod lifecycle;
 mod llamacpp;

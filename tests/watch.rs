@@ -343,8 +343,13 @@ async fn metrics_move_during_a_run_and_agree_with_the_output_at_the_end() {
     );
     let busy = fake.stats.busy.load(std::sync::atomic::Ordering::SeqCst) as f64;
     assert!(busy > 0.0);
+    // A busy 503 puts the line back without a retry (no attempt spent): deferred.
     assert_eq!(
         metric(&m, "obatch_retries_total", &[("cause", "http_5xx")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&m, "obatch_requests_deferred_total", &[]),
         Some(busy)
     );
     assert_eq!(
@@ -364,7 +369,7 @@ async fn metrics_move_during_a_run_and_agree_with_the_output_at_the_end() {
         metric(
             &m,
             "obatch_backend_request_duration_seconds_count",
-            &[("outcome", "transient")]
+            &[("outcome", "overloaded")]
         ),
         Some(busy)
     );

@@ -267,6 +267,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "rescued": c.rescued,
             "requeued_at_start": c.requeued_at_start,
             "retries": c.retries,
+            "deferred": c.deferred,
             "retries_by_cause": c.retries_by_cause,
             "oom": c.oom,
             "timeouts": c.timeouts,

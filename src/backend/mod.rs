@@ -378,8 +378,12 @@ impl Backend {
     }
 
     /// POSTs JSON and reads the whole answer, at most `--max-answer-size` bytes: `Ok((status,
-    /// body text))` or the failure already classified.
-    async fn post(&self, path: &str, body: &Value) -> Result<(u16, String), CallResult> {
+    /// body text, its Retry-After))` or the failure already classified.
+    async fn post(
+        &self,
+        path: &str,
+        body: &Value,
+    ) -> Result<(u16, String, Option<Duration>), CallResult> {
         let mut resp = self
             .http
             .post(format!("{}{}", self.base, path))
@@ -388,6 +392,11 @@ impl Backend {
             .await
             .map_err(|e| self.transport_failure(e))?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| crate::domain::outcome::retry_after(v, std::time::SystemTime::now()));
         let too_large = |n: u64| CallResult::Invalid {
             code: "answer_too_large".into(),
             message: format!(
@@ -410,7 +419,7 @@ impl Backend {
             Ok(t) => t,
             Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
         };
-        Ok((status, text))
+        Ok((status, text, retry_after))
     }
 
     /// Sorts a reqwest failure into backend down / timeout / broken connection. A failure to

@@ -34,9 +34,9 @@ pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) ->
         Endpoint::Completions => "/api/generate",
     };
     match backend.post(path, &request).await {
-        Ok((status, text)) => {
+        Ok((status, text, retry_after)) => {
             let model = body["model"].as_str().unwrap_or_default();
-            interpret(endpoint, status, &text, model)
+            crate::domain::outcome::busy_or(interpret(endpoint, status, &text, model), retry_after)
         }
         Err(failure) => failure,
     }

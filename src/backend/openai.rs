@@ -9,7 +9,9 @@ use serde_json::Value;
 
 pub(super) async fn call(backend: &Backend, endpoint: Endpoint, body: &Value) -> CallResult {
     match backend.post(endpoint.as_str(), body).await {
-        Ok((status, text)) => interpret(endpoint, status, &text),
+        Ok((status, text, retry_after)) => {
+            crate::domain::outcome::busy_or(interpret(endpoint, status, &text), retry_after)
+        }
         Err(failure) => failure,
     }
 }

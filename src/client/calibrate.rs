@@ -174,7 +174,7 @@ struct Answer {
 fn classify(result: &CallResult, timeout: humantime::Duration) -> (Outcome, String) {
     match result {
         CallResult::Timeout => (Outcome::Timeout, format!("no answer within {timeout}")),
-        CallResult::Answered { status, body, .. } => {
+        CallResult::Answered { status, body, .. } | CallResult::Busy { status, body, .. } => {
             let message = crate::domain::outcome::error_message(body);
             let text = if message.is_empty() { body } else { &message };
             let lower = text.to_ascii_lowercase();

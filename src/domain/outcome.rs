@@ -34,6 +34,17 @@ pub enum CallResult {
         /// Worth another try (a broken answer) or not (an answer that is too large).
         retry: bool,
     },
+    /// The backend (or a gateway in front of several) is full: 429, or 503 without an
+    /// out-of-memory message. Not the line's failure: it goes back, without spending an
+    /// attempt, after `retry_after` (the answer's `Retry-After`) or a short wait.
+    Busy {
+        /// 429 or 503.
+        status: u16,
+        /// The answer (OpenAI-shaped error JSON).
+        body: String,
+        /// The answer's `Retry-After`, when it had one.
+        retry_after: Option<std::time::Duration>,
+    },
     /// The backend answered 2xx with an answer that cannot count: it does not validate against
     /// the line's JSON format after the re-asks (`invalid_answer`), or it was cut off at the
     /// token limit (`answer_truncated`). Kept with the answer; not retried.
@@ -57,7 +68,7 @@ impl CallResult {
     pub fn answered(&self) -> bool {
         matches!(
             self,
-            CallResult::Answered { .. } | CallResult::Rejected { .. }
+            CallResult::Answered { .. } | CallResult::Rejected { .. } | CallResult::Busy { .. }
         )
     }
 }
@@ -76,6 +87,9 @@ pub enum Verdict {
     OutOfMemory,
     /// The backend is not there: retry without burning an attempt once it is back.
     BackendDown,
+    /// The backend is full (429 / 503): fewer calls at once, and the line back after the
+    /// advised delay without burning an attempt.
+    Overloaded,
 }
 
 /// Substrings by which Ollama and llama.cpp report out-of-memory: Ollama's own list
@@ -141,6 +155,36 @@ fn message_has(body: &str, words: &[&str]) -> bool {
     words.iter().any(|w| m.contains(w))
 }
 
+/// The `Retry-After` of an answer: seconds, or an HTTP date (from `now`); at most an hour.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    let d = match v.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => httpdate::parse_http_date(v)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO),
+    };
+    Some(d.min(Duration::from_secs(3600)))
+}
+
+/// A 429, or a 503 that is not out of memory, becomes [`CallResult::Busy`] (with the answer's
+/// `Retry-After`); any other result stays as it is.
+pub fn busy_or(result: CallResult, retry_after: Option<Duration>) -> CallResult {
+    match result {
+        CallResult::Answered { status, body, .. }
+            if status == 429 || (status == 503 && !is_oom_answer(status, &body)) =>
+        {
+            CallResult::Busy {
+                status,
+                body,
+                retry_after,
+            }
+        }
+        other => other,
+    }
+}
+
 /// Classifies one call result.
 pub fn classify(result: &CallResult) -> Verdict {
     match result {
@@ -159,6 +203,7 @@ pub fn classify(result: &CallResult) -> Verdict {
         CallResult::Invalid { retry: true, .. } => Verdict::Transient,
         CallResult::Invalid { retry: false, .. } => Verdict::Permanent,
         CallResult::Rejected { .. } => Verdict::Permanent,
+        CallResult::Busy { .. } => Verdict::Overloaded,
         CallResult::Unreachable(_) => Verdict::BackendDown,
     }
 }
@@ -174,6 +219,9 @@ pub enum Step {
     RetryAfter(Duration),
     /// Queue again at once and give the attempt back (the backend was down).
     RequeueFree,
+    /// Queue again, not before `delay` from now, and give the attempt back (the backend was
+    /// full).
+    Defer(Duration),
 }
 
 /// The one backoff formula: `initial · 2^(n-1)` after the `n`-th failure (n ≥ 1), at most
@@ -212,6 +260,9 @@ impl RetryPolicy {
             Verdict::Success => Step::Succeed,
             Verdict::Permanent => Step::Fail,
             Verdict::BackendDown => Step::RequeueFree,
+            // The wait is the answer's `Retry-After` when it had one (the supervisor's), else
+            // the first retry's ceiling.
+            Verdict::Overloaded => Step::Defer(self.initial),
             Verdict::Transient | Verdict::OutOfMemory => {
                 if attempts >= self.max_attempts {
                     Step::Fail
@@ -226,6 +277,47 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_after_is_seconds_or_an_http_date_and_429_503_are_busy() {
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_445_412_400);
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        // 2015-10-21 07:28:00 GMT is 80 s after `now`.
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now),
+            Some(Duration::from_secs(80))
+        );
+        assert_eq!(
+            retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past: at once"
+        );
+        assert_eq!(retry_after("999999", now), Some(Duration::from_secs(3600)));
+        assert_eq!(retry_after("soon", now), None);
+        let answered = |status: u16, msg: &str| CallResult::Answered {
+            status,
+            body: serde_json::json!({"error": msg}).to_string(),
+            usage: None,
+        };
+        let busy = busy_or(answered(429, "slow down"), Some(Duration::from_secs(2)));
+        assert_eq!(classify(&busy), Verdict::Overloaded);
+        assert!(
+            matches!(busy, CallResult::Busy { retry_after: Some(d), .. } if d == Duration::from_secs(2))
+        );
+        assert_eq!(
+            classify(&busy_or(answered(503, "busy"), None)),
+            Verdict::Overloaded
+        );
+        assert_eq!(
+            classify(&busy_or(answered(503, "CUDA error: out of memory"), None)),
+            Verdict::OutOfMemory,
+            "a 503 that says out of memory is one"
+        );
+        assert_eq!(
+            classify(&busy_or(answered(500, "x"), None)),
+            Verdict::Transient
+        );
+    }
 
     fn ollama_error(status: u16, error: &str) -> CallResult {
         CallResult::Answered {

@@ -5,6 +5,7 @@
 //!  Queued ─────────────────────────────────────────▶ Leased
 //!    ▲  ◀── transient failure: retry at not_before ──┤
 //!    │  ◀── backend unreachable / shutdown (attempt given back)
+//!    │  ◀── backend full (429 / 503): not before a time (attempt given back)
 //!    │  ◀── restart or rescue (attempt kept)          │
 //!    │                                                ├── success ──▶ Succeeded
 //!    │                                                └── permanent failure or attempts
@@ -143,6 +144,16 @@ pub enum Transition {
         /// Why, when there is something to say.
         error: Option<String>,
     },
+    /// `Leased → Queued` not before `due_ms`, with the attempt given back (the backend answered
+    /// that it is full: 429 / 503).
+    Defer {
+        /// The lease it ends.
+        lease: u32,
+        /// Unix ms before which it is not sent again.
+        due_ms: u64,
+        /// The answer, for operators.
+        error: String,
+    },
     /// `Leased → Queued` with the attempt kept (a lease past its deadline, or one held by a
     /// process that died).
     Rescue {
@@ -196,6 +207,7 @@ impl Transition {
             Transition::Settle { .. } => "settle",
             Transition::Retry { .. } => "retry",
             Transition::GiveBack { .. } => "give_back",
+            Transition::Defer { .. } => "defer",
             Transition::Rescue { .. } => "rescue",
             Transition::Fail { .. } => "fail",
             Transition::Reuse { .. } => "reuse",
@@ -209,6 +221,7 @@ impl Transition {
             Transition::Settle { lease, .. }
             | Transition::Retry { lease, .. }
             | Transition::GiveBack { lease, .. }
+            | Transition::Defer { lease, .. }
             | Transition::Rescue { lease, .. }
             | Transition::Fail { lease, .. } => (RequestState::Leased, Some(*lease)),
         }
@@ -223,9 +236,10 @@ impl Transition {
             }
             | Transition::Reuse { .. } => RequestState::Succeeded,
             Transition::Settle { .. } | Transition::Fail { .. } => RequestState::Failed,
-            Transition::Retry { .. } | Transition::GiveBack { .. } | Transition::Rescue { .. } => {
-                RequestState::Queued
-            }
+            Transition::Retry { .. }
+            | Transition::GiveBack { .. }
+            | Transition::Defer { .. }
+            | Transition::Rescue { .. } => RequestState::Queued,
         }
     }
 }
@@ -269,6 +283,11 @@ impl RequestRecord {
                 if let Some(e) = error {
                     self.last_error = Some(e.clone());
                 }
+            }
+            Transition::Defer { due_ms, error, .. } => {
+                self.attempts = self.attempts.saturating_sub(1);
+                self.not_before_ms = *due_ms;
+                self.last_error = Some(error.clone());
             }
         }
         Ok(())
@@ -319,6 +338,11 @@ mod tests {
                 error: "e".into(),
             },
             Transition::GiveBack { lease, error: None },
+            Transition::Defer {
+                lease,
+                due_ms: 7,
+                error: "429".into(),
+            },
             Transition::Rescue {
                 lease,
                 error: Some("r".into()),
@@ -334,12 +358,13 @@ mod tests {
     }
 
     /// The drawing in the module doc, as (from, edge, to).
-    const DRAWN: [(RequestState, &str, RequestState); 8] = [
+    const DRAWN: [(RequestState, &str, RequestState); 9] = [
         (RequestState::Queued, "lease", RequestState::Leased),
         (RequestState::Leased, "settle", RequestState::Succeeded),
         (RequestState::Leased, "settle", RequestState::Failed),
         (RequestState::Leased, "retry", RequestState::Queued),
         (RequestState::Leased, "give_back", RequestState::Queued),
+        (RequestState::Leased, "defer", RequestState::Queued),
         (RequestState::Leased, "rescue", RequestState::Queued),
         (RequestState::Leased, "fail", RequestState::Failed),
         (RequestState::Queued, "reuse", RequestState::Succeeded),

@@ -42,6 +42,8 @@ pub struct Counters {
     pub requeued_at_start: u64,
     /// Transient failures scheduled for another try.
     pub retries: u64,
+    /// Lines put back without spending an attempt because the backend was full (429 / 503).
+    pub deferred: u64,
     /// Out-of-memory answers.
     pub oom: u64,
     /// Calls that timed out.

@@ -38,7 +38,10 @@ pub fn retry_cause(result: &CallResult, verdict: Verdict) -> &'static str {
         CallResult::Unreachable(_) => "connect",
         CallResult::Transport(_) => "connection_error",
         CallResult::Invalid { .. } | CallResult::Rejected { .. } => "invalid_answer",
-        CallResult::Answered { status: 429, .. } => "http_429",
+        CallResult::Answered { status: 429, .. } | CallResult::Busy { status: 429, .. } => {
+            "http_429"
+        }
+        CallResult::Busy { .. } => "http_5xx",
         // Any other answer that is retried is a server-side failure.
         CallResult::Answered { .. } => "http_5xx",
     }

@@ -155,6 +155,30 @@ impl Supervisor {
                 }
                 r
             }
+            Step::Defer(default) => {
+                // The backend is full: the line waits what it advised (or the first retry's
+                // ceiling), with its attempt given back; the worker has lowered the limit.
+                let delay = match &o.result {
+                    CallResult::Busy {
+                        retry_after: Some(d),
+                        ..
+                    } => *d,
+                    _ => default,
+                };
+                let due = unix_millis() + delay.as_millis() as u64;
+                let due_here = Instant::now() + delay;
+                let err = describe(&o.result);
+                let r = transitions::defer(&self.store, key, o.lease, due, err);
+                if r.is_ok() {
+                    self.sched.waiting(key.batch, key.line);
+                    self.counters.deferred += 1;
+                    if active.dispatching() {
+                        active.retry_wait += 1;
+                        self.delayed.push(Reverse((due_here, key)));
+                    }
+                }
+                r
+            }
             Step::RequeueFree => {
                 let err = if unhealthy {
                     format!(
@@ -210,6 +234,13 @@ fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
         CallResult::Invalid { code, message, .. } => {
             ResultRecord::error(code, format!("{message} {tries}"))
         }
+        CallResult::Busy { status, body, .. } => ResultRecord {
+            status_code: Some(*status),
+            body: Some(body.clone()),
+            error_code: None,
+            error_message: None,
+            usage: None,
+        },
         CallResult::Rejected {
             code,
             message,
@@ -241,5 +272,19 @@ pub(super) fn describe(r: &CallResult) -> String {
         CallResult::Transport(e) => format!("connection error: {e}"),
         CallResult::Invalid { message, .. } => format!("invalid answer: {message}"),
         CallResult::Rejected { code, message, .. } => format!("{code}: {message}"),
+        CallResult::Busy {
+            status,
+            body,
+            retry_after,
+        } => {
+            let snippet: String = body.chars().take(200).collect();
+            match retry_after {
+                Some(d) => format!(
+                    "HTTP {status} (full; Retry-After {}s): {snippet}",
+                    d.as_secs()
+                ),
+                None => format!("HTTP {status} (full): {snippet}"),
+            }
+        }
     }
 }

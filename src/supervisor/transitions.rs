@@ -10,6 +10,7 @@
 //! | [`settle`] | Leased → Succeeded / Failed (the call's result) | an outcome: success, permanent failure, attempts used up |
 //! | [`retry`] | Leased → Queued, not before a time (attempt kept) | an outcome: transient failure |
 //! | [`give_back`] | Leased → Queued (attempt given back) | an outcome: backend unreachable; graceful shutdown |
+//! | [`defer`] | Leased → Queued, not before a time (attempt given back) | an outcome: the backend is full (429 / 503) |
 //! | [`rescue`] | Leased → Queued (attempt kept) | a lease past its deadline; start-up recovery |
 //! | [`fail`] | Leased → Failed (our error, no answer) | an unusable stored body; start-up recovery after too many interrupted tries |
 //! | [`reuse`] | Queued → Succeeded (an identical request's answer, no call) | the loop, filling a lane with a line of a batch that reuses answers |
@@ -65,6 +66,19 @@ pub fn retry(store: &Store, key: RequestKey, lease: u32, due_ms: u64, error: Str
 /// (unreachable), or a graceful shutdown ended it.
 pub fn give_back(store: &Store, key: RequestKey, lease: u32, error: Option<String>) -> Moved {
     store.transition_request(key, &Transition::GiveBack { lease, error })
+}
+
+/// `Leased → Queued` not before `due_ms` (unix ms), with the attempt given back: the backend
+/// answered that it is full.
+pub fn defer(store: &Store, key: RequestKey, lease: u32, due_ms: u64, error: String) -> Moved {
+    store.transition_request(
+        key,
+        &Transition::Defer {
+            lease,
+            due_ms,
+            error,
+        },
+    )
 }
 
 /// `Leased → Queued` with the attempt kept: the lease outlived its deadline, or the process
@@ -134,6 +148,9 @@ mod tests {
             }),
             ("give_back", RequestState::Queued, |s, k, l| {
                 give_back(s, k, l, None)
+            }),
+            ("defer", RequestState::Queued, |s, k, l| {
+                defer(s, k, l, 9, "429".into())
             }),
             ("rescue", RequestState::Queued, |s, k, l| {
                 rescue(s, k, l, Some("late"))

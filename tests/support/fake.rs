@@ -49,6 +49,9 @@ impl std::fmt::Debug for Script {
 pub struct Behaviour {
     /// The answer text comes from this function instead of the echo.
     pub script: Option<Script>,
+    /// A gateway in front of model servers: (calls it takes at once, `Retry-After` seconds);
+    /// a call beyond them is answered 429 with that header (`None`: no header).
+    pub gateway: Option<(usize, Option<u64>)>,
     /// Delay before each answer.
     pub delay: Duration,
     /// The first N attempts of every request answer 500 "CUDA error: out of memory".
@@ -134,6 +137,10 @@ pub struct Stats {
     /// Calls refused for passing `context_limit`, and the largest prompt seen (tokens).
     pub over_context: AtomicU64,
     pub max_prompt: AtomicU64,
+    /// Calls being answered now (the gateway's count), the most at once, and the 429s given.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
+    pub too_many: AtomicU64,
     /// The Authorization header of the last request, if any.
     pub last_auth: Mutex<Option<String>>,
 }
@@ -312,6 +319,8 @@ struct Ctx {
 
 enum Reply {
     Json(u16, Value),
+    /// JSON with extra headers.
+    JsonWith(u16, Value, Vec<(String, String)>),
     Raw(u16, String),
     Hang,
     Reset,
@@ -422,6 +431,20 @@ impl Ctx {
                 r => r,
             };
             match reply {
+                Reply::JsonWith(status, v, headers) => {
+                    let text = v.to_string();
+                    let extra: String = headers
+                        .iter()
+                        .map(|(k, v)| format!("{k}: {v}\r\n"))
+                        .collect();
+                    let resp = format!(
+                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{text}",
+                        text.len()
+                    );
+                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
                 Reply::Json(status, v) => {
                     let text = v.to_string();
                     let resp = format!(
@@ -551,6 +574,29 @@ impl Ctx {
         };
         let call_number = self.stats.total.fetch_add(1, Ordering::SeqCst);
         self.stats.order.lock().expect("lock").push(user.clone());
+        // The gateway counts the calls it is answering; one past its capacity gets a 429.
+        struct Leaving<'a>(&'a AtomicU64);
+        impl Drop for Leaving<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let now_in = self.stats.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let _leaving = Leaving(&self.stats.in_flight);
+        if let Some((cap, retry_after)) = b.gateway {
+            if now_in > cap as u64 {
+                self.stats.too_many.fetch_add(1, Ordering::SeqCst);
+                let headers = retry_after
+                    .map(|s| vec![("Retry-After".to_string(), s.to_string())])
+                    .unwrap_or_default();
+                return Reply::JsonWith(
+                    429,
+                    json!({"error": {"message": "Too many requests: the gateway is full", "type": "rate_limit_error", "param": null, "code": "rate_limit_exceeded"}}),
+                    headers,
+                );
+            }
+            self.stats.max_in_flight.fetch_max(now_in, Ordering::SeqCst);
+        }
         // The sender lives as long as the fake, so this only ends when the gate opens.
         let _ = self.gate.subscribe().wait_for(|open| *open).await;
         let slot = match b.slots {
