@@ -329,6 +329,11 @@ pub struct ServeArgs {
     /// no expiry of their own (`expires_after`, `output_expires_after`). Default: keep them.
     #[arg(long, env = "OLLAMA_BATCH_FILE_RETENTION", value_name = "DURATION")]
     pub file_retention: Option<humantime::Duration>,
+    /// A backend serves one model at a time: another model's ready work waits at most this
+    /// long before the backend switches to it (its calls finish, the old model is released,
+    /// the new one loaded). Its own work runs dry first otherwise.
+    #[arg(long, env = "OLLAMA_BATCH_MODEL_SWITCH_WAIT", default_value = "10m")]
+    pub model_switch_wait: humantime::Duration,
     /// POST a signed event (Standard Webhooks, as OpenAI's batch webhooks) to this URL when a
     /// batch completes, fails, is cancelled or expires (repeatable; comma-separated in the env
     /// var). Needs --webhook-secret.
@@ -559,6 +564,8 @@ pub struct Config {
     pub file_retention: Option<Duration>,
     /// Shortest expiry accepted, seconds.
     pub min_expiry_seconds: u64,
+    /// How long another model's work waits before a backend switches to it.
+    pub model_switch_wait: Duration,
     /// Webhook receivers for every batch.
     pub webhook_urls: Vec<String>,
     /// The webhook signing key (the base64-decoded part of `whsec_…`).
@@ -757,6 +764,7 @@ impl Config {
             progress_interval: a.progress_interval.into(),
             file_retention: a.file_retention.map(Into::into),
             min_expiry_seconds: a.min_expiry_seconds.max(1),
+            model_switch_wait: a.model_switch_wait.into(),
             webhook_urls: a
                 .webhook_url
                 .iter()

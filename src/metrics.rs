@@ -235,6 +235,12 @@ impl Metrics {
         );
         counter(
             &mut r,
+            "model_switches",
+            "Times a backend changed the model it serves (one model at a time per backend)",
+            c.model_switches,
+        );
+        counter(
+            &mut r,
             "requests_deferred",
             "Lines put back without spending an attempt because the backend was full (429 / 503)",
             c.deferred,

@@ -19,6 +19,7 @@ mod gateway;
 mod hardening;
 mod lifecycle;
 mod llamacpp;
+mod models;
 mod run;
 mod sdk;
 mod stress;

@@ -260,6 +260,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             let h = live.backends.get(i).cloned().unwrap_or_default();
             let (limit, in_flight) = limiter.snapshot();
             json!({"url": crate::domain::redact_urls(url), "slots": slots, "concurrency_limit": limit, "in_flight": in_flight,
+                   "model": live.serving.get(i).cloned().flatten(),
                    "reachable": h.reachable, "last_probe_at": h.last_probe_at, "down_since": h.down_since,
                    "next_probe_at": h.next_probe_at, "last_error": h.last_error})
         }).collect::<Vec<_>>(),
@@ -268,6 +269,7 @@ pub fn live_snapshot(st: &AppState) -> Value {
             "requeued_at_start": c.requeued_at_start,
             "retries": c.retries,
             "deferred": c.deferred,
+            "model_switches": c.model_switches,
             "retries_by_cause": c.retries_by_cause,
             "oom": c.oom,
             "timeouts": c.timeouts,

@@ -183,6 +183,34 @@ impl Backend {
         }
     }
 
+    /// Releases `model` on an Ollama backend (`keep_alive: 0`: unloaded at once), before another
+    /// model is loaded; it is loaded again (see [`Backend::warm_up`]) when it is next needed.
+    /// Nothing for other backends (a server that serves one model, or a router that decides).
+    pub async fn release_model(&self, model: &str) {
+        if self.kind != BackendKind::Ollama {
+            return;
+        }
+        self.warmed.lock().await.remove(model);
+        let r = self
+            .http
+            .post(format!("{}/api/generate", self.base))
+            .json(&serde_json::json!({"model": model, "keep_alive": 0}))
+            .timeout(Duration::from_secs(60))
+            .send()
+            .await;
+        match r {
+            Ok(resp) if resp.status().is_success() => {
+                tracing::info!(url = %self.shown, model, "model released");
+            }
+            Ok(resp) => {
+                tracing::warn!(url = %self.shown, model, status = %resp.status(), "releasing the model failed; Ollama unloads it when it needs the room");
+            }
+            Err(e) => {
+                tracing::warn!(url = %self.shown, model, error = %self.explain(&e), "releasing the model failed; Ollama unloads it when it needs the room");
+            }
+        }
+    }
+
     /// Pins calls to slots 0..n with `id_slot` from now on (0: no pinning).
     pub fn set_slots(&self, n: usize) {
         self.slots.store(n, std::sync::atomic::Ordering::Relaxed);

@@ -44,6 +44,8 @@ pub struct Counters {
     pub retries: u64,
     /// Lines put back without spending an attempt because the backend was full (429 / 503).
     pub deferred: u64,
+    /// Times a backend changed the model it serves.
+    pub model_switches: u64,
     /// Out-of-memory answers.
     pub oom: u64,
     /// Calls that timed out.
@@ -184,6 +186,8 @@ pub struct Live {
     pub backend: BackendHealth,
     /// Each backend's health, in `--backend-url` order.
     pub backends: Vec<BackendHealth>,
+    /// The model each backend serves (one at a time), in `--backend-url` order.
+    pub serving: Vec<Option<String>>,
 }
 
 impl Live {

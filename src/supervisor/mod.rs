@@ -25,6 +25,7 @@
 mod expiry;
 pub mod finalize;
 mod intake_task;
+mod models;
 mod outage;
 mod outcome;
 mod publish;
@@ -71,6 +72,8 @@ pub enum Command {
     Finalized(BatchId),
     /// The finalizer failed (disk full, I/O error); it is tried again after a delay.
     FinalizeFailed(BatchId, String),
+    /// Backend `.0` released its old model and loaded this one: its lanes serve it now.
+    ModelReady(usize, Option<String>),
 }
 
 /// How the API and the intake reach the supervisor.
@@ -255,6 +258,8 @@ pub struct Supervisor {
     invalid_streak: Vec<u32>,
     /// Set once the store cannot write: dispatch stops for good (until a restart).
     store_failure: Option<String>,
+    /// Which model each backend serves (one at a time).
+    models: models::Models,
     last_rescue_scan: Instant,
     counters: live::Counters,
     gpu: Arc<crate::gpu::GpuMonitor>,
@@ -327,6 +332,7 @@ impl Supervisor {
             backends,
             lane_backend,
             store_failure: None,
+            models: models::Models::new(n_backends),
             answered_since_publish: Vec::new(),
             invalid_streak: vec![0; n_backends],
             last_rescue_scan: Instant::now(),
@@ -427,6 +433,9 @@ impl Supervisor {
         for t in self.batches.values().filter_map(|a| a.finalize_after) {
             wake = wake.min(t);
         }
+        if let Some(t) = self.models.next_deadline(self.cfg.model_switch_wait) {
+            wake = wake.min(t);
+        }
         wake.max(now)
     }
 
@@ -477,6 +486,7 @@ impl Supervisor {
                 }
                 self.live.with(|l| l.batches.remove(&id));
             }
+            Command::ModelReady(b, model) => self.model_ready(b, model),
             Command::FinalizeFailed(id, error) => {
                 if let Some(a) = self.batches.get_mut(&id) {
                     a.finalizing = false;
@@ -632,13 +642,13 @@ impl Supervisor {
     fn lease(&mut self) -> Vec<Job> {
         let mut jobs = Vec::new();
         let now = Instant::now();
-        // A lane the scheduler leaves idle this turn is not asked again in it.
+        self.choose_models();
+        // A lane the scheduler leaves idle this turn is not asked again in it; nor is a lane of
+        // a backend that is down or between two models.
         let mut declined: Vec<bool> = (0..self.lane_load.len())
             .map(|l| {
-                self.down
-                    .get(self.lane_backend.get(l).copied().unwrap_or(0))
-                    .copied()
-                    .unwrap_or(false)
+                let b = self.lane_backend.get(l).copied().unwrap_or(0);
+                self.down.get(b).copied().unwrap_or(false) || self.models.switching(b)
             })
             .collect();
         let mut answered_here = 0;
@@ -646,10 +656,13 @@ impl Supervisor {
             .filter(|&l| !declined[l] && self.lane_load[l] < LEASES_PER_LANE)
             .min_by_key(|&l| self.lane_load[l])
         {
-            let batches = &self.batches;
+            let (batches, models) = (&self.batches, &self.models);
+            let backend = self.lane_backend.get(lane).copied().unwrap_or(0);
             let idle = self.lane_load[lane] == 0;
             let Some((id, line)) = self.sched.next(lane, now, idle, |id| {
-                batches.get(&id).is_some_and(Active::dispatching)
+                batches
+                    .get(&id)
+                    .is_some_and(|a| a.served_by(models, backend))
             }) else {
                 declined[lane] = true;
                 continue;

@@ -124,12 +124,14 @@ impl Supervisor {
             .collect();
         let errors =
             std::mem::take(&mut self.recent_errors_changed).then(|| self.recent_errors.clone());
+        let serving = self.models.serving();
         self.live.with(|l| {
             if let Some(e) = errors {
                 l.recent_errors = e;
             }
             l.batches = batches;
             l.counters = counters;
+            l.serving = serving;
             for &i in &answered {
                 let b = l.backend_mut(i);
                 b.reachable = Some(true);

@@ -120,6 +120,8 @@ pub struct Stats {
     pub total: AtomicU64,
     /// Models loaded (`load_time`), and loads abandoned because their client left.
     pub loaded: Mutex<std::collections::HashSet<String>>,
+    /// Models unloaded (`keep_alive: 0`), in order.
+    pub unloads: Mutex<Vec<String>>,
     pub loads_done: AtomicU64,
     pub loads_abandoned: AtomicU64,
     /// Faults served, by kind.
@@ -403,9 +405,30 @@ impl Ctx {
             }
             // Ollama's load request (an empty prompt): it only loads the model, answered as
             // Ollama does, and is not one of the calls the tests count.
-            let load_only = path == "/api/generate"
-                && serde_json::from_slice::<Value>(&body)
-                    .is_ok_and(|v| v["prompt"] == "" && v.get("images").is_none());
+            let parsed = serde_json::from_slice::<Value>(&body).unwrap_or(Value::Null);
+            let load_only =
+                path == "/api/generate" && parsed["prompt"] == "" && parsed.get("images").is_none();
+            // Ollama's unload request: no prompt, keep_alive 0.
+            if path == "/api/generate"
+                && parsed.get("prompt").is_none()
+                && parsed["keep_alive"] == 0
+            {
+                let model = parsed["model"].as_str().unwrap_or_default().to_string();
+                self.stats.loaded.lock().expect("lock").remove(&model);
+                self.stats.unloads.lock().expect("lock").push(model.clone());
+                let text =
+                    json!({"model": model, "created_at": "2026-12-06T00:00:00Z", "response": "",
+                                  "done": true, "done_reason": "unload"})
+                    .to_string();
+                let resp = format!(
+                    "HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
+                    text.len()
+                );
+                if sock.write_all(resp.as_bytes()).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             // Going down mid-call is a crash: the connection is reset, no answer comes.
             let reply = if load_only && !self.down.load(Ordering::SeqCst) {
                 let model = serde_json::from_slice::<Value>(&body)
