@@ -297,3 +297,158 @@ async fn bench_throughput_schema() {
         }
     }
 }
+
+/// CPU seconds this process has used (user + system), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command's closing parenthesis: utime and stime are the 12th and 13th.
+    let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or_default();
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// One coordinator in front of many model servers (ignored by default; run by
+/// `scripts/bench-scaling.sh`): `BENCH_BACKENDS` (32) simulated servers × 8 slots, each call
+/// taking 200 ms, so the ideal is backends × 8 / 0.2 s requests a second (1,280 for 32). The
+/// fakes run in this process, so the CPU figure is the coordinator's and theirs together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-scaling.sh"]
+async fn bench_many_backends() {
+    let backends: usize = std::env::var("BENCH_BACKENDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(32);
+    let n = bench_lines(20_000);
+    let mut fakes = Vec::new();
+    for _ in 0..backends {
+        let f = Fake::start(Shape::OpenAi).await;
+        f.set(|b| {
+            b.delay = Duration::from_millis(200);
+            b.slots = Some(8);
+        });
+        fakes.push(f);
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = config(dir.path(), BackendKind::Openai, &fakes[0].url());
+    cfg.backends = fakes.iter().map(|f| (f.url(), Some(8))).collect();
+    cfg.flush_interval = Duration::from_millis(20);
+    cfg.cache_bytes = 64 << 20;
+    cfg.request_timeout = Duration::from_secs(60);
+    let mut server = TestServer::start(cfg).await;
+    let api = Api::new(&server.base);
+    let id = api
+        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
+        .await;
+    api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
+        b["status"] != "validating"
+    })
+    .await;
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    let done = api.wait_terminal(&id, Duration::from_secs(900)).await;
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+    let ideal = backends as f64 * 8.0 / 0.2;
+    let (_, status) = api.get("/status").await;
+    let calls: u64 = fakes.iter().map(|f| f.total_calls()).sum();
+    let busiest = fakes.iter().map(|f| f.total_calls()).max().unwrap_or(0);
+    let idlest = fakes.iter().map(|f| f.total_calls()).min().unwrap_or(0);
+    println!();
+    println!(
+        "| backends × slots | lines | seconds | requests/s | ideal | of ideal | CPU (cores) | store |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {backends} × 8 | {n} | {secs:.1} | {:.0} | {ideal:.0} | {:.1} % | {:.2} | {} MB |",
+        n as f64 / secs,
+        100.0 * n as f64 / secs / ideal,
+        cpu / secs,
+        status["store_size_bytes"].as_u64().unwrap_or(0) >> 20
+    );
+    println!("calls {calls}; per backend {idlest} … {busiest}");
+    server.stop().await;
+}
+
+/// Peak resident memory (kB) of process `pid`, from /proc.
+fn peak_rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Memory of `serve` (a separate process, release) for batches of `BENCH_SIZES` lines
+/// (100000,500000 by default) against an instant backend at concurrency 64, each line with a
+/// 300-character system prompt (ignored by default; run by `scripts/bench-memory.sh`): peak RSS,
+/// intake rate, and the time from a restart with the batch queued to its first dispatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run scripts/bench-memory.sh"]
+async fn bench_memory() {
+    use crate::support::process::{self, signal, wait_exit};
+    let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
+        .unwrap_or_else(|_| "100000,500000".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let fake = Fake::start(Shape::OpenAi).await;
+    println!();
+    println!(
+        "| lines | peak RSS of serve | of it, intake | intake (lines/s) | run (requests/s) | restart to first dispatch |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let system = "You score candidates against this rubric. ".repeat(7);
+    for n in sizes {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = dir.path().join("state");
+        let mut server = process::spawn(&state, &fake.url(), 64, &[]);
+        let api = Api::new(&server.addr);
+        let (_, file) = api
+            .upload("in.jsonl", chat_file(n, "m", &system), "batch")
+            .await;
+        let t0 = Instant::now();
+        let b = api
+            .create_batch(file["id"].as_str().expect("file"), "/v1/chat/completions")
+            .await;
+        let id = b["id"].as_str().expect("id").to_string();
+        fake.hold();
+        api.wait_in_progress(&id, Duration::from_secs(900)).await;
+        let intake = n as f64 / t0.elapsed().as_secs_f64();
+        let intake_peak = peak_rss_kb(server.child.id());
+        // Restart with the whole batch queued: the time to the first call.
+        signal(&server.child, "-KILL");
+        wait_exit(&mut server.child, Duration::from_secs(10));
+        let before = fake.total_calls();
+        let t1 = Instant::now();
+        let server2 = process::spawn(&state, &fake.url(), 64, &[]);
+        until_first_call(&fake, before).await;
+        let restart = t1.elapsed();
+        fake.release();
+        let api = Api::new(&server2.addr);
+        let t2 = Instant::now();
+        let done = api.wait_terminal(&id, Duration::from_secs(1800)).await;
+        let rate = n as f64 / t2.elapsed().as_secs_f64();
+        assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+        let peak = peak_rss_kb(server2.child.id()).max(intake_peak);
+        println!(
+            "| {n} | {} MB | {} MB | {intake:.0} | {rate:.0} | {:.2} s |",
+            peak / 1024,
+            intake_peak / 1024,
+            restart.as_secs_f64()
+        );
+    }
+}
+
+/// Waits for the fake's first call after `before` calls.
+async fn until_first_call(fake: &Fake, before: u64) {
+    let t = Instant::now();
+    while fake.total_calls() <= before {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no call after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
