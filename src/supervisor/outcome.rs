@@ -48,8 +48,9 @@ impl Supervisor {
             self.answered_since_publish[backend_index] = true;
         }
         if !matches!(o.verdict, Verdict::Success | Verdict::BackendDown) {
+            // A full backend (429 / 503) never ends a line: the attempt is given back.
             let is_final = matches!(o.verdict, Verdict::Permanent)
-                || o.attempts >= self.cfg.retry.max_attempts;
+                || (o.verdict != Verdict::Overloaded && o.attempts >= self.cfg.retry.max_attempts);
             if self.recent_errors.len() == live::RECENT_ERRORS {
                 self.recent_errors.pop_front();
             }
