@@ -825,3 +825,39 @@ async fn responses_lines_are_checked_and_what_cannot_run_is_refused_by_line() {
     }));
     assert_eq!(fake.total_calls(), 0);
 }
+
+/// `--reask 0` turns re-asks off: an answer that does not validate ends as `invalid_answer`
+/// after its one call; a fence is still removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reask_zero_names_an_invalid_answer_after_one_call() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    fake.keep_bodies.store(true, Ordering::SeqCst);
+    fake.set(|b| b.script = Some(model()));
+    let (_dir, server) = server_with(&fake, |cfg| cfg.reask = 0).await;
+    let api = Api::new(&server.base);
+    let file = format!(
+        "{}\n{}\n",
+        line("missing", 1, with_schema()),
+        line("fenced", 1, with_schema())
+    );
+    let done = api
+        .run_file(
+            file.into_bytes(),
+            "/v1/chat/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    assert_eq!(done["request_counts"]["failed"], 1, "{done}");
+    let errors = api.lines(&done["error_file_id"]).await;
+    assert_eq!(errors[0]["custom_id"], "missing-1");
+    assert_eq!(errors[0]["error"]["code"], "invalid_answer");
+    assert!(
+        errors[0]["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("after 0 re-ask")),
+        "{errors:?}"
+    );
+    let out = api.lines(&done["output_file_id"]).await;
+    assert_eq!(content(&out[0]), "{\"score\": 7, \"reason\": \"fine\"}");
+    assert_eq!(fake.total_calls(), 2, "one call each");
+}

@@ -341,3 +341,48 @@ async fn an_event_survives_a_sigkill_while_its_receiver_is_down() {
         None => skipped_sdk(),
     }
 }
+
+/// An `--on-finish-cmd` that fails is logged and counted, never retried and never fatal: the
+/// next batch runs and its program is run too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_on_finish_cmd_is_counted_and_nothing_else() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_dir, server) = server_with(&fake, |cfg| {
+        cfg.on_finish_cmd = Some("/bin/false".into());
+    })
+    .await;
+    let api = Api::new(&server.base);
+    for round in 1..=2u64 {
+        let done = api
+            .run_file(
+                chat_file(3, "m", "s"),
+                "/v1/chat/completions",
+                Duration::from_secs(30),
+            )
+            .await;
+        assert_eq!(done["status"], "completed");
+        let status = until_some("the program ran", Duration::from_secs(30), || {
+            let api = &api;
+            async move {
+                let (_, s) = api.get("/status").await;
+                // `pending` is counted at the deliverer's next look (every 200 ms).
+                (s["webhooks"]["failed"].as_u64() == Some(round)
+                    && s["webhooks"]["pending"].as_u64() == Some(0))
+                .then_some(s)
+            }
+        })
+        .await;
+        let w = &status["webhooks"];
+        assert_eq!(
+            (w["pending"].as_u64(), w["retried"].as_u64()),
+            (Some(0), Some(0)),
+            "{w}"
+        );
+        assert!(
+            w["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("/bin/false exited")),
+            "{w}"
+        );
+    }
+}
