@@ -210,3 +210,46 @@ async fn expired_files_are_gone_after_a_restart_and_kept_while_a_batch_needs_the
     )
     .await;
 }
+
+/// `--file-retention` dates every file that names no expiry: uploads and a batch's outputs; a
+/// file that names one keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_retention_dates_files_that_name_no_expiry() {
+    let fake = Fake::start(Shape::OpenAi).await;
+    let (_dir, server) = server_with(&fake, |cfg| {
+        cfg.file_retention = Some(Duration::from_secs(7 * 24 * 3600));
+    })
+    .await;
+    let api = Api::new(&server.base);
+    let week = 7 * 24 * 3600;
+    let (_, file) = api
+        .upload("in.jsonl", chat_file(2, "m", "s"), "batch")
+        .await;
+    assert_eq!(
+        file["expires_at"].as_i64(),
+        file["created_at"].as_i64().map(|t| t + week)
+    );
+    let (_, own) = upload_expiring(&api, chat_file(1, "m", "s"), "3600").await;
+    assert_eq!(
+        own["expires_at"].as_i64(),
+        own["created_at"].as_i64().map(|t| t + 3600)
+    );
+    let done = api
+        .run_file(
+            chat_file(2, "m", "s"),
+            "/v1/chat/completions",
+            Duration::from_secs(30),
+        )
+        .await;
+    let (_, out) = api
+        .get(&format!(
+            "/v1/files/{}",
+            done["output_file_id"].as_str().expect("file")
+        ))
+        .await;
+    assert_eq!(
+        out["expires_at"].as_i64(),
+        out["created_at"].as_i64().map(|t| t + week),
+        "{out}"
+    );
+}
