@@ -27,7 +27,7 @@ async fn validated_batch(
     let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
     cfg.concurrency = concurrency;
     cfg.flush_interval = Duration::from_millis(20);
-    cfg.cache_bytes = 64 << 20;
+    cfg.cache_bytes = 16 << 20;
     let server = TestServer::start(cfg).await;
     let api = Api::new(&server.base);
     let id = api
