@@ -164,7 +164,7 @@ pub fn check(text: &str, wanted: Wanted<'_>, validator: Option<&jsonschema::Vali
             .map(|e| {
                 let path = e.instance_path().to_string();
                 let at = if path.is_empty() { "/".into() } else { path };
-                clip(&format!("`{at}`: {e}"))
+                crate::domain::clip(&format!("`{at}`: {e}"), ERROR_CHARS)
             })
             .collect(),
         _ if !value.is_object() => vec!["`/`: the answer must be a JSON object".into()],
@@ -174,16 +174,6 @@ pub fn check(text: &str, wanted: Wanted<'_>, validator: Option<&jsonschema::Vali
         Checked::Valid { bare }
     } else {
         Checked::Invalid(errors)
-    }
-}
-
-fn clip(s: &str) -> String {
-    if s.chars().count() <= ERROR_CHARS {
-        s.to_string()
-    } else {
-        let mut c: String = s.chars().take(ERROR_CHARS).collect();
-        c.push('…');
-        c
     }
 }
 

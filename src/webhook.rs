@@ -329,7 +329,13 @@ impl Deliverer {
             .body(d.body.clone())
             .send()
             .await
-            .map_err(|e| crate::domain::redact_urls(&format!("{}: {}", d.to, error_chain(&e))))?;
+            .map_err(|e| {
+                crate::domain::redact_urls(&format!(
+                    "{}: {}",
+                    d.to,
+                    crate::backend::error_chain(&e)
+                ))
+            })?;
         let status = r.status();
         if status.is_success() {
             Ok(())
@@ -378,17 +384,6 @@ impl Deliverer {
 enum Write {
     Remove,
     Again(Box<Delivery>),
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

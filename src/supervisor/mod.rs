@@ -260,6 +260,8 @@ pub struct Supervisor {
     store_failure: Option<String>,
     /// Which model each backend serves (one at a time).
     models: models::Models,
+    /// `Config::reuse_options`, made once (it is in every reuse key the loop computes).
+    reuse_options: String,
     last_rescue_scan: Instant,
     counters: live::Counters,
     gpu: Arc<crate::gpu::GpuMonitor>,
@@ -305,6 +307,7 @@ impl Supervisor {
         let backends = parts.backends;
         let n_backends = backends.len();
         let lane_backend: Vec<usize> = parts.cfg.lane_map().into_iter().map(|l| l.0).collect();
+        let reuse_options = parts.cfg.reuse_options();
         let mut s = Supervisor {
             store: parts.store,
             cfg: parts.cfg,
@@ -333,6 +336,7 @@ impl Supervisor {
             lane_backend,
             store_failure: None,
             models: models::Models::new(n_backends),
+            reuse_options,
             answered_since_publish: Vec::new(),
             invalid_streak: vec![0; n_backends],
             last_rescue_scan: Instant::now(),

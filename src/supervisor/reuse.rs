@@ -45,7 +45,7 @@ impl Active {
 impl Supervisor {
     /// The reuse key of a line of `endpoint` with this body (as it is sent).
     pub(super) fn reuse_key(&self, endpoint: Endpoint, body: &Value) -> [u8; 32] {
-        crate::answer::reuse_key(endpoint, &self.cfg.reuse_options(), body)
+        crate::answer::reuse_key(endpoint, &self.reuse_options, body)
     }
 
     /// Looks `line` of batch `id` (reuse key `hash`) up before it is leased.
