@@ -4,7 +4,7 @@
 //! the fake over real HTTP.
 
 use crate::support::fake::{Fake, Script, Shape};
-use crate::support::{Api, server_with};
+use crate::support::{Api, metric, server_with};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -66,6 +66,14 @@ fn model() -> Script {
     }))
 }
 
+/// A fake backend of `shape` answering as [`model`], keeping every request it gets.
+async fn scripted(shape: Shape) -> Fake {
+    let fake = Fake::start(shape).await;
+    fake.keep_bodies.store(true, Ordering::SeqCst);
+    fake.set(|b| b.script = Some(model()));
+    fake
+}
+
 /// A line of `kind` (`n`-th of it) asking for `format` (`None`: no JSON asked).
 fn line(kind: &str, n: u32, format: Option<Value>) -> String {
     let mut body = json!({"model": "m", "max_tokens": 64,
@@ -101,21 +109,10 @@ fn content(line: &Value) -> &str {
         .unwrap_or_default()
 }
 
-async fn metric(api: &Api, name: &str) -> u64 {
-    let (status, text) = api.get_text("/metrics").await;
-    assert_eq!(status, 200);
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_answers_are_checked_reasked_and_named_on_both_backends() {
     for shape in [Shape::Ollama, Shape::OpenAi] {
-        let fake = Fake::start(shape).await;
-        fake.keep_bodies.store(true, Ordering::SeqCst);
-        fake.set(|b| b.script = Some(model()));
+        let fake = scripted(shape).await;
         let (_dir, server) = server_with(&fake, |_| {}).await;
         let api = Api::new(&server.base);
         let mut file = String::new();
@@ -306,20 +303,17 @@ async fn json_answers_are_checked_reasked_and_named_on_both_backends() {
         assert_eq!((bars[0][0], bars[0][1]), ("5", "2"), "{stdout}");
         assert_eq!((bars[1][0], bars[1][1]), ("6", "0"), "{stdout}");
         assert_eq!((bars[2][0], bars[2][1]), ("7", "4"), "{stdout}");
+        let m = api.metrics().await;
         for (outcome, n) in [
-            ("checked", 11),
-            ("fenced", 3),
-            ("reasked", 6),
-            ("invalid", 2),
-            ("truncated", 2),
+            ("checked", 11.0),
+            ("fenced", 3.0),
+            ("reasked", 6.0),
+            ("invalid", 2.0),
+            ("truncated", 2.0),
         ] {
             assert_eq!(
-                metric(
-                    &api,
-                    &format!("obatch_answers_total{{outcome=\"{outcome}\"}}")
-                )
-                .await,
-                n,
+                metric(&m, "obatch_answers_total", &[("outcome", outcome)]),
+                Some(n),
                 "{shape:?} {outcome}"
             );
         }
@@ -330,9 +324,7 @@ async fn json_answers_are_checked_reasked_and_named_on_both_backends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_are_checked_and_reasked_through_the_prompt() {
     for shape in [Shape::Ollama, Shape::OpenAi] {
-        let fake = Fake::start(shape).await;
-        fake.keep_bodies.store(true, Ordering::SeqCst);
-        fake.set(|b| b.script = Some(model()));
+        let fake = scripted(shape).await;
         let (_dir, server) = server_with(&fake, |cfg| cfg.reask = 1).await;
         let api = Api::new(&server.base);
         let mut file = String::new();
@@ -508,8 +500,12 @@ async fn answered_lines_are_reused_across_a_kill_and_never_sent_twice() {
         .await;
     assert_eq!(figures["progress"]["answers"]["reused"], 300, "{figures}");
     assert_eq!(
-        metric(&api, "obatch_answers_total{outcome=\"reused\"}").await,
-        300
+        metric(
+            &api.metrics().await,
+            "obatch_answers_total",
+            &[("outcome", "reused")]
+        ),
+        Some(300.0)
     );
     // The output line is the stored answer with its usage; ids are the new batch's own.
     let ids_a: std::collections::HashSet<String> = api
@@ -708,9 +704,7 @@ async fn reask_turns_never_enter_a_conversations_history() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_lines_are_checked_and_what_cannot_run_is_refused_by_line() {
     for shape in [Shape::Ollama, Shape::OpenAi] {
-        let fake = Fake::start(shape).await;
-        fake.keep_bodies.store(true, Ordering::SeqCst);
-        fake.set(|b| b.script = Some(model()));
+        let fake = scripted(shape).await;
         let (_dir, server) = server_with(&fake, |_| {}).await;
         let api = Api::new(&server.base);
         let line = |id: &str, text: &str| {
@@ -830,9 +824,7 @@ async fn responses_lines_are_checked_and_what_cannot_run_is_refused_by_line() {
 /// after its one call; a fence is still removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reask_zero_names_an_invalid_answer_after_one_call() {
-    let fake = Fake::start(Shape::OpenAi).await;
-    fake.keep_bodies.store(true, Ordering::SeqCst);
-    fake.set(|b| b.script = Some(model()));
+    let fake = scripted(Shape::OpenAi).await;
     let (_dir, server) = server_with(&fake, |cfg| cfg.reask = 0).await;
     let api = Api::new(&server.base);
     let file = format!(

@@ -3,7 +3,7 @@
 //! concurrency limit settles near 4, and 429s stay at most 10 % of the calls.
 
 use crate::support::fake::{Fake, Shape};
-use crate::support::{Api, chat_file, server_with};
+use crate::support::{Api, chat_file, metric, server_with};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -60,10 +60,9 @@ async fn through_a_full_gateway(retry_after: Option<u64>) {
         "the limit settles near the gateway's 4: {limit}"
     );
     assert_eq!(status["counters"]["deferred"].as_u64(), Some(too_many));
-    let (_, metrics) = api.get_text("/metrics").await;
-    assert!(
-        metrics.contains(&format!("obatch_requests_deferred_total {too_many}")),
-        "{metrics}"
+    assert_eq!(
+        metric(&api.metrics().await, "obatch_requests_deferred_total", &[]),
+        Some(too_many as f64)
     );
 }
 

@@ -3,7 +3,7 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, signal, wait_exit};
-use crate::support::{Api, chat_file, server_with};
+use crate::support::{Api, chat_file, metric, parse_metrics, server_with};
 use serde_json::Value;
 use std::time::{Duration, Instant};
 
@@ -197,67 +197,6 @@ async fn progress_lines_appear_in_the_log_of_a_real_process() {
             assert_eq!(f["gpu_memory"], "unavailable", "{v}");
         }
     }
-}
-
-/// (metric name, labels) → value.
-type Scrape = std::collections::BTreeMap<(String, Vec<(String, String)>), f64>;
-
-/// A parsed scrape: (name, labels) → value. Comment lines are checked for shape, every sample
-/// line must parse.
-fn parse_metrics(text: &str) -> Scrape {
-    let mut out = std::collections::BTreeMap::new();
-    for line in text.lines() {
-        if line.is_empty() {
-            continue;
-        }
-        if let Some(rest) = line.strip_prefix('#') {
-            let kw = rest.split_whitespace().next().unwrap_or_default();
-            assert!(
-                matches!(kw, "HELP" | "TYPE" | "UNIT" | "EOF"),
-                "bad comment: {line}"
-            );
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("no value: {line}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value: {line}"));
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => {
-                let l = l
-                    .strip_suffix('}')
-                    .unwrap_or_else(|| panic!("bad labels: {line}"));
-                let labels: Vec<(String, String)> = l
-                    .split(',')
-                    .filter(|p| !p.is_empty())
-                    .map(|p| {
-                        let (k, v) = p
-                            .split_once('=')
-                            .unwrap_or_else(|| panic!("bad label: {line}"));
-                        (k.to_string(), v.trim_matches('"').to_string())
-                    })
-                    .collect();
-                (n.to_string(), labels)
-            }
-            None => (series.to_string(), Vec::new()),
-        };
-        assert!(name.starts_with("obatch_"), "one prefix: {line}");
-        out.insert((name, labels), value);
-    }
-    out
-}
-
-fn metric(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let key = (
-        name.to_string(),
-        labels
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<Vec<_>>(),
-    );
-    m.get(&key).copied()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::process::{self, signal, wait_exit};
-use crate::support::{Api, chat_file, server_with, until_some};
+use crate::support::{Api, chat_file, metric, server_with, until_some};
 use serde_json::{Value, json};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -206,10 +206,13 @@ async fn completed_and_cancelled_batches_are_signed_events_the_sdk_verifies() {
         (Some(2), Some(2), Some(0)),
         "{w}"
     );
-    let (_, metrics) = api.get_text("/metrics").await;
-    assert!(
-        metrics.contains("obatch_webhook_deliveries_total{outcome=\"delivered\"} 2"),
-        "{metrics}"
+    assert_eq!(
+        metric(
+            &api.metrics().await,
+            "obatch_webhook_deliveries_total",
+            &[("outcome", "delivered")]
+        ),
+        Some(2.0)
     );
 
     // The official SDK verifies both; under a wrong secret neither verifies.

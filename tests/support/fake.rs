@@ -305,6 +305,20 @@ impl Fake {
     }
 }
 
+/// An HTTP/1.1 answer with a JSON body, head and body in one piece: written in one write (a
+/// head and a body in two small writes meet Nagle's algorithm and the client's delayed ACK,
+/// 40 ms a call).
+fn http_answer(status: u16, headers: &[(String, String)], body: &str) -> String {
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
 #[derive(Clone)]
 struct Ctx {
     shape: Shape,
@@ -420,11 +434,11 @@ impl Ctx {
                     json!({"model": model, "created_at": "2026-12-06T00:00:00Z", "response": "",
                                   "done": true, "done_reason": "unload"})
                     .to_string();
-                let resp = format!(
-                    "HTTP/1.1 200 X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-                    text.len()
-                );
-                if sock.write_all(resp.as_bytes()).await.is_err() {
+                if sock
+                    .write_all(http_answer(200, &[], &text).as_bytes())
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 continue;
@@ -455,37 +469,29 @@ impl Ctx {
             };
             match reply {
                 Reply::JsonWith(status, v, headers) => {
-                    let text = v.to_string();
-                    let extra: String = headers
-                        .iter()
-                        .map(|(k, v)| format!("{k}: {v}\r\n"))
-                        .collect();
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                    if sock
+                        .write_all(http_answer(status, &headers, &v.to_string()).as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 Reply::Json(status, v) => {
-                    let text = v.to_string();
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                    if sock
+                        .write_all(http_answer(status, &[], &v.to_string()).as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }
                 Reply::Raw(status, text) => {
-                    // One write: a head and a body in two small writes meet Nagle's algorithm
-                    // and the client's delayed ACK (40 ms a call).
-                    let resp = format!(
-                        "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{text}",
-                        text.len()
-                    );
-                    if sock.write_all(resp.as_bytes()).await.is_err() {
+                    if sock
+                        .write_all(http_answer(status, &[], &text).as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

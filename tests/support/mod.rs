@@ -349,6 +349,13 @@ impl Api {
         .await
     }
 
+    /// `/metrics`, parsed ([`parse_metrics`]).
+    pub async fn metrics(&self) -> Scrape {
+        let (status, text) = self.get_text("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        parse_metrics(&text)
+    }
+
     /// The lines of a file's content, parsed.
     pub async fn lines(&self, file_id: &Value) -> Vec<Value> {
         let Some(id) = file_id.as_str() else {
@@ -360,6 +367,68 @@ impl Api {
             .map(|l| serde_json::from_str(l).expect("output line is JSON"))
             .collect()
     }
+}
+
+/// (metric name, labels) → value.
+pub type Scrape = std::collections::BTreeMap<(String, Vec<(String, String)>), f64>;
+
+/// A parsed scrape: (name, labels) → value. Comment lines are checked for shape, every sample
+/// line must parse.
+pub fn parse_metrics(text: &str) -> Scrape {
+    let mut out = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix('#') {
+            let kw = rest.split_whitespace().next().unwrap_or_default();
+            assert!(
+                matches!(kw, "HELP" | "TYPE" | "UNIT" | "EOF"),
+                "bad comment: {line}"
+            );
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                let l = l
+                    .strip_suffix('}')
+                    .unwrap_or_else(|| panic!("bad labels: {line}"));
+                let labels: Vec<(String, String)> = l
+                    .split(',')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| {
+                        let (k, v) = p
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("bad label: {line}"));
+                        (k.to_string(), v.trim_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        assert!(name.starts_with("obatch_"), "one prefix: {line}");
+        out.insert((name, labels), value);
+    }
+    out
+}
+
+/// One series of a scrape, by name and labels.
+pub fn metric(m: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let key = (
+        name.to_string(),
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    m.get(&key).copied()
 }
 
 /// A chat line whose user message names its custom_id, so that each answer can be traced back
