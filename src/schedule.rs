@@ -47,10 +47,66 @@ pub enum Policy {
 /// done only when the queue has at least this many ready lines per lane (counting the new one).
 pub const JOIN_MIN_LINES_PER_LANE: usize = 4;
 
+/// Lines in a queue's order, kept as runs of consecutive line numbers: a batch's million
+/// fresh lines are one run, not four megabytes.
+#[derive(Debug, Default)]
+struct Lines {
+    /// (first line, how many).
+    runs: VecDeque<(u32, u32)>,
+    len: usize,
+}
+
+impl Lines {
+    fn push_back(&mut self, line: u32) {
+        match self.runs.back_mut() {
+            Some((first, n)) if first.checked_add(*n) == Some(line) => *n += 1,
+            _ => self.runs.push_back((line, 1)),
+        }
+        self.len += 1;
+    }
+
+    fn push_front(&mut self, line: u32) {
+        match self.runs.front_mut() {
+            Some((first, n)) if line.checked_add(1) == Some(*first) => {
+                *first = line;
+                *n += 1;
+            }
+            _ => self.runs.push_front((line, 1)),
+        }
+        self.len += 1;
+    }
+
+    fn pop_front(&mut self) -> Option<u32> {
+        let (first, n) = self.runs.front_mut()?;
+        let line = *first;
+        if *n == 1 {
+            self.runs.pop_front();
+        } else {
+            *first += 1;
+            *n -= 1;
+        }
+        self.len -= 1;
+        Some(line)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn clear(&mut self) {
+        self.runs.clear();
+        self.len = 0;
+    }
+}
+
 /// The ready lines of one group of one batch.
 #[derive(Debug)]
 struct Queue {
-    ready: VecDeque<u32>,
+    ready: Lines,
     /// When a line was last taken from it, or when it became ready with no lane serving it.
     since: Instant,
     /// Lanes serving it.
@@ -285,7 +341,7 @@ impl Scheduler {
         let b = self.batches.entry(batch).or_default();
         let group = b.group_of(line);
         let q = b.queues.entry(group).or_insert_with(|| Queue {
-            ready: VecDeque::new(),
+            ready: Lines::default(),
             since: now,
             lanes: 0,
         });
@@ -553,6 +609,40 @@ mod tests {
 
     fn batch(n: u128) -> BatchId {
         BatchId(uuid::Uuid::from_u128(n))
+    }
+
+    #[test]
+    fn ready_lines_keep_their_order_as_runs() {
+        let mut q = Lines::default();
+        let mut model = VecDeque::new();
+        // Fresh lines (one run), a gap, a retry at the back, a requeue at the front.
+        for line in (1..=1000).chain(1002..=1500) {
+            q.push_back(line);
+            model.push_back(line);
+        }
+        assert_eq!(q.runs.len(), 2, "two runs, not 1,499 entries");
+        for (back, line) in [(true, 7), (false, 3), (false, 2), (true, 8), (false, 5000)] {
+            if back {
+                q.push_back(line);
+                model.push_back(line);
+            } else {
+                q.push_front(line);
+                model.push_front(line);
+            }
+        }
+        assert_eq!(q.len(), model.len());
+        let mut out = Vec::new();
+        while let Some(l) = q.pop_front() {
+            out.push(l);
+        }
+        assert_eq!(out, Vec::from(model));
+        assert!(q.is_empty() && q.runs.is_empty());
+        q.push_back(u32::MAX);
+        q.push_back(0);
+        q.push_front(u32::MAX);
+        assert_eq!(q.runs.len(), 3, "no run wraps around");
+        q.clear();
+        assert_eq!((q.len(), q.pop_front()), (0, None));
     }
 
     /// Registers and pushes lines 1..=n of `b`, line i in group `group(i)`.

@@ -8,15 +8,17 @@
 //! | `files`    | file uuid (16 B)             | [`FileRecord`]                         |
 //! | `batches`  | batch uuid (16 B)            | [`BatchRecord`]                        |
 //! | `requests` | batch uuid + line u32 (20 B) | [`RequestRecord`] (state, attempts, result) |
-//! | `bodies`   | same as `requests`           | [`StoredBody`] (the line's body, shared parts by hash) |
+//! | `body_chunks` | batch uuid + chunk u32 (20 B) | the [`StoredBody`]s (line bodies, shared parts by hash) of 64 lines ([`chunks`]) |
+//! | `group_chunks` | same as `body_chunks`     | the prefix groups of those lines, as runs |
+//! | `bodies`   | same as `requests`           | stores before chunks: one [`StoredBody`] per line (read, no longer written) |
 //! | `blobs`    | sha-256 (32 B)               | shared content (a system prompt), stored once |
-//! | `groups`   | same as `requests`           | the line's prefix group (u64, big-endian); absent in stores made before groups: group 0 |
+//! | `groups`   | same as `requests`           | stores before chunks: the line's prefix group (u64, big-endian); absent in stores made before groups: group 0 |
 //! | `stats`    | batch uuid (16 B)            | a finished batch's final figures (JSON)  |
 //! | `conversations` | batch uuid (16 B)       | a batch's mode: its conversation [`Plan`], or none (independent lines) |
 //! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
 //! | `expiry`   | batch uuid (16 B)            | its `output_expires_after` seconds (u64, big-endian), when it named one |
 //! | `webhooks` | delivery id u64 (8 B)        | a [`Delivery`] still to make (an event for one receiver), written with its batch's terminal transition |
-//! | `answers`  | reuse key: sha-256 (32 B)    | the line (batch ‖ line, 20 B) whose success answered it; the answer itself stays in that line's record |
+//! | `answers`  | the reuse key's first 2 bytes | a bucket: (reuse key: sha-256, 32 B ‖ the line, batch ‖ line, 20 B, whose success answered it) per answer; the answer itself stays in that line's record. Stores before buckets: one 32-byte key per answer (read, no longer written) |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid.
 //!
@@ -30,6 +32,7 @@
 //! it runs one flush for everyone waiting (group commit). sled's own background flusher is
 //! off, so at most one flush runs at any time.
 
+pub mod chunks;
 mod commit;
 pub mod files;
 
@@ -39,7 +42,6 @@ use crate::domain::{
     RequestRecord, Transition,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// A line's body with its large shared strings taken out and stored once in `blobs`.
@@ -49,6 +51,49 @@ pub struct StoredBody {
     pub json: String,
     /// (index into `messages`, sha-256 of the content stored in `blobs`).
     pub refs: Vec<(u32, [u8; 32])>,
+}
+
+/// The prefix groups of one batch's lines, read a chunk at a time ([`Store::group_reader`]).
+pub struct GroupReader<'a> {
+    store: &'a Store,
+    batch: BatchId,
+    /// The chunk read last: its number and runs (`None`: a store from before chunks).
+    chunk: Option<(u32, Option<chunks::Runs>)>,
+}
+
+impl GroupReader<'_> {
+    /// The group of `line` (0 for a line stored without one, before groups existed).
+    pub fn group(&mut self, line: u32) -> Result<u64, StoreError> {
+        let n = line / chunks::CHUNK_LINES;
+        if self.chunk.as_ref().is_none_or(|(at, _)| *at != n) {
+            let runs = match self
+                .store
+                .group_chunks
+                .get(chunks::chunk_key(self.batch, line))?
+            {
+                Some(v) => Some(decode("group chunk", &v)?),
+                None => None,
+            };
+            self.chunk = Some((n, runs));
+        }
+        match &self.chunk {
+            Some((_, Some(runs))) => Ok(chunks::group_in(runs, chunks::slot(line))),
+            // A store from before chunks: one group per key, or none.
+            _ => {
+                let key = RequestKey {
+                    batch: self.batch,
+                    line,
+                };
+                Ok(self
+                    .store
+                    .groups
+                    .get(key.to_bytes())?
+                    .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0))
+            }
+        }
+    }
 }
 
 /// What can go wrong in the store.
@@ -125,6 +170,9 @@ impl From<sled::Error> for TransitionError {
     }
 }
 
+/// An entry of an answers bucket: reuse key (32 B) ‖ request key (20 B).
+const ANSWER_ENTRY: usize = 52;
+
 /// The key of a conversation's record: batch ‖ group ‖ number, big-endian.
 fn conv_key(batch: BatchId, (group, n): (u64, u32)) -> [u8; 28] {
     let mut k = [0u8; 28];
@@ -156,9 +204,11 @@ pub struct Store {
     batches: sled::Tree,
     requests: sled::Tree,
     bodies: sled::Tree,
+    body_chunks: sled::Tree,
     blobs: sled::Tree,
     stats: sled::Tree,
     groups: sled::Tree,
+    group_chunks: sled::Tree,
     conversations: sled::Tree,
     answers: sled::Tree,
     expiry: sled::Tree,
@@ -206,9 +256,11 @@ impl Store {
             batches: db.open_tree("batches")?,
             requests: db.open_tree("requests")?,
             bodies: db.open_tree("bodies")?,
+            body_chunks: db.open_tree("body_chunks")?,
             blobs: db.open_tree("blobs")?,
             stats: db.open_tree("stats")?,
             groups: db.open_tree("groups")?,
+            group_chunks: db.open_tree("group_chunks")?,
             conversations: db.open_tree("conversations")?,
             answers: db.open_tree("answers")?,
             expiry: db.open_tree("expiry")?,
@@ -424,7 +476,8 @@ impl Store {
 
     // ---- requests -------------------------------------------------------------------------
 
-    /// Writes a batch of intake records and bodies in one sled batch per tree.
+    /// Writes intake records (in line order) and their bodies: the bodies by the chunk
+    /// ([`chunks`]), before the records (a request record never exists without its body).
     pub fn put_requests(
         &self,
         items: &[(RequestKey, RequestRecord, StoredBody)],
@@ -433,37 +486,64 @@ impl Store {
         // far past its cache (a 200,000-line intake peaked at 367 MB with batches, 172 MB
         // without; docs/benchmarks.md). Nothing needs the chunk to be atomic: an interrupted
         // intake starts again from its first line, deleting what it had queued.
-        for (key, rec, body) in items {
-            let k = key.to_bytes();
-            // Body first: a request record never exists without its body.
-            self.bodies.insert(k, encode(body))?;
-            self.requests.insert(k, encode(rec))?;
-        }
-        Ok(())
-    }
-
-    /// Writes the prefix groups of intake lines (before their records: a record is never
-    /// without its group).
-    pub fn put_groups(&self, items: &[(RequestKey, u64)]) -> Result<(), StoreError> {
-        // One insert at a time, as `put_requests` (sled batches stay resident).
-        for (key, group) in items {
-            self.groups.insert(key.to_bytes(), &group.to_be_bytes())?;
-        }
-        Ok(())
-    }
-
-    /// The prefix group of every line of a batch that has one.
-    pub fn batch_groups(&self, batch: BatchId) -> Result<HashMap<u32, u64>, StoreError> {
-        let mut m = HashMap::new();
-        for item in self.groups.scan_prefix(batch.0.as_bytes()) {
-            let (k, v) = item?;
-            if let (Some(key), Ok(bytes)) =
-                (RequestKey::from_bytes(&k), <[u8; 8]>::try_from(&v[..]))
-            {
-                m.insert(key.line, u64::from_be_bytes(bytes));
+        for same in items.chunk_by(|a, b| {
+            chunks::chunk_key(a.0.batch, a.0.line) == chunks::chunk_key(b.0.batch, b.0.line)
+        }) {
+            let k = chunks::chunk_key(same[0].0.batch, same[0].0.line);
+            let encoded: Vec<(u8, Vec<u8>)> = same
+                .iter()
+                .map(|(key, _, body)| (chunks::slot(key.line), encode(body)))
+                .collect();
+            let mut entries: Vec<(u8, &[u8])> = encoded.iter().map(|(s, b)| (*s, &b[..])).collect();
+            // A chunk begun by the previous call (its lines straddle two calls).
+            let old = self.body_chunks.get(k)?;
+            if let Some(old) = &old {
+                let before = chunks::decode_bodies(old).ok_or_else(|| StoreError::Codec {
+                    what: "body chunk",
+                    detail: "truncated".into(),
+                })?;
+                entries.extend(
+                    before
+                        .into_iter()
+                        .filter(|(s, _)| !encoded.iter().any(|(n, _)| n == s)),
+                );
+                entries.sort_by_key(|(s, _)| *s);
+            }
+            self.body_chunks
+                .insert(k, chunks::encode_bodies(&entries))?;
+            for (key, rec, _) in same {
+                self.requests.insert(key.to_bytes(), encode(rec))?;
             }
         }
-        Ok(m)
+        Ok(())
+    }
+
+    /// Writes the prefix groups of intake lines, in line order, by the chunk (before their
+    /// records: a record is never without its group).
+    pub fn put_groups(&self, items: &[(RequestKey, u64)]) -> Result<(), StoreError> {
+        for same in items.chunk_by(|a, b| {
+            chunks::chunk_key(a.0.batch, a.0.line) == chunks::chunk_key(b.0.batch, b.0.line)
+        }) {
+            let k = chunks::chunk_key(same[0].0.batch, same[0].0.line);
+            let mut runs: chunks::Runs = match self.group_chunks.get(k)? {
+                Some(v) => decode("group chunk", &v)?,
+                None => Vec::new(),
+            };
+            for (key, group) in same {
+                chunks::push_group(&mut runs, chunks::slot(key.line), *group);
+            }
+            self.group_chunks.insert(k, encode(&runs))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the prefix groups of a batch's lines, a chunk at a time.
+    pub fn group_reader(&self, batch: BatchId) -> GroupReader<'_> {
+        GroupReader {
+            store: self,
+            batch,
+            chunk: None,
+        }
     }
 
     /// Removes every request and body of a batch (a failed validation, or a re-run intake).
@@ -472,6 +552,8 @@ impl Store {
             &self.requests,
             &self.bodies,
             &self.groups,
+            &self.body_chunks,
+            &self.group_chunks,
             &self.conversations,
         ] {
             let mut b = sled::Batch::default();
@@ -616,6 +698,15 @@ impl Store {
 
     /// A line's stored body.
     pub fn get_body(&self, key: RequestKey) -> Result<Option<StoredBody>, StoreError> {
+        if let Some(chunk) = self
+            .body_chunks
+            .get(chunks::chunk_key(key.batch, key.line))?
+        {
+            return chunks::body_in(&chunk, chunks::slot(key.line))
+                .map(|b| decode("body", b))
+                .transpose();
+        }
+        // A store from before chunks: one body per key.
         match self.bodies.get(key.to_bytes())? {
             Some(v) => Ok(Some(decode("body", &v)?)),
             None => Ok(None),
@@ -735,9 +826,24 @@ impl Store {
     // ---- answers by reuse key -------------------------------------------------------------
 
     /// Remembers that line `key` answered the request whose reuse key is `hash` (the answer
-    /// stays in the line's record: stored once).
+    /// stays in the line's record: stored once). Kept in one of 65,536 buckets by the hash's
+    /// first two bytes, not one key per answer: a key per answer cost a 1,000,000-line run 38 MB
+    /// of sled's per-page bookkeeping (docs/benchmarks.md).
     pub fn remember_answer(&self, hash: &[u8; 32], key: RequestKey) -> Result<(), StoreError> {
-        self.answers.insert(hash, &key.to_bytes()[..])?;
+        let line = key.to_bytes();
+        self.answers.update_and_fetch(&hash[..2], |old| {
+            let mut v: Vec<u8> = Vec::with_capacity(old.map_or(0, <[u8]>::len) + ANSWER_ENTRY);
+            if let Some(old) = old {
+                for e in old.chunks_exact(ANSWER_ENTRY) {
+                    if e[..32] != hash[..] {
+                        v.extend_from_slice(e);
+                    }
+                }
+            }
+            v.extend_from_slice(hash);
+            v.extend_from_slice(&line);
+            Some(v)
+        })?;
         Ok(())
     }
 
@@ -747,10 +853,20 @@ impl Store {
         &self,
         hash: &[u8; 32],
     ) -> Result<Option<(RequestKey, RequestRecord)>, StoreError> {
-        let Some(k) = self.answers.get(hash)? else {
-            return Ok(None);
+        let in_bucket = self.answers.get(&hash[..2])?.and_then(|b| {
+            b.chunks_exact(ANSWER_ENTRY)
+                .find(|e| e[..32] == hash[..])
+                .and_then(|e| RequestKey::from_bytes(&e[32..]))
+        });
+        let key = match in_bucket {
+            Some(key) => Some(key),
+            // A store from before buckets: one key per answer.
+            None => self
+                .answers
+                .get(hash)?
+                .and_then(|k| RequestKey::from_bytes(&k)),
         };
-        let Some(key) = RequestKey::from_bytes(&k) else {
+        let Some(key) = key else {
             return Ok(None);
         };
         Ok(self.get_request(key)?.map(|r| (key, r)))
@@ -786,6 +902,158 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = Store::open(dir.path(), 8 << 20).expect("open");
         (dir, s)
+    }
+
+    fn body(n: u32) -> StoredBody {
+        StoredBody {
+            json: format!("{{\"n\":{n}}}"),
+            refs: vec![],
+        }
+    }
+
+    #[test]
+    fn bodies_and_groups_are_read_back_by_the_line_across_chunks_and_calls() {
+        let (_d, s) = store();
+        let batch = BatchId::new();
+        let other = BatchId::new();
+        // Lines 1..=200 with gaps (every 7th line is blank: no record), written in calls
+        // that end inside chunks; groups change every 50 lines.
+        let lines: Vec<u32> = (1..=200).filter(|l| l % 7 != 0).collect();
+        let group = |l: u32| u64::from(l / 50) + 10;
+        for part in lines.chunks(37) {
+            let keys: Vec<RequestKey> = part
+                .iter()
+                .map(|&line| RequestKey { batch, line })
+                .collect();
+            s.put_groups(&keys.iter().map(|k| (*k, group(k.line))).collect::<Vec<_>>())
+                .expect("groups");
+            let items: Vec<_> = keys
+                .iter()
+                .map(|k| {
+                    (
+                        *k,
+                        RequestRecord::queued(format!("c{}", k.line)),
+                        body(k.line),
+                    )
+                })
+                .collect();
+            s.put_requests(&items).expect("requests");
+        }
+        s.put_requests(&[(
+            RequestKey {
+                batch: other,
+                line: 1,
+            },
+            RequestRecord::queued("x".into()),
+            body(999),
+        )])
+        .expect("other");
+        let mut groups = s.group_reader(batch);
+        for &line in &lines {
+            let key = RequestKey { batch, line };
+            assert_eq!(
+                s.get_body(key).expect("get"),
+                Some(body(line)),
+                "line {line}"
+            );
+            assert_eq!(
+                groups.group(line).expect("group"),
+                group(line),
+                "line {line}"
+            );
+        }
+        assert_eq!(
+            s.get_body(RequestKey { batch, line: 7 }).expect("get"),
+            None,
+            "a blank line"
+        );
+        assert_eq!(
+            s.get_body(RequestKey {
+                batch: other,
+                line: 1
+            })
+            .expect("get"),
+            Some(body(999))
+        );
+        assert_eq!(s.batch_requests(batch).count(), lines.len());
+        s.delete_requests(batch).expect("delete");
+        assert_eq!(
+            s.get_body(RequestKey { batch, line: 1 }).expect("get"),
+            None
+        );
+        assert_eq!(s.group_reader(batch).group(1).expect("group"), 0);
+        assert_eq!(
+            s.get_body(RequestKey {
+                batch: other,
+                line: 1
+            })
+            .expect("get"),
+            Some(body(999))
+        );
+    }
+
+    #[test]
+    fn answers_are_found_by_their_whole_key_in_a_shared_bucket() {
+        let (_d, s) = store();
+        let batch = BatchId::new();
+        let key = |line| RequestKey { batch, line };
+        for line in 1..=4 {
+            s.put_requests(&[(
+                key(line),
+                RequestRecord::queued(format!("c{line}")),
+                body(line),
+            )])
+            .expect("put");
+        }
+        // Three hashes in one bucket (same first two bytes), one in another.
+        let h = |a: u8, b: u8| {
+            let mut x = [0u8; 32];
+            x[0] = a;
+            x[31] = b;
+            x
+        };
+        s.remember_answer(&h(1, 1), key(1)).expect("remember");
+        s.remember_answer(&h(1, 2), key(2)).expect("remember");
+        s.remember_answer(&h(2, 1), key(3)).expect("remember");
+        s.remember_answer(&h(1, 1), key(4))
+            .expect("a later answer replaces");
+        let by = |x| s.answered_by(&x).expect("get").map(|(k, _)| k.line);
+        assert_eq!(by(h(1, 1)), Some(4));
+        assert_eq!(by(h(1, 2)), Some(2));
+        assert_eq!(by(h(2, 1)), Some(3));
+        assert_eq!(by(h(1, 3)), None, "same bucket, another key");
+        assert_eq!(
+            s.answers.get(&h(1, 0)[..2]).expect("get").map(|b| b.len()),
+            Some(2 * ANSWER_ENTRY)
+        );
+        // A store from before buckets kept one 32-byte key per answer.
+        s.answers
+            .insert(h(7, 7), &key(3).to_bytes()[..])
+            .expect("legacy");
+        assert_eq!(by(h(7, 7)), Some(3));
+    }
+
+    #[test]
+    fn a_store_from_before_chunks_is_read_by_the_key() {
+        // Bodies and groups one per key, as stores before chunks wrote them.
+        let (_d, s) = store();
+        let key = RequestKey {
+            batch: BatchId::new(),
+            line: 3,
+        };
+        s.bodies
+            .insert(key.to_bytes(), encode(&body(3)))
+            .expect("body");
+        s.groups
+            .insert(key.to_bytes(), &42u64.to_be_bytes())
+            .expect("group");
+        s.requests
+            .insert(key.to_bytes(), encode(&RequestRecord::queued("c".into())))
+            .expect("rec");
+        assert_eq!(s.get_body(key).expect("get"), Some(body(3)));
+        let mut groups = s.group_reader(key.batch);
+        assert_eq!(groups.group(3).expect("group"), 42);
+        assert_eq!(groups.group(4).expect("group"), 0, "a line without a group");
     }
 
     #[test]

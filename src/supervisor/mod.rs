@@ -118,10 +118,10 @@ struct Active {
     succeeded: u64,
     failed: u64,
     usage: Usage,
-    /// At load: every line's prefix group and whether it is done (in line order), and the
-    /// lines ready to run; handed to the scheduler when the supervisor takes the batch on.
-    load_groups: Vec<(u32, u64, bool)>,
-    load_ready: Vec<u32>,
+    /// At load: the batch's lines in order, as runs of consecutive lines of one prefix group
+    /// and one kind (a few runs for a million lines); handed to the scheduler when the
+    /// supervisor takes the batch on.
+    load: Vec<LoadRun>,
     retry_wait: u64,
     in_flight: u64,
     /// Set while the finalizer runs.
@@ -144,6 +144,26 @@ struct Active {
     reuse: Option<bool>,
     /// Reuse keys on their way in this batch: which line answers each, who waits for it.
     claims: HashMap<[u8; 32], reuse::Claim>,
+}
+
+/// Lines `first..=last` of a batch at load: one prefix group, one kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LoadRun {
+    first: u32,
+    last: u32,
+    group: u64,
+    kind: LoadKind,
+}
+
+/// What a line is at load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LoadKind {
+    /// Succeeded or failed.
+    Done,
+    /// To run now.
+    Ready,
+    /// Queued for a retry later (the supervisor's timer brings it back).
+    Waiting,
 }
 
 /// A result written since the last flush, counted once the flush makes it durable.
@@ -184,8 +204,7 @@ impl Active {
             succeeded: 0,
             failed: 0,
             usage: Usage::default(),
-            load_groups: Vec::new(),
-            load_ready: Vec::new(),
+            load: Vec::new(),
             retry_wait: 0,
             in_flight: 0,
             finalizing: false,
@@ -549,17 +568,23 @@ impl Supervisor {
         }
         // A conversation batch registers its done lines too: line i of a group is in
         // conversation i mod lanes, whatever has run.
-        for (line, group, done) in std::mem::take(&mut a.load_groups) {
+        let load = std::mem::take(&mut a.load);
+        for run in &load {
+            let done = run.kind == LoadKind::Done;
             if done && a.plan.is_none() {
                 continue;
             }
-            self.sched.register(id, line, group);
-            if done {
-                self.sched.finished(id, line);
+            for line in run.first..=run.last {
+                self.sched.register(id, line, run.group);
+                if done {
+                    self.sched.finished(id, line);
+                }
             }
         }
-        for line in std::mem::take(&mut a.load_ready) {
-            self.sched.push_back(id, line, now);
+        for run in load.iter().filter(|r| r.kind == LoadKind::Ready) {
+            for line in run.first..=run.last {
+                self.sched.push_back(id, line, now);
+            }
         }
         self.batches.insert(id, a);
     }

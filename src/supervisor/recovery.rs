@@ -5,7 +5,7 @@
 //! supervisor starts from is built from what is left. The same scan takes on a batch whose
 //! intake finished while the server runs.
 
-use super::{Active, transitions};
+use super::{Active, LoadKind, LoadRun, transitions};
 use crate::config::Config;
 use crate::domain::{
     BatchId, BatchStatus, Endpoint, RequestKey, RequestState, ResultRecord, unix_millis,
@@ -83,16 +83,12 @@ pub(super) fn load_batch(
     let mut lines = 0u64;
     let mut started = false;
     let mut fixes = Vec::new();
-    let groups = store.batch_groups(rec.id)?;
+    let mut groups = store.group_reader(rec.id);
     for item in store.batch_requests(rec.id) {
         let (key, mut r) = item?;
         lines += 1;
         started |= r.attempts > 0 || r.state.is_done();
-        a.load_groups.push((
-            key.line,
-            groups.get(&key.line).copied().unwrap_or(0),
-            r.state.is_done(),
-        ));
+        let group = groups.group(key.line)?;
         if r.state == RequestState::Leased {
             report.requeued_from_in_flight += 1;
             // Counted here as it will be; moved below, after the scan.
@@ -113,6 +109,12 @@ pub(super) fn load_batch(
                 fixes.push((key, r.lease, None));
             }
         }
+        let kind = match r.state {
+            RequestState::Succeeded | RequestState::Failed => LoadKind::Done,
+            RequestState::Queued if r.not_before_ms > now_ms => LoadKind::Waiting,
+            RequestState::Queued | RequestState::Leased => LoadKind::Ready,
+        };
+        push_run(&mut a.load, key.line, group, kind);
         match r.state {
             RequestState::Succeeded => {
                 a.succeeded += 1;
@@ -130,7 +132,7 @@ pub(super) fn load_batch(
                 a.retry_wait += 1;
                 delayed.push((r.not_before_ms, key));
             }
-            RequestState::Queued | RequestState::Leased => a.load_ready.push(key.line),
+            RequestState::Queued | RequestState::Leased => {}
         }
     }
     for (key, lease, failed) in fixes {
@@ -162,6 +164,22 @@ pub(super) fn load_batch(
     report.failed = a.failed;
     report.remaining = a.total - a.succeeded - a.failed;
     Ok((a, report))
+}
+
+/// Adds a line to the load's runs (lines in order): it extends the last run when it follows
+/// it with the same group and kind.
+fn push_run(runs: &mut Vec<LoadRun>, line: u32, group: u64, kind: LoadKind) {
+    match runs.last_mut() {
+        Some(r) if r.group == group && r.kind == kind && r.last.checked_add(1) == Some(line) => {
+            r.last = line
+        }
+        _ => runs.push(LoadRun {
+            first: line,
+            last: line,
+            group,
+            kind,
+        }),
+    }
 }
 
 /// The mode a batch taken on for the first time runs in: its metadata's `mode`, else `--mode`;

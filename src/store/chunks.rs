@@ -1,0 +1,157 @@
+//! Lines stored by the chunk: the immutable parts of a batch's lines (their bodies and prefix
+//! groups) are kept [`CHUNK_LINES`] lines to a sled value instead of one value per line.
+//!
+//! Why: sled 0.34 splits a leaf at 16 entries and keeps in memory, for every page it has ever
+//! written, the page's table entry and the log position of each of its fragments, resident or
+//! not: a few hundred bytes per page, so tens of bytes per key, for as long as the process runs.
+//! Three keys per line made a 1,000,000-line batch cost ~100 MB of such bookkeeping before a
+//! single call (docs/benchmarks.md). Per line, only the request record (mutable: its state
+//! changes under compare-and-swap) keeps a key of its own.
+//!
+//! A chunk's key is the batch ‖ the chunk number (`line / CHUNK_LINES`, big-endian), the same
+//! 20-byte shape as a request key. A line's *slot* is `line % CHUNK_LINES`; lines need not be
+//! dense (blank lines take a number and no slot).
+//!
+//! - Body chunk: `n: u8`, then `n` × (`slot: u8`, `end: u32` little-endian), then the encoded
+//!   bodies back to back; body *i* is `bytes[end(i-1)..end(i)]`. One body is read without
+//!   decoding the others.
+//! - Group chunk: runs `(first slot, group)`, the group of a slot being that of the last run
+//!   that starts at or before it.
+
+use crate::domain::{BatchId, RequestKey};
+
+/// A group chunk: (first slot, group) runs.
+pub type Runs = Vec<(u8, u64)>;
+
+/// Lines per chunk.
+pub const CHUNK_LINES: u32 = 64;
+
+/// The chunk a line is in, as its key.
+pub fn chunk_key(batch: BatchId, line: u32) -> [u8; 20] {
+    RequestKey {
+        batch,
+        line: line / CHUNK_LINES,
+    }
+    .to_bytes()
+}
+
+/// A line's slot in its chunk.
+pub fn slot(line: u32) -> u8 {
+    // CHUNK_LINES is 64: the remainder always fits.
+    (line % CHUNK_LINES) as u8
+}
+
+/// Encodes a body chunk from (slot, encoded body) in slot order.
+pub fn encode_bodies(entries: &[(u8, &[u8])]) -> Vec<u8> {
+    let n = entries.len();
+    let data: usize = entries.iter().map(|(_, b)| b.len()).sum();
+    let mut out = Vec::with_capacity(1 + 5 * n + data);
+    out.push(n as u8);
+    let mut end = 0u32;
+    for (slot, body) in entries {
+        end += body.len() as u32;
+        out.push(*slot);
+        out.extend_from_slice(&end.to_le_bytes());
+    }
+    for (_, body) in entries {
+        out.extend_from_slice(body);
+    }
+    out
+}
+
+/// The (slot, encoded body) entries of a body chunk; `None` if it is not one.
+pub fn decode_bodies(value: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+    let n = usize::from(*value.first()?);
+    let header = value.get(1..1 + 5 * n)?;
+    let data = &value[1 + 5 * n..];
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0usize;
+    for e in header.chunks_exact(5) {
+        let end = u32::from_le_bytes([e[1], e[2], e[3], e[4]]) as usize;
+        out.push((e[0], data.get(start..end)?));
+        start = end;
+    }
+    Some(out)
+}
+
+/// The encoded body in `slot` of a body chunk, if the chunk has it.
+pub fn body_in(value: &[u8], slot: u8) -> Option<&[u8]> {
+    let n = usize::from(*value.first()?);
+    let header = value.get(1..1 + 5 * n)?;
+    let data = &value[1 + 5 * n..];
+    let mut start = 0usize;
+    for e in header.chunks_exact(5) {
+        let end = u32::from_le_bytes([e[1], e[2], e[3], e[4]]) as usize;
+        if e[0] == slot {
+            return data.get(start..end);
+        }
+        start = end;
+    }
+    None
+}
+
+/// Adds `(slot, group)` in slot order to a chunk's runs.
+pub fn push_group(runs: &mut Runs, slot: u8, group: u64) {
+    if runs.last().is_none_or(|&(_, g)| g != group) {
+        runs.push((slot, group));
+    }
+}
+
+/// The group of `slot` in a chunk's runs (0 before the first run).
+pub fn group_in(runs: &[(u8, u64)], slot: u8) -> u64 {
+    runs.iter()
+        .take_while(|(first, _)| *first <= slot)
+        .last()
+        .map(|&(_, g)| g)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_is_read_back_from_its_slot_alone() {
+        let a = b"first".to_vec();
+        let b: Vec<u8> = Vec::new();
+        let c = vec![7u8; 300];
+        let v = encode_bodies(&[(0, &a), (5, &b), (63, &c)]);
+        assert_eq!(body_in(&v, 0), Some(&a[..]));
+        assert_eq!(body_in(&v, 5), Some(&b[..]));
+        assert_eq!(body_in(&v, 63), Some(&c[..]));
+        assert_eq!(body_in(&v, 1), None, "a slot with no line");
+        assert_eq!(
+            decode_bodies(&v),
+            Some(vec![(0, &a[..]), (5, &b[..]), (63, &c[..])])
+        );
+        assert_eq!(decode_bodies(&[]), None);
+        assert_eq!(decode_bodies(&[3, 0]), None, "a truncated header");
+        assert_eq!(
+            body_in(&[1, 0, 9, 0, 0, 0], 0),
+            None,
+            "an end past the data"
+        );
+    }
+
+    #[test]
+    fn groups_are_kept_as_runs() {
+        let mut runs = Vec::new();
+        for (slot, g) in [(1, 7), (2, 7), (3, 9), (10, 9), (11, 7)] {
+            push_group(&mut runs, slot, g);
+        }
+        assert_eq!(runs, vec![(1, 7), (3, 9), (11, 7)]);
+        assert_eq!(group_in(&runs, 2), 7);
+        assert_eq!(group_in(&runs, 3), 9);
+        assert_eq!(group_in(&runs, 10), 9);
+        assert_eq!(group_in(&runs, 63), 7);
+        assert_eq!(group_in(&runs, 0), 0);
+    }
+
+    #[test]
+    fn a_line_is_in_the_chunk_of_its_number() {
+        let b = BatchId(uuid::Uuid::from_u128(5));
+        assert_eq!(chunk_key(b, 63), chunk_key(b, 0));
+        assert_ne!(chunk_key(b, 64), chunk_key(b, 63));
+        assert_eq!((slot(64), slot(127)), (0, 63));
+    }
+}
