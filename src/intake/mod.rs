@@ -3,7 +3,9 @@
 //! Owns the transitions `validating → in_progress` and `validating → failed`. One streaming
 //! pass over the file validates every line (all of OpenAI's rules, every bad line reported
 //! with its 1-based number) and, while no error has been seen, writes each line as a queued
-//! [`RequestRecord`] plus its body. Long message contents that many lines share (a system
+//! [`RequestRecord`] plus its body. Repeated custom_ids are found after the pass, from a
+//! 16-byte hash and line number per line (the lines under a shared hash are read again to
+//! compare the ids themselves). Long message contents that many lines share (a system
 //! prompt, a rubric) are stored once in the `blobs` tree under their SHA-256 and referenced.
 //! After this, nothing reads the uploaded file again.
 //!
@@ -27,7 +29,6 @@ use crate::domain::{
     BatchId, BatchRecord, BatchStatus, LineError, RequestKey, RequestRecord, unix_now,
 };
 use crate::store::{Store, StoreError, TransitionError};
-use std::collections::HashSet;
 use std::io::BufReader;
 
 /// Records written to sled per write batch.
@@ -202,7 +203,9 @@ fn expand(
     let mut errors: Vec<LineError> = Vec::new();
     let schemas = crate::answer::Schemas::default();
     let mut unlisted = 0usize;
-    let mut seen: HashSet<String> = HashSet::new();
+    // Each line's custom_id as a 64-bit hash and its line (16 bytes a line, not the ids
+    // themselves): duplicates are found and checked against the ids after the pass.
+    let mut ids: Vec<(u64, u32)> = Vec::new();
     let mut model: Option<(String, u32)> = None;
     let mut shared = SharedContents::default();
     let mut pending = Vec::with_capacity(WRITE_CHUNK);
@@ -287,21 +290,7 @@ fn expand(
             }
             Some(_) => {}
         }
-        if !seen.insert(custom_id.clone()) {
-            push_err(
-                &mut errors,
-                err(
-                    line_no,
-                    "duplicate_custom_id",
-                    Some("custom_id"),
-                    format!(
-                        "line {line_no}: custom_id '{}' is used more than once",
-                        clip(&custom_id)
-                    ),
-                ),
-            );
-            continue;
-        }
+        ids.push((id_hash(&custom_id), line_no));
         total += 1;
         if !errors.is_empty() {
             continue; // keep validating, stop writing
@@ -324,6 +313,14 @@ fn expand(
         store.put_groups(&groups)?;
         store.put_requests(&pending)?;
     }
+    let dups = duplicate_ids(&path, cfg, endpoint, ids)?;
+    if !dups.is_empty() {
+        errors.extend(dups);
+        errors.sort_by_key(|e| e.line);
+        let listed = cfg.max_listed_errors;
+        unlisted += errors.len().saturating_sub(listed);
+        errors.truncate(listed);
+    }
     if unlisted > 0 {
         errors.push(LineError {
             code: "too_many_errors".into(),
@@ -333,6 +330,74 @@ fn expand(
         });
     }
     Ok((errors, total, model.map(|(m, _)| m)))
+}
+
+/// A custom_id's 64-bit hash (SipHash with fixed keys: the same within a pass).
+fn id_hash(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    #[allow(deprecated)]
+    let mut h = std::hash::SipHasher::new();
+    id.hash(&mut h);
+    h.finish()
+}
+
+/// The `duplicate_custom_id` errors of a file, from the (hash, line) of its lines: lines whose
+/// hash another line shares are read again and their ids compared, so a hash collision is
+/// never taken for a duplicate. Every repeat after an id's first line is an error.
+fn duplicate_ids(
+    path: &std::path::Path,
+    cfg: &Config,
+    endpoint: crate::domain::Endpoint,
+    mut ids: Vec<(u64, u32)>,
+) -> Result<Vec<LineError>, ExpandError> {
+    ids.sort_unstable();
+    let mut suspects: Vec<u32> = ids
+        .chunk_by(|a, b| a.0 == b.0)
+        .filter(|same| same.len() > 1)
+        .flat_map(|same| same.iter().map(|(_, line)| *line))
+        .collect();
+    drop(ids);
+    if suspects.is_empty() {
+        return Ok(Vec::new());
+    }
+    suspects.sort_unstable();
+    let file = std::fs::File::open(path)
+        .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?;
+    let mut reader = BufReader::with_capacity(1 << 20, file);
+    let mut buf = Vec::new();
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    let mut line_no: u32 = 0;
+    let mut next = suspects.iter().peekable();
+    while let Some(too_long) = read_line_bounded(&mut reader, &mut buf, cfg.max_line_bytes)
+        .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?
+    {
+        line_no = line_no.saturating_add(1);
+        let Some(&&want) = next.peek() else { break };
+        if line_no != want {
+            continue;
+        }
+        next.next();
+        // It passed these checks in the first pass; a file that changed under us is refused.
+        let changed = || ExpandError::File("the input file changed while it was read".into());
+        if too_long {
+            return Err(changed());
+        }
+        let (custom_id, _, _) =
+            check_line(line_no, &buf, endpoint, cfg.backend).map_err(|_| changed())?;
+        if !seen.insert(custom_id.clone()) {
+            out.push(err(
+                line_no,
+                "duplicate_custom_id",
+                Some("custom_id"),
+                format!(
+                    "line {line_no}: custom_id '{}' is used more than once",
+                    clip(&custom_id)
+                ),
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -368,6 +433,55 @@ mod tests {
             validate(&store, &cfg, batch.id).expect("intake"),
             Validated::Done(IntakeOutcome::Cancelled)
         );
+    }
+
+    #[test]
+    fn duplicates_are_ids_compared_not_hashes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = Config::for_tests(dir.path().into(), BackendKind::Openai, "http://127.0.0.1:1");
+        let line = |id: &str| {
+            format!(
+                r#"{{"custom_id":"{id}","method":"POST","url":"/v1/chat/completions","body":{{"model":"m","messages":[{{"role":"user","content":"hi"}}]}}}}"#
+            )
+        };
+        let path = dir.path().join("in.jsonl");
+        let lines = [
+            line("a"),
+            line("b"),
+            String::new(),
+            line("a"),
+            line("c"),
+            line("a"),
+        ];
+        std::fs::write(&path, lines.join("\n")).expect("write");
+        let chat = Endpoint::ChatCompletions;
+        // Lines 2 and 5 ("b", "c") share a hash as if they collided: not duplicates.
+        let ids = vec![
+            (id_hash("a"), 1),
+            (9, 2),
+            (id_hash("a"), 4),
+            (9, 5),
+            (id_hash("a"), 6),
+        ];
+        let Ok(errors) = duplicate_ids(&path, &cfg, chat, ids) else {
+            panic!("second pass failed")
+        };
+        let found: Vec<(Option<u32>, &str)> =
+            errors.iter().map(|e| (e.line, e.code.as_str())).collect();
+        assert_eq!(
+            found,
+            vec![
+                (Some(4), "duplicate_custom_id"),
+                (Some(6), "duplicate_custom_id")
+            ]
+        );
+        assert!(
+            errors[0].message.contains("custom_id 'a'"),
+            "{}",
+            errors[0].message
+        );
+        let unique = vec![(id_hash("a"), 1), (id_hash("b"), 2)];
+        assert!(matches!(duplicate_ids(&path, &cfg, chat, unique), Ok(e) if e.is_empty()));
     }
 
     #[test]
