@@ -286,7 +286,7 @@ pub struct ServeArgs {
     #[arg(long, env = "OLLAMA_BATCH_LEASE_MARGIN", default_value = "60s")]
     pub lease_margin: humantime::Duration,
     /// sled page cache.
-    #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = "16MiB")]
+    #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = "4MiB")]
     pub cache_size: String,
     /// Require `Authorization: Bearer <key>` on every endpoint except /health (repeatable for
     /// several keys; comma-separated in the env var). Without it anyone who reaches the port can
