@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Memory of `serve` for large batches (100,000 and 500,000 lines by default; BENCH_SIZES to
+# Memory of `serve` for large batches (100,000, 500,000 and 1,000,000 lines by default; BENCH_SIZES to
 # change), concurrency 64, an instant backend: peak RSS, intake rate, restart to first dispatch
 # with the batch queued, run rate. Release build.
 #   scripts/bench-memory.sh
-#   BENCH_SIZES=100000,500000,1000000 scripts/bench-memory.sh
+#   BENCH_SIZES=100000 scripts/bench-memory.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --test main bench::bench_memory -- --ignored --nocapture --test-threads 1 2>&1 \

@@ -381,7 +381,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 }
 
 /// Memory of `serve` (a separate process, release) for batches of `BENCH_SIZES` lines
-/// (100000,500000 by default) against an instant backend at concurrency 64, each line with a
+/// (100000,500000,1000000 by default) against an instant backend at concurrency 64, each line with a
 /// 300-character system prompt (ignored by default; run by `scripts/bench-memory.sh`): peak RSS,
 /// intake rate, and the time from a restart with the batch queued to its first dispatch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -389,7 +389,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 async fn bench_memory() {
     use crate::support::process::{self, signal, wait_exit};
     let sizes: Vec<usize> = std::env::var("BENCH_SIZES")
-        .unwrap_or_else(|_| "100000,500000".into())
+        .unwrap_or_else(|_| "100000,500000,1000000".into())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
