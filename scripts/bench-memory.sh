@@ -4,6 +4,7 @@
 # with the batch queued, run rate. Release build.
 #   scripts/bench-memory.sh
 #   BENCH_SIZES=100000 scripts/bench-memory.sh
+#   BENCH_PAD=2000 scripts/bench-memory.sh   # unique 2,000-character lines (answers as long)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo test --release --test main bench::bench_memory -- --ignored --nocapture --test-threads 1 2>&1 \

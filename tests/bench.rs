@@ -382,7 +382,8 @@ fn peak_rss_kb(pid: u32) -> u64 {
 
 /// Memory of `serve` (a separate process, release) for batches of `BENCH_SIZES` lines
 /// (100000,500000,1000000 by default) against an instant backend at concurrency 64, each line with a
-/// 300-character system prompt (ignored by default; run by `scripts/bench-memory.sh`): peak RSS,
+/// 300-character system prompt, or with `BENCH_PAD=N` a unique N-character user message (the
+/// fake's answers as long) (ignored by default; run by `scripts/bench-memory.sh`): peak RSS,
 /// intake rate, and the time from a restart with the batch queued to its first dispatch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run scripts/bench-memory.sh"]
@@ -406,7 +407,14 @@ async fn bench_memory() {
         let mut server = process::spawn(&state, &fake.url(), 64, &[]);
         let api = Api::new(&server.addr);
         let (_, file) = api
-            .upload("in.jsonl", chat_file(n, "m", &system), "batch")
+            .upload(
+                "in.jsonl",
+                match std::env::var("BENCH_PAD").ok().and_then(|p| p.parse().ok()) {
+                    Some(pad) => crate::support::padded_chat_file(n, pad),
+                    None => chat_file(n, "m", &system),
+                },
+                "batch",
+            )
             .await;
         let t0 = Instant::now();
         let b = api
