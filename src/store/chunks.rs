@@ -47,6 +47,7 @@ pub fn encode_bodies(entries: &[(u8, &[u8])]) -> Vec<u8> {
     let data: usize = entries.iter().map(|(_, b)| b.len()).sum();
     let mut out = Vec::with_capacity(1 + 5 * n + data);
     out.push(n as u8);
+    // At most 64 bodies of at most 32 MiB each (the intake's line limit): under 4 GiB.
     let mut end = 0u32;
     for (slot, body) in entries {
         end += body.len() as u32;
