@@ -286,7 +286,7 @@ pub struct ServeArgs {
     #[arg(long, env = "OLLAMA_BATCH_LEASE_MARGIN", default_value = "60s")]
     pub lease_margin: humantime::Duration,
     /// sled page cache.
-    #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = "4MiB")]
+    #[arg(long, env = "OLLAMA_BATCH_CACHE_SIZE", default_value = DEFAULT_CACHE_SIZE)]
     pub cache_size: String,
     /// Require `Authorization: Bearer <key>` on every endpoint except /health (repeatable for
     /// several keys; comma-separated in the env var). Without it anyone who reaches the port can
@@ -591,6 +591,9 @@ pub struct Config {
     /// Conversation mode: messages kept after a cut.
     pub conversation_keep: u32,
 }
+
+/// `--cache-size` unless given (the benchmarks measure the default with it).
+pub const DEFAULT_CACHE_SIZE: &str = "4MiB";
 
 /// Parses `2GiB`, `500MB`, `64k`, `1048576`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
