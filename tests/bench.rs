@@ -4,7 +4,7 @@
 
 use crate::support::fake::{Fake, Shape};
 use crate::support::{Api, TestServer, chat_file, config};
-use ollama_batch::config::BackendKind;
+use ollama_batch::config::{BackendKind, Config};
 use std::time::{Duration, Instant};
 
 /// `BENCH_LINES`, or `default`.
@@ -16,23 +16,36 @@ fn bench_lines(default: usize) -> usize {
 }
 
 /// A server at `concurrency` against `fake` with `n` chat lines submitted and validated (the
-/// timing starts at dispatch, not at validation). Returns the state directory's guard, the
-/// server, its client and the batch id.
+/// timing starts at dispatch, not at validation), its store cache the one `serve` has by
+/// default. Returns the state directory's guard, the server, its client and the batch id.
 async fn validated_batch(
     fake: &Fake,
     concurrency: usize,
     n: usize,
 ) -> (tempfile::TempDir, TestServer, Api, String) {
+    let cache = ollama_batch::config::parse_size(ollama_batch::config::DEFAULT_CACHE_SIZE)
+        .expect("the default cache size");
+    validated(&fake.url(), chat_file(n, "m", "s"), |cfg| {
+        cfg.concurrency = concurrency;
+        cfg.cache_bytes = cache;
+    })
+    .await
+}
+
+/// A server against `backend`, flushing every 20 ms, set up further by `configure`, with
+/// `file` submitted and validated.
+async fn validated(
+    backend: &str,
+    file: Vec<u8>,
+    configure: impl FnOnce(&mut Config),
+) -> (tempfile::TempDir, TestServer, Api, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-    cfg.concurrency = concurrency;
+    let mut cfg = config(dir.path(), BackendKind::Openai, backend);
     cfg.flush_interval = Duration::from_millis(20);
-    cfg.cache_bytes = 16 << 20;
+    configure(&mut cfg);
     let server = TestServer::start(cfg).await;
     let api = Api::new(&server.base);
-    let id = api
-        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
-        .await;
+    let id = api.submit_id(file, "/v1/chat/completions").await;
     api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
         b["status"] != "validating"
     })
@@ -266,18 +279,9 @@ async fn bench_throughput_schema() {
                 );
                 file.push('\n');
             }
-            let dir = tempfile::tempdir().expect("tempdir");
-            let mut cfg = config(dir.path(), BackendKind::Openai, &fake.url());
-            cfg.concurrency = concurrency;
-            cfg.flush_interval = Duration::from_millis(20);
-            cfg.cache_bytes = 64 << 20;
-            let mut server = TestServer::start(cfg).await;
-            let api = Api::new(&server.base);
-            let id = api
-                .submit_id(file.into_bytes(), "/v1/chat/completions")
-                .await;
-            api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
-                b["status"] != "validating"
+            let (_dir, mut server, api, id) = validated(&fake.url(), file.into_bytes(), |cfg| {
+                cfg.concurrency = concurrency;
+                cfg.cache_bytes = 64 << 20;
             })
             .await;
             let t0 = Instant::now();
@@ -329,17 +333,12 @@ async fn bench_many_backends() {
         });
         fakes.push(f);
     }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = config(dir.path(), BackendKind::Openai, &fakes[0].url());
-    cfg.backends = fakes.iter().map(|f| (f.url(), Some(8))).collect();
-    cfg.flush_interval = Duration::from_millis(20);
-    cfg.cache_bytes = 64 << 20;
-    cfg.request_timeout = Duration::from_secs(60);
-    let mut server = TestServer::start(cfg).await;
-    let api = Api::new(&server.base);
-    let id = api
-        .submit_id(chat_file(n, "m", "s"), "/v1/chat/completions")
-        .await;
+    let (_dir, mut server, api, id) = validated(&fakes[0].url(), chat_file(n, "m", "s"), |cfg| {
+        cfg.backends = fakes.iter().map(|f| (f.url(), Some(8))).collect();
+        cfg.cache_bytes = 64 << 20;
+        cfg.request_timeout = Duration::from_secs(60);
+    })
+    .await;
     api.wait_for(&id, Duration::from_secs(600), "validated", |b| {
         b["status"] != "validating"
     })
