@@ -95,17 +95,8 @@ fn check_answer(r: &CallResult, text_len: usize) {
                 batch: crate::domain::BatchId::new(),
                 line: 1,
             };
-            let line = crate::wire::output_line(
-                key,
-                "c",
-                &ResultRecord {
-                    status_code: Some(200),
-                    body: Some(body.clone()),
-                    error_code: None,
-                    error_message: None,
-                    usage: None,
-                },
-            );
+            let line =
+                crate::wire::output_line(key, "c", &ResultRecord::answer(200, body.clone(), None));
             assert!(!line.contains('\n'));
             serde_json::from_str::<Value>(&line).expect("an output line is JSON");
             drop(v);

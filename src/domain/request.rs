@@ -295,6 +295,17 @@ impl RequestRecord {
 }
 
 impl ResultRecord {
+    /// The backend's answer as it came: its HTTP status, body and token counts.
+    pub fn answer(status: u16, body: String, usage: Option<Usage>) -> ResultRecord {
+        ResultRecord {
+            status_code: Some(status),
+            body: Some(body),
+            error_code: None,
+            error_message: None,
+            usage,
+        }
+    }
+
     /// The result of a line that ended without an answer: our error code and message.
     pub fn error(code: &str, message: impl Into<String>) -> ResultRecord {
         ResultRecord {

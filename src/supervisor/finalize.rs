@@ -311,13 +311,11 @@ mod tests {
             let lease = super::super::transitions::lease(&store, *k)
                 .expect("lease")
                 .lease;
-            let result = ResultRecord {
-                status_code: Some(if i < 2 { 200 } else { 400 }),
-                body: Some(format!("{{\"n\":{i}}}")),
-                error_code: None,
-                error_message: None,
-                usage: None,
-            };
+            let result = ResultRecord::answer(
+                if i < 2 { 200 } else { 400 },
+                format!("{{\"n\":{i}}}"),
+                None,
+            );
             super::super::transitions::settle(&store, *k, lease, i < 2, result, None)
                 .expect("done");
         }

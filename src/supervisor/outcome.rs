@@ -218,13 +218,7 @@ fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
             status,
             body,
             usage,
-        } => ResultRecord {
-            status_code: Some(*status),
-            body: Some(body.clone()),
-            error_code: None,
-            error_message: None,
-            usage: *usage,
-        },
+        } => ResultRecord::answer(*status, body.clone(), *usage),
         CallResult::Timeout => ResultRecord::error(
             "request_timeout",
             format!(
@@ -235,13 +229,7 @@ fn result_record(o: &Outcome, cfg: &Config) -> ResultRecord {
         CallResult::Invalid { code, message, .. } => {
             ResultRecord::error(code, format!("{message} {tries}"))
         }
-        CallResult::Busy { status, body, .. } => ResultRecord {
-            status_code: Some(*status),
-            body: Some(body.clone()),
-            error_code: None,
-            error_message: None,
-            usage: None,
-        },
+        CallResult::Busy { status, body, .. } => ResultRecord::answer(*status, body.clone(), None),
         CallResult::Rejected {
             code,
             message,

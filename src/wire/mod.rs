@@ -173,13 +173,7 @@ mod tests {
             batch: BatchId::new(),
             line: 3,
         };
-        let ok = ResultRecord {
-            status_code: Some(200),
-            body: Some(r#"{"id":"x","choices":[]}"#.into()),
-            error_code: None,
-            error_message: None,
-            usage: None,
-        };
+        let ok = ResultRecord::answer(200, r#"{"id":"x","choices":[]}"#.into(), None);
         let v: Value = serde_json::from_str(&output_line(key, "c-3", &ok)).expect("json");
         assert_eq!(v["custom_id"], "c-3");
         assert_eq!(v["response"]["status_code"], 200);
