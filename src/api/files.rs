@@ -300,16 +300,16 @@ pub(super) fn expires_after(
             "output_expires_after.seconds",
         )
     };
+    // What was sent, quoted and clipped, for the message.
+    let got = |v: Option<&str>| {
+        v.map_or("nothing".into(), |v| {
+            format!("'{}'", crate::domain::clip(v, 40))
+        })
+    };
     if anchor != Some("created_at") {
         return Err(ApiError::bad(
             Some(anchor_param),
-            format!(
-                "{param}.anchor must be 'created_at', got {}",
-                anchor.map_or("nothing".into(), |a| format!(
-                    "'{}'",
-                    crate::domain::clip(a, 40)
-                ))
-            ),
+            format!("{param}.anchor must be 'created_at', got {}", got(anchor)),
         ));
     }
     match seconds.and_then(|s| s.trim().parse::<u64>().ok()) {
@@ -318,10 +318,7 @@ pub(super) fn expires_after(
             Some(seconds_param),
             format!(
                 "{param}.seconds must be an integer from {min} (an hour) to {MAX} (30 days), got {}",
-                seconds.map_or("nothing".into(), |s| format!(
-                    "'{}'",
-                    crate::domain::clip(s, 40)
-                ))
+                got(seconds)
             ),
         )),
     }
