@@ -284,13 +284,13 @@ fn only_the_supervisors_transitions_move_a_request() {
     let mut files = Vec::new();
     rust_files(&src, &mut files);
     let owner = src.join("supervisor").join("transitions.rs");
-    let store = src.join("store").join("mod.rs");
+    let store = src.join("store");
     let mut callers = Vec::new();
     for file in files {
         let code = code_of(&std::fs::read_to_string(&file).expect("read"));
-        // The store defines it (and its own test calls it); everything else goes through
+        // The store defines it (and its own tests call it); everything else goes through
         // supervisor/transitions.rs.
-        if file != owner && file != store && code.contains(".transition_request") {
+        if file != owner && !file.starts_with(&store) && code.contains(".transition_request") {
             callers.push(file.display().to_string());
         }
     }

@@ -214,6 +214,16 @@ impl Transition {
         }
     }
 
+    /// The result it writes, for the edges that end a line.
+    pub fn result(&self) -> Option<&ResultRecord> {
+        match self {
+            Transition::Settle { result, .. }
+            | Transition::Fail { result, .. }
+            | Transition::Reuse { result } => Some(result),
+            _ => None,
+        }
+    }
+
     /// Where it starts, and under which lease (`None`: a queued record has no live lease).
     pub fn from(&self) -> (RequestState, Option<u32>) {
         match self {

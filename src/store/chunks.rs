@@ -1,20 +1,22 @@
-//! Lines stored by the chunk: the immutable parts of a batch's lines (their bodies and prefix
-//! groups) are kept [`CHUNK_LINES`] lines to a sled value instead of one value per line.
+//! Lines stored by the chunk: a batch's lines are kept [`CHUNK_LINES`] lines to a sled value
+//! instead of one value per line: their bodies and prefix groups (written once), and their
+//! request records (rewritten, under compare-and-swap, at each transition of one of them).
 //!
 //! Why: sled 0.34 splits a leaf at 16 entries and keeps in memory, for every page it has ever
 //! written, the page's table entry and the log position of each of its fragments, resident or
 //! not: a few hundred bytes per page, so tens of bytes per key, for as long as the process runs.
-//! Three keys per line made a 1,000,000-line batch cost ~100 MB of such bookkeeping before a
-//! single call (docs/benchmarks.md). Per line, only the request record (mutable: its state
-//! changes under compare-and-swap) keeps a key of its own.
+//! Four keys per line made a 1,000,000-line batch cost ~100 MB of such bookkeeping
+//! (docs/benchmarks.md). No key is written per line now. A request record in a chunk is small:
+//! its result lives in the batch's results file ([`super::results`]), so that rewriting a chunk
+//! costs about 64 × 40 bytes, not 64 answers.
 //!
 //! A chunk's key is the batch ‖ the chunk number (`line / CHUNK_LINES`, big-endian), the same
 //! 20-byte shape as a request key. A line's *slot* is `line % CHUNK_LINES`; lines need not be
 //! dense (blank lines take a number and no slot).
 //!
-//! - Body chunk: `n: u8`, then `n` × (`slot: u8`, `end: u32` little-endian), then the encoded
-//!   bodies back to back; body *i* is `bytes[end(i-1)..end(i)]`. One body is read without
-//!   decoding the others.
+//! - Slotted chunk (bodies, request records): `n: u8`, then `n` × (`slot: u8`, `end: u32`
+//!   little-endian), then the encoded entries back to back; entry *i* is
+//!   `bytes[end(i-1)..end(i)]`. One entry is read without decoding the others.
 //! - Group chunk: runs `(first slot, group)`, the group of a slot being that of the last run
 //!   that starts at or before it.
 
@@ -41,8 +43,8 @@ pub fn slot(line: u32) -> u8 {
     (line % CHUNK_LINES) as u8
 }
 
-/// Encodes a body chunk from (slot, encoded body) in slot order.
-pub fn encode_bodies(entries: &[(u8, &[u8])]) -> Vec<u8> {
+/// Encodes a slotted chunk from (slot, encoded entry) in slot order.
+pub fn encode_slots(entries: &[(u8, &[u8])]) -> Vec<u8> {
     let n = entries.len();
     let data: usize = entries.iter().map(|(_, b)| b.len()).sum();
     let mut out = Vec::with_capacity(1 + 5 * n + data);
@@ -60,8 +62,8 @@ pub fn encode_bodies(entries: &[(u8, &[u8])]) -> Vec<u8> {
     out
 }
 
-/// The (slot, encoded body) entries of a body chunk; `None` if it is not one.
-pub fn decode_bodies(value: &[u8]) -> Option<Vec<(u8, &[u8])>> {
+/// The (slot, encoded entry) entries of a slotted chunk; `None` if it is not one.
+pub fn decode_slots(value: &[u8]) -> Option<Vec<(u8, &[u8])>> {
     let n = usize::from(*value.first()?);
     let header = value.get(1..1 + 5 * n)?;
     let data = &value[1 + 5 * n..];
@@ -75,8 +77,8 @@ pub fn decode_bodies(value: &[u8]) -> Option<Vec<(u8, &[u8])>> {
     Some(out)
 }
 
-/// The encoded body in `slot` of a body chunk, if the chunk has it.
-pub fn body_in(value: &[u8], slot: u8) -> Option<&[u8]> {
+/// The encoded entry in `slot` of a slotted chunk, if the chunk has it.
+pub fn slot_in(value: &[u8], slot: u8) -> Option<&[u8]> {
     let n = usize::from(*value.first()?);
     let header = value.get(1..1 + 5 * n)?;
     let data = &value[1 + 5 * n..];
@@ -89,6 +91,21 @@ pub fn body_in(value: &[u8], slot: u8) -> Option<&[u8]> {
         start = end;
     }
     None
+}
+
+/// A slotted chunk holding `new` and, of `old` (a chunk begun earlier), the slots `new` does
+/// not have; `None` if `old` is not a slotted chunk.
+pub fn merge_slots(old: Option<&[u8]>, new: &[(u8, &[u8])]) -> Option<Vec<u8>> {
+    let mut entries: Vec<(u8, &[u8])> = new.to_vec();
+    if let Some(old) = old {
+        entries.extend(
+            decode_slots(old)?
+                .into_iter()
+                .filter(|(s, _)| !new.iter().any(|(n, _)| n == s)),
+        );
+        entries.sort_by_key(|(s, _)| *s);
+    }
+    Some(encode_slots(&entries))
 }
 
 /// Adds `(slot, group)` in slot order to a chunk's runs.
@@ -116,19 +133,19 @@ mod tests {
         let a = b"first".to_vec();
         let b: Vec<u8> = Vec::new();
         let c = vec![7u8; 300];
-        let v = encode_bodies(&[(0, &a), (5, &b), (63, &c)]);
-        assert_eq!(body_in(&v, 0), Some(&a[..]));
-        assert_eq!(body_in(&v, 5), Some(&b[..]));
-        assert_eq!(body_in(&v, 63), Some(&c[..]));
-        assert_eq!(body_in(&v, 1), None, "a slot with no line");
+        let v = encode_slots(&[(0, &a), (5, &b), (63, &c)]);
+        assert_eq!(slot_in(&v, 0), Some(&a[..]));
+        assert_eq!(slot_in(&v, 5), Some(&b[..]));
+        assert_eq!(slot_in(&v, 63), Some(&c[..]));
+        assert_eq!(slot_in(&v, 1), None, "a slot with no line");
         assert_eq!(
-            decode_bodies(&v),
+            decode_slots(&v),
             Some(vec![(0, &a[..]), (5, &b[..]), (63, &c[..])])
         );
-        assert_eq!(decode_bodies(&[]), None);
-        assert_eq!(decode_bodies(&[3, 0]), None, "a truncated header");
+        assert_eq!(decode_slots(&[]), None);
+        assert_eq!(decode_slots(&[3, 0]), None, "a truncated header");
         assert_eq!(
-            body_in(&[1, 0, 9, 0, 0, 0], 0),
+            slot_in(&[1, 0, 9, 0, 0, 0], 0),
             None,
             "an end past the data"
         );

@@ -77,6 +77,12 @@ impl Committer {
         self.tx.as_ref().ok_or_else(stopped)
     }
 
+    /// A write outside sled (a results file) failed: from now on the store is failed, as after
+    /// a failed flush (nothing more is made durable until a restart; dispatch stops).
+    pub(super) fn fail(&self, e: String) {
+        record_failure(&self.failure, e);
+    }
+
     /// Waits (blocking) for a flush that started after this call.
     pub(super) fn flush(&self) -> Result<(), sled::Error> {
         let (tx, rx) = mpsc::sync_channel(1);
@@ -93,6 +99,15 @@ impl Committer {
             .send(Reply::Async(tx))
             .map_err(|_| stopped())?;
         rx.await.unwrap_or_else(|_| Err(stopped()))
+    }
+}
+
+/// Keeps the first failure for good (and says it once).
+fn record_failure(failure: &Mutex<Option<String>>, e: String) {
+    let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
+    if f.is_none() {
+        tracing::error!(error = %e, "the store cannot write (disk full or I/O error): nothing more can be made durable until ollama-batch is restarted; dispatch stops");
+        *f = Some(e);
     }
 }
 
@@ -120,11 +135,7 @@ fn run(db: sled::Db, rx: mpsc::Receiver<Reply>, failure: Arc<Mutex<Option<String
         }
         let r = db.flush().map(|_| ());
         if let Err(e) = &r {
-            let mut f = failure.lock().unwrap_or_else(|p| p.into_inner());
-            if f.is_none() {
-                tracing::error!(error = %e, "the store cannot write (disk full or I/O error): nothing more can be made durable until ollama-batch is restarted; dispatch stops");
-                *f = Some(e.to_string());
-            }
+            record_failure(&failure, e.to_string());
         }
         for w in waiting {
             w.send(r.clone());

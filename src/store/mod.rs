@@ -7,7 +7,8 @@
 //! |------------|------------------------------|----------------------------------------|
 //! | `files`    | file uuid (16 B)             | [`FileRecord`]                         |
 //! | `batches`  | batch uuid (16 B)            | [`BatchRecord`]                        |
-//! | `requests` | batch uuid + line u32 (20 B) | [`RequestRecord`] (state, attempts, result) |
+//! | `request_chunks` | batch uuid + chunk u32 (20 B) | the [`RequestRecord`]s (state, attempts, lease, where the result is) of 64 lines ([`chunks`], [`requests`]) |
+//! | `requests` | batch uuid + line u32 (20 B) | stores before chunks: one [`RequestRecord`] per line, result inside (read and moved, no longer written) |
 //! | `body_chunks` | batch uuid + chunk u32 (20 B) | the [`StoredBody`]s (line bodies, shared parts by hash) of 64 lines ([`chunks`]) |
 //! | `group_chunks` | same as `body_chunks`     | the prefix groups of those lines, as runs |
 //! | `bodies`   | same as `requests`           | stores before chunks: one [`StoredBody`] per line (read, no longer written) |
@@ -20,7 +21,9 @@
 //! | `webhooks` | delivery id u64 (8 B)        | a [`Delivery`] still to make (an event for one receiver), written with its batch's terminal transition |
 //! | `answers`  | the reuse key's first 2 bytes | a bucket: (reuse key: sha-256, 32 B ‖ the line, batch ‖ line, 20 B, whose success answered it) per answer; the answer itself stays in that line's record. Stores before buckets: one 32-byte key per answer (read, no longer written) |
 //!
-//! File bytes live beside the database under `files/`, named by the file's uuid.
+//! File bytes live beside the database under `files/`, named by the file's uuid; each batch's
+//! results under `results/`, named by the batch's uuid ([`results`]: append-only, written
+//! before the record that points at them).
 //!
 //! Durability: a write is durable after [`Store::flush`] / [`Store::flush_async`] returns (the
 //! commit thread also flushes every 500 ms on its own). Callers decide when to flush; see
@@ -35,11 +38,13 @@
 pub mod chunks;
 mod commit;
 pub mod files;
+mod requests;
+mod results;
 
 use crate::conversation::{Plan, Record as ConvRecord};
 use crate::domain::{
     BatchId, BatchRecord, BatchStatus, Delivery, FileId, FileRecord, Refused, RequestKey,
-    RequestRecord, Transition,
+    RequestRecord,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
@@ -203,6 +208,7 @@ pub struct Store {
     files: sled::Tree,
     batches: sled::Tree,
     requests: sled::Tree,
+    request_chunks: sled::Tree,
     bodies: sled::Tree,
     body_chunks: sled::Tree,
     blobs: sled::Tree,
@@ -213,6 +219,7 @@ pub struct Store {
     answers: sled::Tree,
     expiry: sled::Tree,
     webhooks: sled::Tree,
+    results: results::Results,
     dir: PathBuf,
     committer: commit::Committer,
 }
@@ -255,6 +262,7 @@ impl Store {
             files: db.open_tree("files")?,
             batches: db.open_tree("batches")?,
             requests: db.open_tree("requests")?,
+            request_chunks: db.open_tree("request_chunks")?,
             bodies: db.open_tree("bodies")?,
             body_chunks: db.open_tree("body_chunks")?,
             blobs: db.open_tree("blobs")?,
@@ -265,6 +273,7 @@ impl Store {
             answers: db.open_tree("answers")?,
             expiry: db.open_tree("expiry")?,
             webhooks: db.open_tree("webhooks")?,
+            results: results::Results::new(dir.join("results")).map_err(at(dir.join("results")))?,
             dir: dir.to_path_buf(),
             committer: commit::Committer::start(db.clone())?,
             db,
@@ -300,9 +309,9 @@ impl Store {
             .clone()
     }
 
-    /// Bytes the database and the stored files take on disk.
+    /// Bytes the database, the results and the stored files take on disk.
     pub fn size_on_disk(&self) -> u64 {
-        let db = self.db.size_on_disk().unwrap_or(0);
+        let db = self.db.size_on_disk().unwrap_or(0) + self.results.size();
         let files = std::fs::read_dir(self.dir.join("files"))
             .map(|rd| {
                 rd.filter_map(|e| e.ok())
@@ -474,49 +483,7 @@ impl Store {
         }
     }
 
-    // ---- requests -------------------------------------------------------------------------
-
-    /// Writes intake records (in line order) and their bodies: the bodies by the chunk
-    /// ([`chunks`]), before the records (a request record never exists without its body).
-    pub fn put_requests(
-        &self,
-        items: &[(RequestKey, RequestRecord, StoredBody)],
-    ) -> Result<(), StoreError> {
-        // One insert at a time, not a `sled::Batch`: sled 0.34 keeps a batch's values resident
-        // far past its cache (a 200,000-line intake peaked at 367 MB with batches, 172 MB
-        // without; docs/benchmarks.md). Nothing needs the chunk to be atomic: an interrupted
-        // intake starts again from its first line, deleting what it had queued.
-        for same in items.chunk_by(|a, b| {
-            chunks::chunk_key(a.0.batch, a.0.line) == chunks::chunk_key(b.0.batch, b.0.line)
-        }) {
-            let k = chunks::chunk_key(same[0].0.batch, same[0].0.line);
-            let encoded: Vec<(u8, Vec<u8>)> = same
-                .iter()
-                .map(|(key, _, body)| (chunks::slot(key.line), encode(body)))
-                .collect();
-            let mut entries: Vec<(u8, &[u8])> = encoded.iter().map(|(s, b)| (*s, &b[..])).collect();
-            // A chunk begun by the previous call (its lines straddle two calls).
-            let old = self.body_chunks.get(k)?;
-            if let Some(old) = &old {
-                let before = chunks::decode_bodies(old).ok_or_else(|| StoreError::Codec {
-                    what: "body chunk",
-                    detail: "truncated".into(),
-                })?;
-                entries.extend(
-                    before
-                        .into_iter()
-                        .filter(|(s, _)| !encoded.iter().any(|(n, _)| n == s)),
-                );
-                entries.sort_by_key(|(s, _)| *s);
-            }
-            self.body_chunks
-                .insert(k, chunks::encode_bodies(&entries))?;
-            for (key, rec, _) in same {
-                self.requests.insert(key.to_bytes(), encode(rec))?;
-            }
-        }
-        Ok(())
-    }
+    // ---- prefix groups (request records: requests.rs) ----------------------------------
 
     /// Writes the prefix groups of intake lines, in line order, by the chunk (before their
     /// records: a record is never without its group).
@@ -543,128 +510,6 @@ impl Store {
             store: self,
             batch,
             chunk: None,
-        }
-    }
-
-    /// Removes every request and body of a batch (a failed validation, or a re-run intake).
-    pub fn delete_requests(&self, batch: BatchId) -> Result<(), StoreError> {
-        for tree in [
-            &self.requests,
-            &self.bodies,
-            &self.groups,
-            &self.body_chunks,
-            &self.group_chunks,
-            &self.conversations,
-        ] {
-            let mut b = sled::Batch::default();
-            for item in tree.scan_prefix(batch.0.as_bytes()) {
-                let (k, _) = item?;
-                b.remove(k);
-            }
-            tree.apply_batch(b)?;
-        }
-        Ok(())
-    }
-
-    /// One request's record.
-    pub fn get_request(&self, key: RequestKey) -> Result<Option<RequestRecord>, StoreError> {
-        match self.requests.get(key.to_bytes())? {
-            Some(v) => Ok(Some(decode("request", &v)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// The requests of a batch after line `after`, in line order (`after` 0: all of them).
-    pub fn batch_requests_after(
-        &self,
-        batch: BatchId,
-        after: u32,
-    ) -> impl Iterator<Item = Result<(RequestKey, RequestRecord), StoreError>> + '_ {
-        let from = RequestKey {
-            batch,
-            line: after.saturating_add(1),
-        }
-        .to_bytes();
-        let to = RequestKey {
-            batch,
-            line: u32::MAX,
-        }
-        .to_bytes();
-        self.requests
-            .range(from..=to)
-            .filter(move |_| after < u32::MAX)
-            .map(|item| {
-                let (k, v) = item?;
-                let key = RequestKey::from_bytes(&k).ok_or_else(|| StoreError::Codec {
-                    what: "request key",
-                    detail: format!("{} bytes", k.len()),
-                })?;
-                Ok((key, decode("request", &v)?))
-            })
-    }
-
-    /// Every request of a batch in line order (lines are numbered from 1).
-    pub fn batch_requests(
-        &self,
-        batch: BatchId,
-    ) -> impl Iterator<Item = Result<(RequestKey, RequestRecord), StoreError>> + '_ {
-        self.batch_requests_after(batch, 0)
-    }
-
-    /// Applies one edge of the request state machine ([`Transition`]) as one compare-and-swap:
-    /// the record changes only if it is where the edge starts (`Queued`, or `Leased` under
-    /// that exact lease); otherwise `Refused`, and nothing changes. Returns the new record.
-    /// The supervisor's `transitions.rs` is the only caller.
-    pub fn transition_request(
-        &self,
-        key: RequestKey,
-        t: &Transition,
-    ) -> Result<RequestRecord, TransitionError> {
-        let k = key.to_bytes();
-        loop {
-            let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
-            let mut rec: RequestRecord = decode("request", &old)?;
-            rec.apply(t).map_err(TransitionError::Refused)?;
-            if self
-                .requests
-                .compare_and_swap(k, Some(&old), Some(encode(&rec)))?
-                .is_ok()
-            {
-                return Ok(rec);
-            }
-        }
-    }
-
-    /// [`Store::transition_request`] and a conversation's record in one transaction: a line of a
-    /// conversation succeeds together with the history that now holds it.
-    pub fn transition_request_in_conversation(
-        &self,
-        key: RequestKey,
-        t: &Transition,
-        conversation: (u64, u32),
-        record: &ConvRecord,
-    ) -> Result<RequestRecord, TransitionError> {
-        use sled::Transactional;
-        use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
-        let k = key.to_bytes();
-        let ck = conv_key(key.batch, conversation);
-        let value = encode(record);
-        let r = (&self.requests, &self.conversations).transaction(|(reqs, convs)| {
-            let old = reqs
-                .get(k)?
-                .ok_or(Abort::Abort(TransitionError::NotFound))?;
-            let mut rec: RequestRecord =
-                decode("request", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
-            rec.apply(t)
-                .map_err(|e| Abort::Abort(TransitionError::Refused(e)))?;
-            reqs.insert(&k[..], encode(&rec))?;
-            convs.insert(&ck[..], value.clone())?;
-            Ok(rec)
-        });
-        match r {
-            Ok(rec) => Ok(rec),
-            Err(TransactionError::Abort(e)) => Err(e),
-            Err(TransactionError::Storage(e)) => Err(e.into()),
         }
     }
 
@@ -702,7 +547,7 @@ impl Store {
             .body_chunks
             .get(chunks::chunk_key(key.batch, key.line))?
         {
-            return chunks::body_in(&chunk, chunks::slot(key.line))
+            return chunks::slot_in(&chunk, chunks::slot(key.line))
                 .map(|b| decode("body", b))
                 .transpose();
         }
@@ -896,7 +741,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::RequestState;
+    use crate::domain::{RequestState, Transition};
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");

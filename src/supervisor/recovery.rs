@@ -84,8 +84,8 @@ pub(super) fn load_batch(
     let mut started = false;
     let mut fixes = Vec::new();
     let mut groups = store.group_reader(rec.id);
-    for item in store.batch_requests(rec.id) {
-        let (key, mut r) = item?;
+    for item in store.batch_lines(rec.id) {
+        let (key, mut r, usage) = item?;
         lines += 1;
         started |= r.attempts > 0 || r.state.is_done();
         let group = groups.group(key.line)?;
@@ -118,13 +118,13 @@ pub(super) fn load_batch(
         match r.state {
             RequestState::Succeeded => {
                 a.succeeded += 1;
-                if let Some(u) = r.result.as_ref().and_then(|x| x.usage.as_ref()) {
+                if let Some(u) = &usage {
                     a.usage.add(u);
                 }
             }
             RequestState::Failed => {
                 a.failed += 1;
-                if let Some(u) = r.result.as_ref().and_then(|x| x.usage.as_ref()) {
+                if let Some(u) = &usage {
                     a.usage.add(u);
                 }
             }
