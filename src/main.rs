@@ -250,11 +250,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(args, report)) {
+    let code = match rt.block_on(run(args, report)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             complain(&format!("{e:#}"));
             ExitCode::FAILURE
         }
-    }
+    };
+    // Dropping the runtime would wait for every blocking task; one that never returns (after an
+    // I/O error sled's reads can spin on a page that never loads) would keep the stopped
+    // server alive, spinning, for ever. Such a task is abandoned after 5 s.
+    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+    code
 }

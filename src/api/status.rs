@@ -305,15 +305,24 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
         return Json(v);
     }
     // Reads of the store, `blobs` counted by iteration, run on the blocking pool, never on
-    // the runtime's workers.
+    // the runtime's workers, and are waited for 2 s at most: a store that fails while they run
+    // (sled meets the full disk before a flush says so) may never answer them, and /status
+    // must still answer, with what is known.
     let store = st.store.clone();
-    let (size, blobs, finished) = tokio::task::spawn_blocking(move || {
+    let read = tokio::task::spawn_blocking(move || {
         (store.size_on_disk(), store.blob_count(), finished(&store))
-    })
-    .await
-    .unwrap_or((0, 0, Value::Null));
-    v["store_size_bytes"] = json!(size);
-    v["shared_contents"] = json!(blobs);
-    v["finished"] = finished;
+    });
+    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+        Ok(Ok((size, blobs, finished))) => {
+            v["store_size_bytes"] = json!(size);
+            v["shared_contents"] = json!(blobs);
+            v["finished"] = finished;
+        }
+        _ => {
+            v["store_size_bytes"] = Value::Null;
+            v["shared_contents"] = Value::Null;
+            v["finished"] = Value::Null;
+        }
+    }
     Json(v)
 }
