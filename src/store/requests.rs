@@ -76,6 +76,19 @@ impl Held {
 /// One line as scanned: its key, its record without the result, and the result's place.
 type Scanned = (RequestKey, RequestRecord, Option<Held>);
 
+/// A record as a chunk keeps it, without its result, and where the result is.
+fn from_chunk(bytes: &[u8]) -> Result<(RequestRecord, Option<Held>), StoreError> {
+    let (rec, at) = decode::<Stored>("request", bytes)?.split();
+    Ok((rec, at.map(Held::At)))
+}
+
+/// A record from before chunks, without its result, and the result it held.
+fn from_legacy(bytes: &[u8]) -> Result<(RequestRecord, Option<Held>), StoreError> {
+    let mut rec: RequestRecord = decode("request", bytes)?;
+    let r = rec.result.take().map(Held::Inline);
+    Ok((rec, r))
+}
+
 fn codec(what: &'static str) -> impl Fn() -> StoreError {
     move || StoreError::Codec {
         what,
@@ -101,8 +114,8 @@ fn chunk_lines(
         .map(|(slot, bytes)| (n * chunks::CHUNK_LINES + u32::from(slot), bytes))
         .filter(|(line, _)| *line > after)
         .map(|(line, bytes)| {
-            let (rec, at) = decode::<Stored>("request", bytes)?.split();
-            Ok((RequestKey { batch, line }, rec, at.map(Held::At)))
+            let (rec, held) = from_chunk(bytes)?;
+            Ok((RequestKey { batch, line }, rec, held))
         })
         .collect()
 }
@@ -200,26 +213,13 @@ impl Store {
 
     /// One request's record, its result included.
     pub fn get_request(&self, key: RequestKey) -> Result<Option<RequestRecord>, StoreError> {
-        let held = match self
-            .request_chunks
-            .get(chunks::chunk_key(key.batch, key.line))?
-        {
-            Some(chunk) => match chunks::slot_in(&chunk, chunks::slot(key.line)) {
-                Some(bytes) => {
-                    let (rec, at) = decode::<Stored>("request", bytes)?.split();
-                    Some((rec, at.map(Held::At)))
-                }
-                None => None,
-            },
-            // A store from before chunks: one record per key.
-            None => match self.requests.get(key.to_bytes())? {
-                Some(v) => {
-                    let mut rec: RequestRecord = decode("request", &v)?;
-                    let r = rec.result.take().map(Held::Inline);
-                    Some((rec, r))
-                }
-                None => None,
-            },
+        let found = self.record_at(key)?;
+        let held = match (found.place, found.value) {
+            (Place::Chunk, Some(chunk)) => chunks::slot_in(&chunk, chunks::slot(key.line))
+                .map(from_chunk)
+                .transpose()?,
+            (Place::Key, Some(v)) => Some(from_legacy(&v)?),
+            (_, None) => None,
         };
         match held {
             Some((mut rec, r)) => {
@@ -269,9 +269,8 @@ impl Store {
                 range(&self.requests, RequestKey { batch, line: first }.to_bytes()).map(|item| {
                     let (k, v) = item?;
                     let key = RequestKey::from_bytes(&k).ok_or_else(codec("request key"))?;
-                    let mut rec: RequestRecord = decode("request", &v)?;
-                    let r = rec.result.take().map(Held::Inline);
-                    Ok((key, rec, r))
+                    let (rec, held) = from_legacy(&v)?;
+                    Ok((key, rec, held))
                 }),
             )
         }
@@ -324,17 +323,17 @@ impl Store {
         key: RequestKey,
         t: &Transition,
     ) -> Result<RequestRecord, TransitionError> {
-        let ck = chunks::chunk_key(key.batch, key.line);
-        let Some(mut old) = self.request_chunks.get(ck)? else {
-            return self.legacy_transition(key, t);
-        };
-        let at = self.result_of(key.batch, t)?;
+        let Located {
+            place,
+            tree,
+            key: k,
+            value,
+        } = self.record_at(key)?;
+        let mut old = value.ok_or(TransitionError::NotFound)?;
+        let at = self.result_of(place, key.batch, t)?;
         loop {
-            let (rec, new) = moved(&old, key, t, &at)?;
-            match self
-                .request_chunks
-                .compare_and_swap(ck, Some(&old), Some(new))?
-            {
+            let (rec, new) = moved(place, &old, key, t, &at)?;
+            match tree.compare_and_swap(k, Some(&old), Some(new))? {
                 Ok(()) => return Ok(rec),
                 // Another line of the chunk moved meanwhile: again, from what is there now.
                 Err(e) => old = e.current.ok_or(TransitionError::NotFound)?,
@@ -342,29 +341,38 @@ impl Store {
         }
     }
 
-    /// Where an edge's result goes (written now), if it has one.
-    fn result_of(&self, batch: BatchId, t: &Transition) -> Result<Option<ResultAt>, StoreError> {
-        t.result().map(|r| self.put_result(batch, r)).transpose()
+    /// Where `key`'s record is: its chunk, or (a store from before chunks) its own key in
+    /// `requests`.
+    fn record_at(&self, key: RequestKey) -> Result<Located<'_>, StoreError> {
+        let ck = chunks::chunk_key(key.batch, key.line);
+        if let Some(v) = self.request_chunks.get(ck)? {
+            return Ok(Located {
+                place: Place::Chunk,
+                tree: &self.request_chunks,
+                key: ck,
+                value: Some(v),
+            });
+        }
+        let k = key.to_bytes();
+        Ok(Located {
+            place: Place::Key,
+            tree: &self.requests,
+            key: k,
+            value: self.requests.get(k)?,
+        })
     }
 
-    /// [`Store::transition_request`] for a store from before chunks.
-    fn legacy_transition(
+    /// Where an edge's result goes (written now), if it has one and the record is in a chunk
+    /// (a record from before chunks keeps its result inside).
+    fn result_of(
         &self,
-        key: RequestKey,
+        place: Place,
+        batch: BatchId,
         t: &Transition,
-    ) -> Result<RequestRecord, TransitionError> {
-        let k = key.to_bytes();
-        loop {
-            let old = self.requests.get(k)?.ok_or(TransitionError::NotFound)?;
-            let mut rec: RequestRecord = decode("request", &old)?;
-            rec.apply(t).map_err(TransitionError::Refused)?;
-            if self
-                .requests
-                .compare_and_swap(k, Some(&old), Some(encode(&rec)))?
-                .is_ok()
-            {
-                return Ok(rec);
-            }
+    ) -> Result<Option<ResultAt>, StoreError> {
+        match (place, t.result()) {
+            (Place::Chunk, Some(r)) => Ok(Some(self.put_result(batch, r)?)),
+            _ => Ok(None),
         }
     }
 
@@ -379,34 +387,20 @@ impl Store {
     ) -> Result<RequestRecord, TransitionError> {
         use sled::Transactional;
         use sled::transaction::{ConflictableTransactionError as Abort, TransactionError};
-        let ck = chunks::chunk_key(key.batch, key.line);
-        let chunked = self.request_chunks.contains_key(ck)?;
-        let (tree, k) = if chunked {
-            (&self.request_chunks, ck)
-        } else {
-            (&self.requests, key.to_bytes())
-        };
-        let at = if chunked {
-            self.result_of(key.batch, t)?
-        } else {
-            None
-        };
+        let Located {
+            place,
+            tree,
+            key: k,
+            ..
+        } = self.record_at(key)?;
+        let at = self.result_of(place, key.batch, t)?;
         let conv = conv_key(key.batch, conversation);
         let value = encode(record);
         let r = (tree, &self.conversations).transaction(|(reqs, convs)| {
             let old = reqs
                 .get(k)?
                 .ok_or(Abort::Abort(TransitionError::NotFound))?;
-            let (rec, new) = if chunked {
-                moved(&old, key, t, &at).map_err(Abort::Abort)?
-            } else {
-                let mut rec: RequestRecord =
-                    decode("request", &old).map_err(|e| Abort::Abort(TransitionError::Store(e)))?;
-                rec.apply(t)
-                    .map_err(|e| Abort::Abort(TransitionError::Refused(e)))?;
-                let new = encode(&rec);
-                (rec, new)
-            };
+            let (rec, new) = moved(place, &old, key, t, &at).map_err(Abort::Abort)?;
             reqs.insert(&k[..], new)?;
             convs.insert(&conv[..], value.clone())?;
             Ok(rec)
@@ -419,14 +413,41 @@ impl Store {
     }
 }
 
-/// The record of `key` in chunk `old` after edge `t` (its result, if it has one, written at
-/// `at`), and the chunk that holds it.
+/// A line's record where it is stored.
+struct Located<'a> {
+    place: Place,
+    tree: &'a sled::Tree,
+    /// Its key in `tree`.
+    key: [u8; 20],
+    /// The value there now (the chunk, or the record).
+    value: Option<sled::IVec>,
+}
+
+/// Where a line's record is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    /// In its 64-line chunk (`request_chunks`), its result in the results file.
+    Chunk,
+    /// Under its own key (`requests`), result inside: a store from before chunks.
+    Key,
+}
+
+/// The record of `key` after edge `t`, and the value that holds it now: the chunk `old` with
+/// the line's entry replaced (its result, if the edge has one, written at `at`), or, for a
+/// record from before chunks, the record itself.
 fn moved(
+    place: Place,
     old: &[u8],
     key: RequestKey,
     t: &Transition,
     at: &Option<ResultAt>,
 ) -> Result<(RequestRecord, Vec<u8>), TransitionError> {
+    if place == Place::Key {
+        let mut rec: RequestRecord = decode("request", old)?;
+        rec.apply(t).map_err(TransitionError::Refused)?;
+        let new = encode(&rec);
+        return Ok((rec, new));
+    }
     let slot = chunks::slot(key.line);
     let bytes = chunks::slot_in(old, slot).ok_or(TransitionError::NotFound)?;
     let (mut rec, before) = decode::<Stored>("request", bytes)?.split();
