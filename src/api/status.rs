@@ -297,32 +297,29 @@ pub async fn status(State(st): State<AppState>) -> Json<Value> {
     let mut v = live_snapshot(&st);
     v["uptime_s"] = json!(st.started.elapsed().as_secs());
     // A store that failed is not read: after an I/O error sled's reads can spin for ever on a
-    // page that never loads. The snapshot says what is known, and `store_error` why.
-    if st.store.failure().is_some() {
-        v["store_size_bytes"] = Value::Null;
-        v["shared_contents"] = Value::Null;
-        v["finished"] = Value::Null;
-        return Json(v);
-    }
-    // Reads of the store, `blobs` counted by iteration, run on the blocking pool, never on
-    // the runtime's workers, and are waited for 2 s at most: a store that fails while they run
+    // page that never loads. The snapshot says what is known, and `store_error` why. Reads of
+    // the store, `blobs` counted by iteration, run on the blocking pool, never on the
+    // runtime's workers, and are waited for 2 s at most: a store that fails while they run
     // (sled meets the full disk before a flush says so) may never answer them, and /status
     // must still answer, with what is known.
-    let store = st.store.clone();
-    let read = tokio::task::spawn_blocking(move || {
-        (store.size_on_disk(), store.blob_count(), finished(&store))
-    });
-    match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
-        Ok(Ok((size, blobs, finished))) => {
-            v["store_size_bytes"] = json!(size);
-            v["shared_contents"] = json!(blobs);
-            v["finished"] = finished;
+    let read = if st.store.failure().is_some() {
+        None
+    } else {
+        let store = st.store.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            (store.size_on_disk(), store.blob_count(), finished(&store))
+        });
+        match tokio::time::timeout(std::time::Duration::from_secs(2), read).await {
+            Ok(Ok(figures)) => Some(figures),
+            _ => None,
         }
-        _ => {
-            v["store_size_bytes"] = Value::Null;
-            v["shared_contents"] = Value::Null;
-            v["finished"] = Value::Null;
-        }
-    }
+    };
+    let (size, blobs, finished) = match read {
+        Some((size, blobs, finished)) => (json!(size), json!(blobs), finished),
+        None => (Value::Null, Value::Null, Value::Null),
+    };
+    v["store_size_bytes"] = size;
+    v["shared_contents"] = blobs;
+    v["finished"] = finished;
     Json(v)
 }

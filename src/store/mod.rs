@@ -187,6 +187,18 @@ fn conv_key(batch: BatchId, (group, n): (u64, u32)) -> [u8; 28] {
     k
 }
 
+/// Bytes the files directly in `dir` take (0 if it cannot be read).
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+        .unwrap_or(0)
+}
+
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     // Encoding plain structs into a Vec cannot fail; an error here would be a bug in a type.
     bincode::serde::encode_to_vec(value, bincode::config::standard())
@@ -311,16 +323,9 @@ impl Store {
 
     /// Bytes the database, the results and the stored files take on disk.
     pub fn size_on_disk(&self) -> u64 {
-        let db = self.db.size_on_disk().unwrap_or(0) + self.results.size();
-        let files = std::fs::read_dir(self.dir.join("files"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum::<u64>()
-            })
-            .unwrap_or(0);
-        db + files
+        self.db.size_on_disk().unwrap_or(0)
+            + dir_size(&self.dir.join("results"))
+            + dir_size(&self.dir.join("files"))
     }
 
     // ---- files ----------------------------------------------------------------------------

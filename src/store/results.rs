@@ -133,16 +133,4 @@ impl Results {
             Err(e) => Err(e.into()),
         }
     }
-
-    /// Bytes all results files take.
-    pub(super) fn size(&self) -> u64 {
-        std::fs::read_dir(&self.dir)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .filter_map(|e| e.metadata().ok())
-                    .map(|m| m.len())
-                    .sum::<u64>()
-            })
-            .unwrap_or(0)
-    }
 }

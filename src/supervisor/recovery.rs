@@ -115,19 +115,12 @@ pub(super) fn load_batch(
             RequestState::Queued | RequestState::Leased => LoadKind::Ready,
         };
         push_run(&mut a.load, key.line, group, kind);
+        if let Some(u) = &usage {
+            a.usage.add(u); // only a finished line has a result
+        }
         match r.state {
-            RequestState::Succeeded => {
-                a.succeeded += 1;
-                if let Some(u) = &usage {
-                    a.usage.add(u);
-                }
-            }
-            RequestState::Failed => {
-                a.failed += 1;
-                if let Some(u) = &usage {
-                    a.usage.add(u);
-                }
-            }
+            RequestState::Succeeded => a.succeeded += 1,
+            RequestState::Failed => a.failed += 1,
             RequestState::Queued if r.not_before_ms > now_ms => {
                 a.retry_wait += 1;
                 delayed.push((r.not_before_ms, key));
