@@ -203,9 +203,9 @@ fn expand(
     let mut errors: Vec<LineError> = Vec::new();
     let schemas = crate::answer::Schemas::default();
     let mut unlisted = 0usize;
-    // Each line's custom_id as a 64-bit hash and its line (16 bytes a line, not the ids
-    // themselves): duplicates are found and checked against the ids after the pass.
-    let mut ids: Vec<(u64, u32)> = Vec::new();
+    // Each line's custom_id as a 64-bit hash (8 bytes a line, not the ids themselves):
+    // duplicates are found and checked against the ids after the pass.
+    let mut ids = Ids::new(id_hash);
     let mut model: Option<(String, u32)> = None;
     let mut shared = SharedContents::default();
     let mut pending = Vec::with_capacity(WRITE_CHUNK);
@@ -290,7 +290,7 @@ fn expand(
             }
             Some(_) => {}
         }
-        ids.push((id_hash(&custom_id), line_no));
+        ids.push(line_no, &custom_id);
         total += 1;
         if !errors.is_empty() {
             continue; // keep validating, stop writing
@@ -341,26 +341,63 @@ fn id_hash(id: &str) -> u64 {
     h.finish()
 }
 
-/// The `duplicate_custom_id` errors of a file, from the (hash, line) of its lines: lines whose
-/// hash another line shares are read again and their ids compared, so a hash collision is
-/// never taken for a duplicate. Every repeat after an id's first line is an error.
+/// The custom_ids of a file's counted lines, in 8 bytes and a bit a line: each id's hash, in
+/// line order, and which line numbers were counted (a line refused for another reason, or
+/// blank, has no id here).
+struct Ids {
+    hashes: Vec<u64>,
+    /// Bit `n` (line numbers from 1): line `n` was counted.
+    counted: Vec<u64>,
+    hash: fn(&str) -> u64,
+}
+
+impl Ids {
+    fn new(hash: fn(&str) -> u64) -> Ids {
+        Ids {
+            hashes: Vec::new(),
+            counted: Vec::new(),
+            hash,
+        }
+    }
+
+    fn push(&mut self, line: u32, custom_id: &str) {
+        self.hashes.push((self.hash)(custom_id));
+        let (word, bit) = (line as usize / 64, line % 64);
+        if self.counted.len() <= word {
+            self.counted.resize(word + 1, 0);
+        }
+        self.counted[word] |= 1 << bit;
+    }
+
+    fn counted(&self, line: u32) -> bool {
+        self.counted
+            .get(line as usize / 64)
+            .is_some_and(|w| w & (1 << (line % 64)) != 0)
+    }
+}
+
+/// The `duplicate_custom_id` errors of a file, from the hashes of its ids: when two counted
+/// lines share a hash, the file is read again and the ids of the lines with such a hash are
+/// compared, so a hash collision is never taken for a duplicate. Every repeat after an id's
+/// first line is an error. A file without a shared hash (every valid file, but for a
+/// collision) is read once.
 fn duplicate_ids(
     path: &std::path::Path,
     cfg: &Config,
     endpoint: crate::domain::Endpoint,
-    mut ids: Vec<(u64, u32)>,
+    mut ids: Ids,
 ) -> Result<Vec<LineError>, ExpandError> {
-    ids.sort_unstable();
-    let mut suspects: Vec<u32> = ids
-        .chunk_by(|a, b| a.0 == b.0)
+    ids.hashes.sort_unstable();
+    let shared: Vec<u64> = ids
+        .hashes
+        .chunk_by(|a, b| a == b)
         .filter(|same| same.len() > 1)
-        .flat_map(|same| same.iter().map(|(_, line)| *line))
+        .map(|same| same[0])
         .collect();
-    drop(ids);
-    if suspects.is_empty() {
+    ids.hashes = Vec::new();
+    if shared.is_empty() {
         return Ok(Vec::new());
     }
-    suspects.sort_unstable();
     let file = std::fs::File::open(path)
         .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
@@ -368,16 +405,13 @@ fn duplicate_ids(
     let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut out = Vec::new();
     let mut line_no: u32 = 0;
-    let mut next = suspects.iter().peekable();
     while let Some(too_long) = read_line_bounded(&mut reader, &mut buf, cfg.max_line_bytes)
         .map_err(|e| ExpandError::File(format!("cannot read input file: {e}")))?
     {
         line_no = line_no.saturating_add(1);
-        let Some(&&want) = next.peek() else { break };
-        if line_no != want {
+        if !ids.counted(line_no) {
             continue;
         }
-        next.next();
         // It passed these checks in the first pass; a file that changed under us is refused.
         let changed = || ExpandError::File("the input file changed while it was read".into());
         if too_long {
@@ -385,6 +419,9 @@ fn duplicate_ids(
         }
         let (custom_id, _, _) =
             check_line(line_no, &buf, endpoint, cfg.backend).map_err(|_| changed())?;
+        if shared.binary_search(&(ids.hash)(&custom_id)).is_err() {
+            continue;
+        }
         if !seen.insert(custom_id.clone()) {
             out.push(err(
                 line_no,
@@ -455,14 +492,18 @@ mod tests {
         ];
         std::fs::write(&path, lines.join("\n")).expect("write");
         let chat = Endpoint::ChatCompletions;
-        // Lines 2 and 5 ("b", "c") share a hash as if they collided: not duplicates.
-        let ids = vec![
-            (id_hash("a"), 1),
-            (9, 2),
-            (id_hash("a"), 4),
-            (9, 5),
-            (id_hash("a"), 6),
-        ];
+        // "b" and "c" (lines 2 and 5) share a hash as if they collided: not duplicates.
+        fn colliding(id: &str) -> u64 {
+            if id == "c" { id_hash("b") } else { id_hash(id) }
+        }
+        let counted = |lines: &[(u32, &str)]| {
+            let mut ids = Ids::new(colliding);
+            for (line, id) in lines {
+                ids.push(*line, id);
+            }
+            ids
+        };
+        let ids = counted(&[(1, "a"), (2, "b"), (4, "a"), (5, "c"), (6, "a")]);
         let Ok(errors) = duplicate_ids(&path, &cfg, chat, ids) else {
             panic!("second pass failed")
         };
@@ -480,8 +521,19 @@ mod tests {
             "{}",
             errors[0].message
         );
-        let unique = vec![(id_hash("a"), 1), (id_hash("b"), 2)];
-        assert!(matches!(duplicate_ids(&path, &cfg, chat, unique), Ok(e) if e.is_empty()));
+        // Only "b" and "c" share a hash (line 4, a repeat of "a", was not counted): read
+        // again, compared, no error.
+        let collided = counted(&[(1, "a"), (2, "b"), (5, "c")]);
+        assert!(matches!(duplicate_ids(&path, &cfg, chat, collided), Ok(e) if e.is_empty()));
+        // A line not counted in the first pass (refused for another reason) is not reported
+        // as a repeat: line 4 repeats "a", but only lines 1 and 6 were counted.
+        let Ok(errors) = duplicate_ids(&path, &cfg, chat, counted(&[(1, "a"), (6, "a")])) else {
+            panic!("second pass failed")
+        };
+        assert_eq!(
+            errors.iter().map(|e| e.line).collect::<Vec<_>>(),
+            vec![Some(6)]
+        );
     }
 
     #[test]
