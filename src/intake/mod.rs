@@ -341,9 +341,9 @@ fn id_hash(id: &str) -> u64 {
     h.finish()
 }
 
-/// The custom_ids of a file's counted lines, in 8 bytes and a bit a line: each id's hash, in
-/// line order, and which line numbers were counted (a line refused for another reason, or
-/// blank, has no id here).
+/// The custom_ids of a file's counted lines, in 8 bytes and a bit a line: each id's hash, and
+/// which line numbers were counted (a line refused for another reason, or blank, has no id
+/// here).
 struct Ids {
     hashes: Vec<u64>,
     /// Bit `n` (line numbers from 1): line `n` was counted.
