@@ -37,6 +37,21 @@ pub fn chunk_key(batch: BatchId, line: u32) -> [u8; 20] {
     .to_bytes()
 }
 
+/// `items` (in line order; `key` gives an item's line) split by the chunk their lines are in,
+/// each part with its chunk's key.
+pub fn by_chunk<T>(
+    items: &[T],
+    key: impl Fn(&T) -> RequestKey + Copy,
+) -> impl Iterator<Item = ([u8; 20], &[T])> {
+    let chunk = move |item: &T| {
+        let k = key(item);
+        chunk_key(k.batch, k.line)
+    };
+    items
+        .chunk_by(move |a, b| chunk(a) == chunk(b))
+        .map(move |same| (chunk(&same[0]), same))
+}
+
 /// A line's slot in its chunk.
 pub fn slot(line: u32) -> u8 {
     // CHUNK_LINES is 64: the remainder always fits.

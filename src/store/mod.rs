@@ -493,10 +493,7 @@ impl Store {
     /// Writes the prefix groups of intake lines, in line order, by the chunk (before their
     /// records: a record is never without its group).
     pub fn put_groups(&self, items: &[(RequestKey, u64)]) -> Result<(), StoreError> {
-        for same in items.chunk_by(|a, b| {
-            chunks::chunk_key(a.0.batch, a.0.line) == chunks::chunk_key(b.0.batch, b.0.line)
-        }) {
-            let k = chunks::chunk_key(same[0].0.batch, same[0].0.line);
+        for (k, same) in chunks::by_chunk(items, |item| item.0) {
             let mut runs: chunks::Runs = match self.group_chunks.get(k)? {
                 Some(v) => decode("group chunk", &v)?,
                 None => Vec::new(),

@@ -148,11 +148,8 @@ impl Store {
         // far past its cache (a 200,000-line intake peaked at 367 MB with batches, 172 MB
         // without; docs/benchmarks.md). Nothing needs the chunk to be atomic: an interrupted
         // intake starts again from its first line, deleting what it had queued.
-        for same in items.chunk_by(|a, b| {
-            chunks::chunk_key(a.0.batch, a.0.line) == chunks::chunk_key(b.0.batch, b.0.line)
-        }) {
+        for (k, same) in chunks::by_chunk(items, |item| item.0) {
             let batch = same[0].0.batch;
-            let k = chunks::chunk_key(batch, same[0].0.line);
             let bodies: Vec<(u8, Vec<u8>)> = same
                 .iter()
                 .map(|(key, _, body)| (chunks::slot(key.line), encode(body)))
