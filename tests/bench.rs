@@ -383,7 +383,9 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// (100000,500000,1000000 by default) against an instant backend at concurrency 64, each line with a
 /// 300-character system prompt, or with `BENCH_PAD=N` a unique N-character user message (the
 /// fake's answers as long) (ignored by default; run by `scripts/bench-memory.sh`): peak RSS,
-/// intake rate, and the time from a restart with the batch queued to its first dispatch.
+/// intake rate, the time from a restart with the batch queued to its first dispatch; then the
+/// same lines again in a batch that reuses answers (all answered from the store, no call):
+/// its rate and the peak RSS while it runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: run scripts/bench-memory.sh"]
 async fn bench_memory() {
@@ -396,25 +398,20 @@ async fn bench_memory() {
     let fake = Fake::start(Shape::OpenAi).await;
     println!();
     println!(
-        "| lines | peak RSS of serve | of it, intake | intake (lines/s) | run (requests/s) | restart to first dispatch |"
+        "| lines | peak RSS of serve | of it, intake | intake (lines/s) | run (requests/s) | restart to first dispatch | again, reused (lines/s) | peak RSS then |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     let system = "You score candidates against this rubric. ".repeat(7);
     for n in sizes {
         let dir = tempfile::tempdir().expect("tempdir");
         let state = dir.path().join("state");
         let mut server = process::spawn(&state, &fake.url(), 64, &[]);
         let api = Api::new(&server.addr);
-        let (_, file) = api
-            .upload(
-                "in.jsonl",
-                match std::env::var("BENCH_PAD").ok().and_then(|p| p.parse().ok()) {
-                    Some(pad) => crate::support::padded_chat_file(n, pad),
-                    None => chat_file(n, "m", &system),
-                },
-                "batch",
-            )
-            .await;
+        let lines = || match std::env::var("BENCH_PAD").ok().and_then(|p| p.parse().ok()) {
+            Some(pad) => crate::support::padded_chat_file(n, pad),
+            None => chat_file(n, "m", &system),
+        };
+        let (_, file) = api.upload("in.jsonl", lines(), "batch").await;
         let t0 = Instant::now();
         let b = api
             .create_batch(file["id"].as_str().expect("file"), "/v1/chat/completions")
@@ -439,11 +436,36 @@ async fn bench_memory() {
         let rate = n as f64 / t2.elapsed().as_secs_f64();
         assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
         let peak = peak_rss_kb(server2.child.id()).max(intake_peak);
+        // The same lines again, reusing answers: the first lookup moves the run's whole
+        // answers log into the index, then every line is answered from the store. The peak
+        // is measured from here (writing 5 to clear_refs resets VmHWM).
+        let pid = server2.child.id();
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("reset the peak");
+        let (_, again) = api.upload("again.jsonl", lines(), "batch").await;
+        let calls = fake.total_calls();
+        let t3 = Instant::now();
+        let b = api
+            .create_batch_with(
+                again["id"].as_str().expect("file"),
+                "/v1/chat/completions",
+                serde_json::json!({"reuse": "true"}),
+            )
+            .await;
+        let again_id = b["id"].as_str().expect("id");
+        let done = api.wait_terminal(again_id, Duration::from_secs(1800)).await;
+        let reuse_rate = n as f64 / t3.elapsed().as_secs_f64();
+        assert_eq!(done["request_counts"]["completed"], n as u64, "{done}");
+        assert_eq!(
+            fake.total_calls(),
+            calls,
+            "every line answered from the store"
+        );
         println!(
-            "| {n} | {} MB | {} MB | {intake:.0} | {rate:.0} | {:.2} s |",
+            "| {n} | {} MB | {} MB | {intake:.0} | {rate:.0} | {:.2} s | {reuse_rate:.0} | {} MB |",
             peak / 1024,
             intake_peak / 1024,
-            restart.as_secs_f64()
+            restart.as_secs_f64(),
+            peak_rss_kb(pid) / 1024
         );
     }
 }

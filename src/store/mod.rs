@@ -7,8 +7,8 @@
 //! |------------|------------------------------|----------------------------------------|
 //! | `files`    | file uuid (16 B)             | [`FileRecord`]                         |
 //! | `batches`  | batch uuid (16 B)            | [`BatchRecord`]                        |
-//! | `request_chunks` | batch uuid + chunk u32 (20 B) | the [`RequestRecord`]s (state, attempts, lease, where the result is) of 64 lines ([`chunks`], [`requests`]) |
-//! | `requests` | batch uuid + line u32 (20 B) | stores before chunks: one [`RequestRecord`] per line, result inside (read and moved, no longer written) |
+//! | `request_chunks` | batch uuid + chunk u32 (20 B) | the [`RequestRecord`](crate::domain::RequestRecord)s (state, attempts, lease, where the result is) of 64 lines ([`chunks`], [`requests`]) |
+//! | `requests` | batch uuid + line u32 (20 B) | stores before chunks: one [`RequestRecord`](crate::domain::RequestRecord) per line, result inside (read and moved, no longer written) |
 //! | `body_chunks` | batch uuid + chunk u32 (20 B) | the [`StoredBody`]s (line bodies, shared parts by hash) of 64 lines ([`chunks`]) |
 //! | `group_chunks` | same as `body_chunks`     | the prefix groups of those lines, as runs |
 //! | `bodies`   | same as `requests`           | stores before chunks: one [`StoredBody`] per line (read, no longer written) |
@@ -19,11 +19,13 @@
 //! | `conversations` | batch ‖ group u64 ‖ conversation u32 (28 B) | the conversation's [`ConvRecord`], written with the result of its last success |
 //! | `expiry`   | batch uuid (16 B)            | its `output_expires_after` seconds (u64, big-endian), when it named one |
 //! | `webhooks` | delivery id u64 (8 B)        | a [`Delivery`] still to make (an event for one receiver), written with its batch's terminal transition |
-//! | `answers`  | the reuse key's first 2 bytes | a bucket: (reuse key: sha-256, 32 B ‖ the line, batch ‖ line, 20 B, whose success answered it) per answer; the answer itself stays in that line's record. Stores before buckets: one 32-byte key per answer (read, no longer written) |
+//! | `answers`  | the reuse key's first 2 bytes | a bucket: (reuse key: sha-256, 32 B ‖ the line, batch ‖ line, 20 B, whose success answered it) per answer; the answer itself stays in that line's record. Stores before buckets: one 32-byte key per answer (read, no longer written) ([`answers`]) |
+//! | `answers`  | `log` (3 B)                  | the offset in `answers.log` up to which the log is in the buckets (u64, big-endian) ([`answers`]) |
 //!
 //! File bytes live beside the database under `files/`, named by the file's uuid; each batch's
 //! results under `results/`, named by the batch's uuid ([`results`]: append-only, written
-//! before the record that points at them).
+//! before the record that points at them); the answers remembered since the last reuse lookup
+//! in `answers.log` ([`answers`]).
 //!
 //! Durability: a write is durable after [`Store::flush`] / [`Store::flush_async`] returns (the
 //! commit thread also flushes every 500 ms on its own). Callers decide when to flush; see
@@ -35,6 +37,7 @@
 //! it runs one flush for everyone waiting (group commit). sled's own background flusher is
 //! off, so at most one flush runs at any time.
 
+mod answers;
 pub mod chunks;
 mod commit;
 pub mod files;
@@ -44,7 +47,6 @@ mod results;
 use crate::conversation::{Plan, Record as ConvRecord};
 use crate::domain::{
     BatchId, BatchRecord, BatchStatus, Delivery, FileId, FileRecord, Refused, RequestKey,
-    RequestRecord,
 };
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::path::{Path, PathBuf};
@@ -175,9 +177,6 @@ impl From<sled::Error> for TransitionError {
     }
 }
 
-/// An entry of an answers bucket: reuse key (32 B) ‖ request key (20 B).
-const ANSWER_ENTRY: usize = 52;
-
 /// The key of a conversation's record: batch ‖ group ‖ number, big-endian.
 fn conv_key(batch: BatchId, (group, n): (u64, u32)) -> [u8; 28] {
     let mut k = [0u8; 28];
@@ -229,6 +228,7 @@ pub struct Store {
     group_chunks: sled::Tree,
     conversations: sled::Tree,
     answers: sled::Tree,
+    answer_log: answers::Log,
     expiry: sled::Tree,
     webhooks: sled::Tree,
     results: results::Results,
@@ -270,6 +270,8 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
+        let answers = db.open_tree("answers")?;
+        let answer_log = answers::Log::open(&dir.join("answers.log"), &db, &answers)?;
         Ok(Store {
             files: db.open_tree("files")?,
             batches: db.open_tree("batches")?,
@@ -282,7 +284,8 @@ impl Store {
             groups: db.open_tree("groups")?,
             group_chunks: db.open_tree("group_chunks")?,
             conversations: db.open_tree("conversations")?,
-            answers: db.open_tree("answers")?,
+            answers,
+            answer_log,
             expiry: db.open_tree("expiry")?,
             webhooks: db.open_tree("webhooks")?,
             results: results::Results::new(dir.join("results")).map_err(at(dir.join("results")))?,
@@ -321,11 +324,12 @@ impl Store {
             .clone()
     }
 
-    /// Bytes the database, the results and the stored files take on disk.
+    /// Bytes the database, the results, the stored files and the answers log take on disk.
     pub fn size_on_disk(&self) -> u64 {
         self.db.size_on_disk().unwrap_or(0)
             + dir_size(&self.dir.join("results"))
             + dir_size(&self.dir.join("files"))
+            + std::fs::metadata(self.dir.join("answers.log")).map_or(0, |m| m.len())
     }
 
     // ---- files ----------------------------------------------------------------------------
@@ -670,55 +674,6 @@ impl Store {
         Ok(out)
     }
 
-    // ---- answers by reuse key -------------------------------------------------------------
-
-    /// Remembers that line `key` answered the request whose reuse key is `hash` (the answer
-    /// stays in the line's record: stored once). Kept in one of 65,536 buckets by the hash's
-    /// first two bytes, not one key per answer: a key per answer cost a 1,000,000-line run 38 MB
-    /// of sled's per-page bookkeeping (docs/benchmarks.md).
-    pub fn remember_answer(&self, hash: &[u8; 32], key: RequestKey) -> Result<(), StoreError> {
-        let line = key.to_bytes();
-        self.answers.update_and_fetch(&hash[..2], |old| {
-            let mut v: Vec<u8> = Vec::with_capacity(old.map_or(0, <[u8]>::len) + ANSWER_ENTRY);
-            if let Some(old) = old {
-                for e in old.chunks_exact(ANSWER_ENTRY) {
-                    if e[..32] != hash[..] {
-                        v.extend_from_slice(e);
-                    }
-                }
-            }
-            v.extend_from_slice(hash);
-            v.extend_from_slice(&line);
-            Some(v)
-        })?;
-        Ok(())
-    }
-
-    /// The line that answered the request whose reuse key is `hash`, and its record as it is
-    /// now; `None` when no line did (or its batch is gone).
-    pub fn answered_by(
-        &self,
-        hash: &[u8; 32],
-    ) -> Result<Option<(RequestKey, RequestRecord)>, StoreError> {
-        let in_bucket = self.answers.get(&hash[..2])?.and_then(|b| {
-            b.chunks_exact(ANSWER_ENTRY)
-                .find(|e| e[..32] == hash[..])
-                .and_then(|e| RequestKey::from_bytes(&e[32..]))
-        });
-        let key = match in_bucket {
-            Some(key) => Some(key),
-            // A store from before buckets: one key per answer.
-            None => self
-                .answers
-                .get(hash)?
-                .and_then(|k| RequestKey::from_bytes(&k)),
-        };
-        let Some(key) = key else {
-            return Ok(None);
-        };
-        Ok(self.get_request(key)?.map(|r| (key, r)))
-    }
-
     // ---- blobs ----------------------------------------------------------------------------
 
     /// Stores shared content under its hash unless it is already there.
@@ -743,7 +698,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{RequestState, Transition};
+    use crate::domain::{RequestRecord, RequestState, Transition};
 
     fn store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -837,47 +792,6 @@ mod tests {
             .expect("get"),
             Some(body(999))
         );
-    }
-
-    #[test]
-    fn answers_are_found_by_their_whole_key_in_a_shared_bucket() {
-        let (_d, s) = store();
-        let batch = BatchId::new();
-        let key = |line| RequestKey { batch, line };
-        for line in 1..=4 {
-            s.put_requests(&[(
-                key(line),
-                RequestRecord::queued(format!("c{line}")),
-                body(line),
-            )])
-            .expect("put");
-        }
-        // Three hashes in one bucket (same first two bytes), one in another.
-        let h = |a: u8, b: u8| {
-            let mut x = [0u8; 32];
-            x[0] = a;
-            x[31] = b;
-            x
-        };
-        s.remember_answer(&h(1, 1), key(1)).expect("remember");
-        s.remember_answer(&h(1, 2), key(2)).expect("remember");
-        s.remember_answer(&h(2, 1), key(3)).expect("remember");
-        s.remember_answer(&h(1, 1), key(4))
-            .expect("a later answer replaces");
-        let by = |x| s.answered_by(&x).expect("get").map(|(k, _)| k.line);
-        assert_eq!(by(h(1, 1)), Some(4));
-        assert_eq!(by(h(1, 2)), Some(2));
-        assert_eq!(by(h(2, 1)), Some(3));
-        assert_eq!(by(h(1, 3)), None, "same bucket, another key");
-        assert_eq!(
-            s.answers.get(&h(1, 0)[..2]).expect("get").map(|b| b.len()),
-            Some(2 * ANSWER_ENTRY)
-        );
-        // A store from before buckets kept one 32-byte key per answer.
-        s.answers
-            .insert(h(7, 7), &key(3).to_bytes()[..])
-            .expect("legacy");
-        assert_eq!(by(h(7, 7)), Some(3));
     }
 
     #[test]

@@ -264,6 +264,9 @@ pub struct Supervisor {
     /// Results written since the last flush: (batch, succeeded, usage).
     pending: Vec<Done>,
     first_pending: Option<Instant>,
+    /// Successes to remember under their reuse key (`reuse.rs`), written with the next commit
+    /// or before the next lookup.
+    remembered: Vec<([u8; 32], RequestKey)>,
     /// Per backend: down (its lanes get no leases) since a call found it unreachable, until a
     /// probe reaches it.
     down: Vec<bool>,
@@ -350,6 +353,7 @@ impl Supervisor {
             leased: HashMap::new(),
             pending: Vec::new(),
             first_pending: None,
+            remembered: Vec::new(),
             down: vec![false; n_backends],
             backends,
             lane_backend,
@@ -804,6 +808,7 @@ impl Supervisor {
 
     /// One flush for everything written since the last; then the results count.
     async fn commit(&mut self) {
+        self.remember();
         if let Err(e) = self.store.flush_async().await {
             // Nothing is acknowledged; the next commit tries again.
             tracing::error!(error = %e, "flush failed");

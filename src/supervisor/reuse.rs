@@ -51,6 +51,7 @@ impl Supervisor {
     /// Looks `line` of batch `id` (reuse key `hash`) up before it is leased.
     pub(super) fn look_up(&mut self, id: BatchId, line: u32, hash: [u8; 32]) -> Lookup {
         let key = RequestKey { batch: id, line };
+        self.remember();
         match self.store.answered_by(&hash) {
             Ok(Some((by, rec))) if by != key && rec.state == RequestState::Succeeded => {
                 if let Some(result) = rec.result
@@ -86,6 +87,18 @@ impl Supervisor {
         }
     }
 
+    /// Writes the successes remembered since the last write into the store's answers log:
+    /// at each commit (durable with it) and before a lookup (which must see them).
+    pub(super) fn remember(&mut self) {
+        if self.remembered.is_empty() {
+            return;
+        }
+        if let Err(e) = self.store.remember_answers(&self.remembered) {
+            tracing::warn!(answers = self.remembered.len(), error = %e, "cannot remember answers for reuse");
+        }
+        self.remembered.clear();
+    }
+
     /// Settles `key` with an identical request's answer; whether it was.
     fn answer_from(&mut self, key: RequestKey, result: ResultRecord) -> bool {
         let usage = result.usage;
@@ -112,12 +125,10 @@ impl Supervisor {
         }
     }
 
-    /// `key` (reuse key `hash`) succeeded with `result`: remembered for later batches, and the
-    /// identical lines waiting for it are answered.
+    /// `key` (reuse key `hash`) succeeded with `result`: remembered for later batches (written
+    /// with the next commit), and the identical lines waiting for it are answered.
     pub(super) fn answered(&mut self, key: RequestKey, hash: [u8; 32], result: &ResultRecord) {
-        if let Err(e) = self.store.remember_answer(&hash, key) {
-            tracing::warn!(request = %key, error = %e, "cannot remember the answer for reuse");
-        }
+        self.remembered.push((hash, key));
         for line in self.release_claim(key, hash) {
             let waiter = RequestKey {
                 batch: key.batch,
